@@ -1,0 +1,362 @@
+"""K-FAC: Kronecker-factored approximate curvature (Martens & Grosse, 2015;
+Grosse & Martens, 2016 for convolutions).
+
+For a layer with weight blocks ``W`` (bias folded in as the last column), the Fisher
+block is approximated by ``A ⊗ G`` with
+
+* ``A = mean over rows of ã ãᵀ``, ``ã`` the layer input row with a trailing 1 (for a
+  convolution, the receptive-field patch; every output position is a row);
+* ``G = n · Σ_rows g gᵀ`` with ``g`` the gradient of the loss w.r.t. the layer output
+  and ``n`` the number of examples: when the loss is a mean over the batch,
+  ``n·g`` is the per-example gradient, so ``G`` is the per-example average of
+  ``Σ_positions (n g)(n g)ᵀ`` (Grosse & Martens' KFC convention).
+
+With one example (one output position) ``A ⊗ G`` *is* the empirical Fisher block.
+Statistics are the empirical Fisher: they come from the gradients of the loss the
+user back-propagated.
+
+Factors are exponential moving averages with a ramp: the k-th update uses decay
+``min(1 - 1/(k+1), factor_decay)``, so the first update sets the factors to the
+statistics instead of mixing them with an arbitrary initial value.
+
+Damping conventions (``damping`` = λ):
+
+* ``damping_mode="eigen"`` (default): ``V = Q_G [(Q_Gᵀ ∇ Q_A) / (d_G d_Aᵀ + λ)] Q_Aᵀ``,
+  i.e. exactly ``(A ⊗ G + λ I)⁻¹ vec(∇)``; needs ``inverse_method="eigen"``.
+* ``damping_mode="factored"``: factored Tikhonov, ``(G + λ_G I)⁻¹ ∇ (A + λ_A I)⁻¹``
+  with ``λ_A = π √λ``, ``λ_G = √λ / π``, ``π = √((tr A / dim A) / (tr G / dim G))``.
+  With ``inverse_method="eigen"`` the current λ is used at every step; with
+  ``inverse_method="cholesky"`` the inverses (and so λ) are fixed at refresh time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import symmetric_factor_update
+from ..layers import LayerHelper
+from ..linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
+from ..optimizer import CurvatureOptimizer, Interval, Schedule
+from .base import CurvatureEstimator
+
+_INVERSE_METHODS = ("eigen", "cholesky")
+_DAMPING_MODES = ("eigen", "factored")
+_FACTOR_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(kw_only=True)
+class KFACConfig:
+    """Hyperparameters of the K-FAC estimator (checked on construction).
+
+    Args:
+        factor_decay (float): EMA decay of the factors, in [0, 1) (default: 0.95).
+        inverse_method (str): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
+        damping_mode (str): ``"eigen"`` (λ added to eigenvalue products) or
+            ``"factored"`` (Tikhonov split with π) (default: ``"eigen"``).
+        factor_dtype (torch.dtype): dtype of the factors, float32 or float64
+            (default: float32).
+        inverse_dtype (torch.dtype): dtype of eigendecompositions / inverses and of
+            the preconditioning products, float32 or float64 (default: float32).
+    """
+
+    factor_decay: float = 0.95
+    inverse_method: str = "eigen"
+    damping_mode: str = "eigen"
+    factor_dtype: torch.dtype = torch.float32
+    inverse_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factor_decay, (int, float)) or not 0.0 <= self.factor_decay < 1.0:
+            raise ValueError(f"factor_decay must be a number in [0, 1), got {self.factor_decay!r}")
+        if self.inverse_method not in _INVERSE_METHODS:
+            raise ValueError(
+                f"inverse_method must be one of {_INVERSE_METHODS}, got {self.inverse_method!r}"
+            )
+        if self.damping_mode not in _DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode must be one of {_DAMPING_MODES}, got {self.damping_mode!r}"
+            )
+        if self.inverse_method == "cholesky" and self.damping_mode == "eigen":
+            raise ValueError(
+                "damping_mode='eigen' adds damping to eigenvalue products and needs "
+                "inverse_method='eigen'; use damping_mode='factored' with inverse_method='cholesky'"
+            )
+        for name in ("factor_dtype", "inverse_dtype"):
+            if getattr(self, name) not in _FACTOR_DTYPES:
+                raise ValueError(
+                    f"{name} must be torch.float32 or torch.float64, got {getattr(self, name)!r}"
+                )
+
+
+@dataclass
+class KroneckerStats:
+    """Sums accumulated by the capture hooks between two curvature updates."""
+
+    a_sum: Tensor  # Σ ã ãᵀ over rows, (groups, a_dim, a_dim)
+    g_sum: Tensor  # Σ g gᵀ over rows, (groups, g_dim, g_dim)
+    rows: int = 0
+    examples: int = 0
+
+
+@dataclass
+class _LayerState:
+    a_factor: Tensor | None = None
+    g_factor: Tensor | None = None
+    updates: int = 0
+    # The factors and damping the current inverse was computed from: saved by
+    # state_dict so that a resumed run recomputes bit-for-bit the same inverse.
+    source: tuple[Tensor, Tensor] | None = None
+    refresh_damping: float | None = None
+    inverse: dict[str, Tensor] = field(default_factory=dict)
+
+
+class KFACEstimator(CurvatureEstimator):
+    """K-FAC factors, inverses and preconditioning for a list of layers.
+
+    Args:
+        layers (Sequence[LayerHelper]): the covered layers.
+        config (KFACConfig, optional): hyperparameters (default: ``KFACConfig()``).
+    """
+
+    def __init__(self, layers: Sequence[LayerHelper], config: KFACConfig | None = None) -> None:
+        super().__init__(layers)
+        self.config = config if config is not None else KFACConfig()
+        self._state = {layer.name: _LayerState() for layer in self.layers}
+        self._by_name = {layer.name: layer for layer in self.layers}
+        #: layer updates dropped because their statistics were not finite
+        self.nonfinite_updates = 0
+
+    # ---- statistics ---------------------------------------------------------------------
+    def accumulate(
+        self, layer: LayerHelper, inputs: Tensor, grad_output: Tensor, acc: KroneckerStats | None
+    ) -> KroneckerStats:
+        a = layer.a_rows(inputs)
+        g = layer.g_rows(grad_output)
+        if acc is None:
+            dtype = self.config.factor_dtype
+            acc = KroneckerStats(
+                a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
+                g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+            )
+            beta = 0.0  # the fresh buffers' contents are ignored
+        else:
+            beta = 1.0
+        symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
+        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+        acc.rows += a.shape[1]
+        acc.examples += layer.batch_size(inputs)
+        return acc
+
+    def update(self, stats: Mapping[str, KroneckerStats]) -> None:
+        for name, acc in stats.items():
+            state = self._state[name]
+            if acc.rows == 0:
+                continue
+            a_new = acc.a_sum / acc.rows
+            g_new = acc.g_sum * acc.examples
+            if not (torch.isfinite(a_new).all() and torch.isfinite(g_new).all()):
+                self.nonfinite_updates += 1
+                continue
+            decay = min(1.0 - 1.0 / (state.updates + 1), self.config.factor_decay)
+            if state.a_factor is None or decay == 0.0:
+                state.a_factor, state.g_factor = a_new, g_new
+            else:
+                # Out of place on purpose: `state.source` may still reference the old
+                # factors the current inverse came from.
+                state.a_factor = torch.lerp(a_new, state.a_factor, decay)
+                state.g_factor = torch.lerp(g_new, state.g_factor, decay)
+            state.updates += 1
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The current ``(A, G)`` of layer ``name`` (None before the first update)."""
+        state = self._state[name]
+        return None if state.a_factor is None else (state.a_factor, state.g_factor)
+
+    # ---- inverses -----------------------------------------------------------------------
+    def refresh(self, damping: float) -> None:
+        for state in self._state.values():
+            if state.a_factor is not None:
+                self._compute_inverse(state, state.a_factor, state.g_factor, damping)
+
+    def _compute_inverse(self, state: _LayerState, a: Tensor, g: Tensor, damping: float) -> None:
+        cfg = self.config
+        dtype = cfg.inverse_dtype
+        if cfg.inverse_method == "eigen":
+            d_a, q_a = symmetric_eigh(a, dtype)
+            d_g, q_g = symmetric_eigh(g, dtype)
+            state.inverse = {"d_a": d_a, "q_a": q_a, "d_g": d_g, "q_g": q_g}
+            if cfg.damping_mode == "factored":
+                # π depends only on the factors: keep it, apply the current λ per step.
+                a_damp, _ = factored_damping(a, g, 1.0)
+                state.inverse["pi"] = a_damp.to(dtype)
+        else:
+            a_damp, g_damp = factored_damping(a, g, damping)
+            state.inverse = {
+                "a_inv": damped_inverse_cholesky(a, a_damp, dtype),
+                "g_inv": damped_inverse_cholesky(g, g_damp, dtype),
+            }
+        state.source = (a, g)
+        state.refresh_damping = float(damping)
+
+    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        out: dict[Tensor, Tensor] = {}
+        for layer in self.layers:
+            inv = self._state[layer.name].inverse
+            if not inv or layer.weight not in grads:
+                continue
+            grad = layer.grad_matrix(grads)
+            out.update(layer.split_matrix(self._apply(inv, grad, damping).to(grad.dtype)))
+        return out
+
+    def _apply(self, inv: dict[str, Tensor], grad: Tensor, damping: float) -> Tensor:
+        grad = grad.to(self.config.inverse_dtype)
+        if "a_inv" in inv:
+            return inv["g_inv"] @ grad @ inv["a_inv"]
+        q_a, q_g = inv["q_a"], inv["q_g"]
+        v = q_g.transpose(-1, -2) @ grad @ q_a
+        if "pi" in inv:
+            root = damping**0.5
+            pi = inv["pi"][:, None]
+            v = v / ((inv["d_g"] + root / pi)[:, :, None] * (inv["d_a"] + root * pi)[:, None, :])
+        else:
+            v = v / (inv["d_g"][:, :, None] * inv["d_a"][:, None, :] + damping)
+        return q_g @ v @ q_a.transpose(-1, -2)
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        layers = {}
+        for name, state in self._state.items():
+            if state.a_factor is None:
+                continue
+            entry: dict[str, Any] = {
+                "a_factor": state.a_factor,
+                "g_factor": state.g_factor,
+                "updates": state.updates,
+            }
+            if state.source is not None:
+                entry["refresh_damping"] = state.refresh_damping
+                a_src, g_src = state.source
+                if a_src is not state.a_factor or g_src is not state.g_factor:
+                    entry["source_a_factor"], entry["source_g_factor"] = a_src, g_src
+            layers[name] = entry
+        return {"layers": layers, "nonfinite_updates": self.nonfinite_updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        layers = state.get("layers", {})
+        unknown = sorted(set(layers) - set(self._state))
+        if unknown:
+            raise ValueError(
+                f"K-FAC state has layers {unknown} that this model does not have "
+                f"(its layers: {sorted(self._state)}); was it saved from a different model?"
+            )
+        new_states = {}
+        for name, entry in layers.items():
+            layer = self._by_name[name]
+            a = self._checked(layer, entry["a_factor"], layer.a_dim)
+            g = self._checked(layer, entry["g_factor"], layer.g_dim)
+            st = _LayerState(a_factor=a, g_factor=g, updates=int(entry["updates"]))
+            if "refresh_damping" in entry:
+                a_src = self._checked(layer, entry.get("source_a_factor", a), layer.a_dim)
+                g_src = self._checked(layer, entry.get("source_g_factor", g), layer.g_dim)
+                self._compute_inverse(st, a_src, g_src, entry["refresh_damping"])
+            new_states[name] = st
+        self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
+        self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
+
+    def _checked(self, layer: LayerHelper, factor: Tensor, dim: int) -> Tensor:
+        expected = (layer.groups, dim, dim)
+        if tuple(factor.shape) != expected:
+            raise ValueError(
+                f"K-FAC state for layer {layer.name!r} has a factor of shape "
+                f"{tuple(factor.shape)} where the layer needs {expected}; "
+                "was it saved from a different model?"
+            )
+        return factor.to(device=layer.weight.device, dtype=self.config.factor_dtype)
+
+
+class KFAC(CurvatureOptimizer):
+    r"""K-FAC (Martens & Grosse, 2015; https://arxiv.org/abs/1503.05671), with the
+    convolution factors of Grosse & Martens (2016; https://arxiv.org/abs/1602.01407).
+
+    For every supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient ``∇`` (bias
+    as the last column) is replaced by
+
+    .. math::
+        V = Q_G \left[\frac{Q_G^\top \nabla Q_A}{d_G d_A^\top + \lambda}\right] Q_A^\top
+          = (A \otimes G + \lambda I)^{-1} \operatorname{vec}(\nabla)
+
+    (default ``damping_mode="eigen"``; see :mod:`secondorder.estimators.kfac` for the
+    factored-Tikhonov form), then KL-clipped and fed to the base update. Parameters
+    of other layers get the base update on their raw gradient.
+
+    Args:
+        model (nn.Module): the network (not ``model.parameters()``).
+        lr (float, optional): learning rate (default: 1e-2).
+        momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
+        damping (float or callable, optional): λ, or a function of the step (default: 1e-3).
+        curvature_every (int or callable, optional): factor update interval (default: 10).
+        inverse_every (int or callable, optional): inverse refresh interval (default: 100).
+        factor_decay (float, optional): EMA decay of the factors (default: 0.95).
+        inverse_method (str, optional): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
+        damping_mode (str, optional): ``"eigen"`` or ``"factored"`` (default: ``"eigen"``).
+        factor_dtype, inverse_dtype (torch.dtype, optional): float32 or float64
+            (default: float32).
+        kl_clip (float, optional): KL clipping κ, None to disable (default: 1e-2).
+        **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
+            (``params``, ``base``, ``betas``, ``eps``, ``dampening``, ``nesterov``,
+            ``weight_decay``, ``decoupled_weight_decay``, ``skip_layers``,
+            ``record_in_eval``, ``nonfinite``, ``precondition``).
+
+    Example::
+
+        opt = KFAC(model, lr=0.05, damping=1e-3, curvature_every=1, inverse_every=10)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        *,
+        momentum: float | None = None,
+        damping: Schedule = 1e-3,
+        curvature_every: Interval = 10,
+        inverse_every: Interval = 100,
+        factor_decay: float = 0.95,
+        inverse_method: str = "eigen",
+        damping_mode: str = "eigen",
+        factor_dtype: torch.dtype = torch.float32,
+        inverse_dtype: torch.dtype = torch.float32,
+        kl_clip: float | None = 1e-2,
+        base: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
+        config = KFACConfig(
+            factor_decay=factor_decay,
+            inverse_method=inverse_method,
+            damping_mode=damping_mode,
+            factor_dtype=factor_dtype,
+            inverse_dtype=inverse_dtype,
+        )
+        if momentum is None and base == "sgd":
+            momentum = 0.9
+        super().__init__(
+            model,
+            lambda layers, params: KFACEstimator(layers, config),
+            lr=lr,
+            base=base,
+            momentum=momentum,
+            damping=damping,
+            curvature_every=curvature_every,
+            inverse_every=inverse_every,
+            kl_clip=kl_clip,
+            **kwargs,
+        )

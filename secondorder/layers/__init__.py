@@ -1,0 +1,50 @@
+"""Layer helpers and the registry that maps module types to them.
+
+Only this package knows ``nn.Module`` types. Add support for a new layer family with
+:func:`register_layer_helper`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LayerHelper
+from .conv import Conv2dHelper
+from .linear import LinearHelper
+
+_REGISTRY: dict[type[nn.Module], type[LayerHelper]] = {
+    nn.Linear: LinearHelper,
+    nn.Conv2d: Conv2dHelper,
+}
+
+
+def register_layer_helper(module_type: type[nn.Module], helper: type[LayerHelper]) -> None:
+    """Use ``helper`` for modules of ``module_type`` (and its subclasses)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not (isinstance(helper, type) and issubclass(helper, LayerHelper)):
+        raise TypeError(f"helper must be a LayerHelper subclass, got {helper!r}")
+    _REGISTRY[module_type] = helper
+
+
+def helper_class_for(module: nn.Module) -> type[LayerHelper] | None:
+    """The helper class registered for ``module``'s type (nearest base class), or None."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def supported_types() -> list[str]:
+    """Names of the module types that have a helper."""
+    return sorted(t.__name__ for t in _REGISTRY)
+
+
+__all__ = [
+    "Conv2dHelper",
+    "LayerHelper",
+    "LinearHelper",
+    "helper_class_for",
+    "register_layer_helper",
+    "supported_types",
+]

@@ -1,0 +1,593 @@
+"""CurvatureOptimizer: the step loop shared by every second-order method.
+
+One step::
+
+    stats  <- capture hooks (forward/backward passes since the last step)
+    update  estimator.update(stats)            every `curvature_every` steps
+    refresh estimator.refresh(damping)         every `inverse_every` steps
+    u       estimator.precondition(grads)      every step (raw gradient where not covered)
+    clip    u <- nu * u, nu = min(1, sqrt(kl_clip / sum lr^2 <u, g>))   (optional)
+    base    SGD-momentum or Adam-style update on u, L2 or decoupled weight decay
+
+The base updates are written to match ``torch.optim.SGD`` and ``torch.optim.Adam`` /
+``AdamW`` operation for operation, so that with ``precondition=False`` the optimizer
+*is* that optimizer. Coupled (L2) weight decay is added to the preconditioned
+direction, as in K-FAC reference implementations.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers
+from .estimators.base import CurvatureEstimator
+from .layers import LayerHelper
+
+#: a hyperparameter given as a number or as a function of the step (0-based)
+Schedule = float | Callable[[int], float]
+#: an interval in steps, or a function of the step returning one
+Interval = int | Callable[[int], int]
+#: builds the estimator from the covered layers and the optimizer's parameters
+EstimatorFactory = Callable[[list[LayerHelper], list[nn.Parameter]], CurvatureEstimator]
+
+_BASES = ("sgd", "adam")
+_NONFINITE = ("skip", "raise")
+
+
+# ---- argument checking ---------------------------------------------------------------
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None
+) -> float:
+    """``value`` as a float if a finite real in range, else ``ValueError``/``TypeError``."""
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    bad_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or bad_low or (high is not None and value > high):
+        lo = f"{'>' if low_open else '>='} {low}"
+        hi = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be a finite number {lo}{hi}, got {value!r}")
+    return value
+
+
+def check_schedule(name: str, value: Any, *, low_open: bool = False) -> Schedule:
+    """Accept a non-negative (or positive) number or a callable of the step."""
+    if callable(value):
+        return value
+    return check_number(name, value, low_open=low_open)
+
+
+def check_interval(name: str, value: Any) -> Interval:
+    """Accept a positive int or a callable of the step returning one."""
+    if callable(value):
+        return value
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int or a callable of the step, got {value!r}")
+    return int(value)
+
+
+def resolve_schedule(name: str, value: Schedule, step: int, *, low_open: bool = False) -> float:
+    """The value of a schedule at ``step``, checked like a constant would be."""
+    return check_number(
+        f"{name}({step})" if callable(value) else name,
+        value(step) if callable(value) else value,
+        low_open=low_open,
+    )
+
+
+def is_due(name: str, interval: Interval, step: int) -> bool:
+    """Whether ``step`` is a multiple of the interval (evaluated at ``step``)."""
+    every = interval(step) if callable(interval) else interval
+    if callable(interval):
+        check_interval(f"{name}({step})", every)
+    return step % every == 0
+
+
+# ---- the functional core of the base updates -----------------------------------------
+def sgd_update(
+    params: list[Tensor],
+    directions: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    """SGD with momentum on ``directions``, exactly as ``torch.optim.SGD`` (foreach=False).
+
+    ``momentum_buffers`` is updated in place (``None`` entries are created).
+    """
+    for i, param in enumerate(params):
+        d_p = directions[i]
+        if weight_decay != 0:
+            if decoupled:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                d_p = d_p.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = torch.clone(d_p).detach()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(d_p, alpha=-lr)
+
+
+def adam_update(
+    params: list[Tensor],
+    directions: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    """Adam (``decoupled=False``) or AdamW on ``directions``, exactly as
+    ``torch.optim.Adam``/``AdamW`` (foreach=False). State tensors update in place."""
+    for i, param in enumerate(params):
+        d_p = directions[i]
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
+        step_t += 1
+        if weight_decay != 0:
+            if decoupled:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                d_p = d_p.add(param, alpha=weight_decay)
+        exp_avg.lerp_(d_p, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(d_p, d_p, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> float:
+    """``nu = min(1, sqrt(kl_clip / sum lr^2 <u, g>))`` over (direction, gradient, lr) triples.
+
+    Returns 1 when the sum is not positive (no trust-region information).
+    """
+    total = 0.0
+    for u, g, lr in pairs:
+        total += lr * lr * float(torch.sum(u * g))
+    if not total > 0.0:
+        return 1.0
+    return min(1.0, math.sqrt(kl_clip / total))
+
+
+# ---- the optimizer ---------------------------------------------------------------------
+class CurvatureOptimizer(torch.optim.Optimizer):
+    r"""A ``torch.optim.Optimizer`` that preconditions gradients with a curvature estimator.
+
+    Subclasses (``KFAC``, ...) choose the estimator; this class owns everything else:
+    capture hooks, the update/refresh schedule, damping, KL clipping, the base update,
+    weight decay and state saving.
+
+    Args:
+        model (nn.Module): the network. Hooks attach to its supported layers. Estimators
+            that need no hooks (``requires_model = False`` subclasses) also accept an
+            iterable of parameters.
+        estimator (EstimatorFactory, optional): ``(layers, params) -> CurvatureEstimator``.
+            None (or ``precondition=False``) makes this a plain base optimizer.
+        params (iterable, optional): parameters or param-group dicts, as for any
+            ``torch.optim`` optimizer; they must belong to ``model``
+            (default: every parameter of ``model`` that requires grad).
+        lr (float): learning rate (default: 1e-2).
+        base (str, optional): ``"sgd"`` (SGD with momentum) or ``"adam"`` (Adam-style
+            moments of the preconditioned direction) (default: ``"sgd"``).
+        momentum (float, optional): SGD momentum; sgd only (default: 0).
+        dampening (float, optional): SGD momentum dampening; sgd only (default: 0).
+        nesterov (bool, optional): Nesterov momentum; sgd only (default: False).
+        betas (tuple[float, float], optional): Adam betas; adam only (default: (0.9, 0.999)).
+        eps (float, optional): Adam epsilon; adam only (default: 1e-8).
+        weight_decay (float, optional): weight decay coefficient (default: 0).
+        decoupled_weight_decay (bool, optional): ``w <- w (1 - lr wd)`` (SGDW/AdamW)
+            instead of adding ``wd w`` to the direction (default: False).
+        damping (float or callable, optional): Tikhonov damping, or a function of the
+            step returning it; must be > 0 (default: 1e-3).
+        curvature_every (int or callable, optional): update the curvature statistics
+            at steps that are multiples of this (default: 1).
+        inverse_every (int or callable, optional): refresh inverses at steps that are
+            multiples of this, and after the first statistics arrive (default: 1).
+        kl_clip (float, optional): KL clipping constant κ; None disables (default: None).
+        skip_layers (iterable of str or re.Pattern, optional): module names or regexes
+            (full match) of layers to leave to the base update (default: None).
+        record_in_eval (bool, optional): also record statistics from modules in eval
+            mode (default: False: eval forward passes record nothing).
+        nonfinite (str, optional): what a step with a NaN/Inf gradient does:
+            ``"skip"`` leaves parameters, base state and curvature untouched and
+            counts it in :attr:`skipped_steps`; ``"raise"`` raises
+            ``FloatingPointError`` (default: ``"skip"``).
+        precondition (bool, optional): False switches curvature off entirely: no hooks,
+            no statistics, and the optimizer reproduces ``torch.optim.SGD`` / ``Adam`` /
+            ``AdamW`` exactly (default: True).
+
+    Attributes:
+        uncovered_parameters (list[str]): names of parameters trained by the base
+            update on their raw gradient (no estimator covers them).
+        skipped_steps (int): steps skipped because of non-finite gradients.
+    """
+
+    #: whether the first argument must be an nn.Module (hooks need the layers)
+    requires_model: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[nn.Parameter],
+        estimator: EstimatorFactory | None = None,
+        *,
+        params: Iterable[Any] | None = None,
+        lr: float = 1e-2,
+        base: str = "sgd",
+        momentum: float | None = None,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        damping: Schedule = 1e-3,
+        curvature_every: Interval = 1,
+        inverse_every: Interval = 1,
+        kl_clip: float | None = None,
+        skip_layers: Iterable[SkipPattern] | None = None,
+        record_in_eval: bool = False,
+        nonfinite: str = "skip",
+        precondition: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        module, params = self._split_model_and_params(name, model, params)
+        defaults = self._base_defaults(
+            base, lr, momentum, dampening, nesterov, betas, eps, weight_decay
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group, base)
+
+        self.base = base
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        self.damping = check_schedule("damping", damping, low_open=True)
+        self.curvature_every = check_interval("curvature_every", curvature_every)
+        self.inverse_every = check_interval("inverse_every", inverse_every)
+        self.kl_clip = None if kl_clip is None else check_number("kl_clip", kl_clip, low_open=True)
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        if not isinstance(precondition, bool):
+            raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
+
+        self.skipped_steps = 0
+        self._step = 0
+        self._refreshes = 0
+        self.estimator: CurvatureEstimator | None = None
+        self.capture: ModelCapture | None = None
+        self.left_out_layers: list[str] = []
+
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        names = self._param_names(module, all_params)
+        self._names = names
+        if precondition and estimator is not None:
+            layers: list[LayerHelper] = []
+            if module is not None:
+                layers, self.left_out_layers = find_layers(module, set(all_params), skip_layers)
+            elif skip_layers is not None:
+                raise ValueError("skip_layers needs a model (an nn.Module), not parameters")
+            self.estimator = estimator(layers, all_params)
+            if self.estimator.requires_capture:
+                if not layers:
+                    raise ValueError(
+                        f"{name} found no layer it can precondition: "
+                        f"{describe_unsupported(module)}"
+                        + (f"; left out: {self.left_out_layers}" if self.left_out_layers else "")
+                    )
+                self.capture = ModelCapture(
+                    layers, self.estimator.accumulate, record_in_eval=record_in_eval
+                )
+                self.capture.recording = is_due("curvature_every", self.curvature_every, 0)
+        elif skip_layers is not None:
+            find_layers(module, set(all_params), skip_layers)  # still reject bad patterns
+
+        covered = set(self.estimator.params) if self.estimator is not None else set()
+        self.uncovered_parameters = [names[p] for p in all_params if p not in covered]
+        if self.estimator is not None and self.uncovered_parameters:
+            warnings.warn(
+                f"{name}: no curvature estimate for {len(self.uncovered_parameters)} "
+                f"parameter(s); they get the plain {base} update: "
+                f"{self.uncovered_parameters}",
+                stacklevel=2,
+            )
+
+    # ---- construction helpers -----------------------------------------------------------
+    @classmethod
+    def _split_model_and_params(
+        cls, name: str, model: Any, params: Iterable[Any] | None
+    ) -> tuple[nn.Module | None, list[Any]]:
+        if isinstance(model, nn.Module):
+            if params is None:
+                return model, [p for p in model.parameters() if p.requires_grad]
+            params = list(params)
+            owned = {id(p) for p in model.parameters()}
+            for item in params:
+                group_params = item["params"] if isinstance(item, dict) else [item]
+                if isinstance(group_params, Tensor):
+                    group_params = [group_params]
+                for p in group_params:
+                    if id(p) not in owned:
+                        raise ValueError(
+                            f"params: a parameter of shape {tuple(p.shape)} "
+                            "does not belong to the model"
+                        )
+            return model, params
+        if cls.requires_model:
+            raise TypeError(
+                f"{name} needs the model itself (an nn.Module) to attach hooks to its layers: "
+                f"call {name}(model, ...) rather than {name}(model.parameters(), ...); "
+                "use params=... to choose parameters or param groups"
+            )
+        if params is not None:
+            raise ValueError("give parameters either as the first argument or as params=, not both")
+        return None, list(model)
+
+    @staticmethod
+    def _base_defaults(
+        base: str,
+        lr: float,
+        momentum: float | None,
+        dampening: float,
+        nesterov: bool,
+        betas: tuple[float, float] | None,
+        eps: float | None,
+        weight_decay: float,
+    ) -> dict[str, Any]:
+        if base not in _BASES:
+            raise ValueError(f"base must be one of {_BASES}, got {base!r}")
+        defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+        if base == "sgd":
+            if betas is not None or eps is not None:
+                raise ValueError("betas and eps apply to base='adam'; base='sgd' uses momentum")
+            defaults.update(
+                momentum=0.0 if momentum is None else momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+            )
+        else:
+            if momentum is not None or dampening != 0 or nesterov:
+                raise ValueError(
+                    "momentum, dampening and nesterov apply to base='sgd'; base='adam' uses betas"
+                )
+            defaults.update(
+                betas=(0.9, 0.999) if betas is None else betas,
+                eps=1e-8 if eps is None else eps,
+            )
+        return defaults
+
+    @staticmethod
+    def _check_group(group: dict[str, Any], base: str) -> None:
+        check_number("lr", group["lr"])
+        check_number("weight_decay", group["weight_decay"])
+        if base == "sgd":
+            check_number("momentum", group["momentum"], high=1.0)
+            check_number("dampening", group["dampening"], high=1.0)
+            if not isinstance(group["nesterov"], bool):
+                raise TypeError("nesterov must be a bool")
+            if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+                raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        else:
+            betas = group["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+            for i, beta in enumerate(betas):
+                check_number(f"betas[{i}]", beta)
+                if beta >= 1.0:
+                    raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+            check_number("eps", group["eps"])
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("sparse parameters are not supported")
+
+    @staticmethod
+    def _param_names(module: nn.Module | None, params: list[Tensor]) -> dict[Tensor, str]:
+        named = {} if module is None else {id(p): n for n, p in module.named_parameters()}
+        return {p: named.get(id(p), f"param[{i}]") for i, p in enumerate(params)}
+
+    # ---- the step -----------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of steps taken (skipped steps excluded)."""
+        return self._step
+
+    def current_damping(self) -> float:
+        """The damping the next step will use."""
+        return resolve_schedule("damping", self.damping, self._step, low_open=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step (see the class docstring for the order)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grads: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            f"{type(self).__name__} does not support sparse gradients"
+                        )
+                    grads[p] = p.grad
+        if not self._all_finite(grads):
+            self._skip_step(grads)
+            return loss
+
+        k = self._step
+        directions: Mapping[Tensor, Tensor] = grads
+        if self.estimator is not None:
+            directions = self._precondition(k, grads)
+
+        for group in self.param_groups:
+            self._base_step(group, directions)
+
+        self._step += 1
+        if self.capture is not None:
+            self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)
+        return loss
+
+    def _precondition(self, k: int, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        est = self.estimator
+        damping = resolve_schedule("damping", self.damping, k, low_open=True)
+        updated = False
+        if self.capture is not None:
+            stats = self.capture.collect()
+            if stats and is_due("curvature_every", self.curvature_every, k):
+                est.update(stats)
+                updated = True
+        elif is_due("curvature_every", self.curvature_every, k):
+            est.update(grads)
+            updated = True
+        if is_due("inverse_every", self.inverse_every, k) or (updated and self._refreshes == 0):
+            est.refresh(damping)
+            self._refreshes += 1
+        pre = est.precondition(grads, damping)
+        if self.kl_clip is not None and pre:
+            lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+            nu = kl_clip_factor(((u, grads[p], lr_of[p]) for p, u in pre.items()), self.kl_clip)
+            if nu < 1.0:
+                pre = {p: u * nu for p, u in pre.items()}
+        return {**grads, **pre}
+
+    def _base_step(self, group: dict[str, Any], directions: Mapping[Tensor, Tensor]) -> None:
+        params = [p for p in group["params"] if p in directions]
+        if not params:
+            return
+        dirs = [directions[p] for p in params]
+        if self.base == "sgd":
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            sgd_update(
+                params,
+                dirs,
+                buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                decoupled=self.decoupled_weight_decay,
+            )
+            if group["momentum"] != 0:
+                for p, buf in zip(params, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buf
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adam_update(
+            params,
+            dirs,
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            [self.state[p]["step"] for p in params],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self.decoupled_weight_decay,
+        )
+
+    @staticmethod
+    def _all_finite(grads: Mapping[Tensor, Tensor]) -> bool:
+        if not grads:
+            return True
+        # One device sync per device, not one per tensor.
+        flags: dict[torch.device, list[Tensor]] = {}
+        for g in grads.values():
+            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
+        return all(bool(torch.stack(f).all()) for f in flags.values())
+
+    def _skip_step(self, grads: Mapping[Tensor, Tensor]) -> None:
+        if self.capture is not None:
+            self.capture.discard()
+        if self.nonfinite == "raise":
+            bad = [self._names.get(p, "?") for p, g in grads.items() if not torch.isfinite(g).all()]
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite gradient at step {self._step} in {bad}; "
+                "set nonfinite='skip' to skip such steps"
+            )
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: non-finite gradient, step skipped "
+            "(parameters, optimizer state and curvature unchanged; see skipped_steps)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    # ---- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state plus ``"curvature"``: step counters and the
+        estimator's statistics (inverses are recomputed on load)."""
+        state = super().state_dict()
+        state["curvature"] = {
+            "step": self._step,
+            "refreshes": self._refreshes,
+            "skipped_steps": self.skipped_steps,
+            "estimator": None if self.estimator is None else self.estimator.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next step continues the same trajectory."""
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature", None)
+        if curvature is None:
+            raise ValueError(
+                f"this state_dict has no 'curvature' entry: it was not saved by a "
+                f"{type(self).__name__} (CurvatureOptimizer)"
+            )
+        if (curvature["estimator"] is None) != (self.estimator is None):
+            raise ValueError(
+                "state_dict and optimizer disagree on whether curvature is used "
+                "(precondition=True/False)"
+            )
+        super().load_state_dict(state_dict)
+        self._step = int(curvature["step"])
+        self._refreshes = int(curvature["refreshes"])
+        self.skipped_steps = int(curvature["skipped_steps"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(curvature["estimator"])
+        if self.capture is not None:
+            self.capture.discard()
+            self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks from the model (the optimizer then only preconditions
+        with the curvature it already has)."""
+        if self.capture is not None:
+            self.capture.remove()

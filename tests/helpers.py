@@ -1,0 +1,129 @@
+"""Dense float64 references and tiny models shared by the tests.
+
+Nothing here imports the library's internals: these are independent oracles.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def with_ones(rows: Tensor) -> Tensor:
+    """Append the homogeneous column of ones."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def dense_conv_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Receptive-field patches of ``conv`` by explicit loops (no F.unfold).
+
+    Returns ``(groups, B*Ho*Wo, C/groups*kh*kw)``, rows ordered (example, y, x) and
+    columns (channel, ky, kx) as in the weight.
+    """
+    pad = conv._reversed_padding_repeated_twice
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, pad, mode=mode) if any(pad) else x
+    b, c, h, w = xp.shape
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw + 1
+    cg = c // conv.groups
+    out = torch.empty(conv.groups, b * ho * wo, cg * kh * kw, dtype=x.dtype)
+    for n in range(b):
+        for i in range(ho):
+            for j in range(wo):
+                row = (n * ho + i) * wo + j
+                patch = xp[
+                    n,
+                    :,
+                    i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                    j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+                ]
+                for grp in range(conv.groups):
+                    out[grp, row] = patch[grp * cg : (grp + 1) * cg].reshape(-1)
+    return out
+
+
+def grad_rows(grad_output: Tensor, groups: int = 1) -> Tensor:
+    """Output-gradient rows ``(groups, rows, out/groups)`` for Linear or Conv2d outputs."""
+    if grad_output.dim() == 4:
+        c = grad_output.shape[1]
+        g = grad_output.permute(0, 2, 3, 1).reshape(-1, c)
+    else:
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+    return g.reshape(g.shape[0], groups, -1).transpose(0, 1)
+
+
+def kfac_factors(a_rows: Tensor, g_rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """The K-FAC definitions: A = mean ã ãᵀ, G = batch · Σ g gᵀ (per group), float64."""
+    a = a_rows.double()
+    g = g_rows.double()
+    return a.transpose(1, 2) @ a / a.shape[1], batch * (g.transpose(1, 2) @ g)
+
+
+def kron_precondition(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """``(A ⊗ G + λ I)⁻¹ vec(∇)`` with an explicit Kronecker product (column-major vec)."""
+    big = torch.kron(a.double(), g.double())
+    big = big + damping * torch.eye(big.shape[0], dtype=torch.float64)
+    vec = grad.double().T.reshape(-1)  # column-major vec of (g_dim, a_dim)
+    sol = torch.linalg.solve(big, vec)
+    return sol.reshape(grad.shape[1], grad.shape[0]).T
+
+
+def kron_factored_precondition(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """``((A + π√λ I) ⊗ (G + √λ/π I))⁻¹ vec(∇)``, π from the traces, explicit Kronecker."""
+    a, g = a.double(), g.double()
+    pi = ((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0])).sqrt()
+    root = damping**0.5
+    a_d = a + pi * root * torch.eye(a.shape[0], dtype=torch.float64)
+    g_d = g + root / pi * torch.eye(g.shape[0], dtype=torch.float64)
+    big = torch.kron(a_d, g_d)
+    vec = grad.double().T.reshape(-1)
+    return torch.linalg.solve(big, vec).reshape(grad.shape[1], grad.shape[0]).T
+
+
+def layer_grad_matrix(layer: nn.Module, groups: int = 1) -> Tensor:
+    """``[∇W | ∇b]`` of a Linear/Conv2d layer as ``(groups, out/groups, cols)``."""
+    w = layer.weight.grad.reshape(groups, layer.weight.shape[0] // groups, -1)
+    if layer.bias is None:
+        return w
+    return torch.cat([w, layer.bias.grad.reshape(groups, -1, 1)], dim=2)
+
+
+def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
+    """A small MLP with ``act`` between Linear layers."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def small_cnn(channels: int = 4, classes: int = 10) -> nn.Sequential:
+    """A tiny CNN for 1x8x8 inputs (digits-sized)."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(channels * 2 * 16, classes),
+    )
+
+
+def digits_data(n_train: int = 1200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits, scaled to [0, 1], a fixed shuffled split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]

@@ -1,0 +1,146 @@
+"""Capture hooks: when statistics are recorded, and that they add up correctly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secondorder import KFAC
+
+from .helpers import kfac_factors, mlp, small_cnn, with_ones
+
+
+def _loss(model, x, y, scale=1.0):
+    return F.cross_entropy(model(x), y) * scale
+
+
+def _count_calls(opt):
+    calls = []
+    original = opt.capture.accumulate
+
+    def counting(layer, inputs, grad_output, acc):
+        calls.append(layer.name)
+        return original(layer, inputs, grad_output, acc)
+
+    opt.capture.accumulate = counting
+    return calls
+
+
+def test_no_grad_eval_and_forward_only_passes_record_nothing():
+    model = mlp([6, 5, 3])
+    opt = KFAC(model, curvature_every=1)
+    calls = _count_calls(opt)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with torch.no_grad():
+        model(x)
+    model(x)  # forward with grad but never back-propagated
+    model.eval()
+    _loss(model, x, y).backward()
+    assert calls == []
+    model.train()
+    _loss(model, x, y).backward()
+    assert calls == ["2", "0"]  # backward order
+
+
+def test_record_in_eval_option():
+    model = mlp([6, 3]).eval()
+    opt = KFAC(model, curvature_every=1, record_in_eval=True)
+    calls = _count_calls(opt)
+    _loss(model, torch.randn(4, 6), torch.randint(0, 3, (4,))).backward()
+    assert calls == ["0"]
+
+
+def test_only_passes_before_curvature_steps_are_recorded():
+    model = mlp([6, 3])
+    opt = KFAC(model, curvature_every=3, inverse_every=3)
+    calls = _count_calls(opt)
+    recorded = []
+    for _ in range(7):
+        before = len(calls)
+        opt.zero_grad()
+        _loss(model, torch.randn(4, 6), torch.randint(0, 3, (4,))).backward()
+        recorded.append(len(calls) > before)
+        opt.step()
+    assert recorded == [True, False, False, True, False, False, True]
+    assert opt.estimator._state["0"].updates == 3
+
+
+def test_gradient_accumulation_gives_full_batch_statistics():
+    torch.manual_seed(0)
+    full = small_cnn()
+    parts = small_cnn()
+    parts.load_state_dict(full.state_dict())
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    opt_full = KFAC(full, curvature_every=1)
+    _loss(full, x, y).backward()
+    stats_full = opt_full.capture.collect()
+
+    opt_parts = KFAC(parts, curvature_every=1)
+    for chunk in range(2):  # the usual practice: each micro-batch loss divided by 2
+        sl = slice(4 * chunk, 4 * chunk + 4)
+        _loss(parts, x[sl], y[sl], scale=0.5).backward()
+    stats_parts = opt_parts.capture.collect()
+
+    opt_full.estimator.update(stats_full)
+    opt_parts.estimator.update(stats_parts)
+    for name in stats_full:
+        a_full, g_full = opt_full.estimator.factors(name)
+        a_parts, g_parts = opt_parts.estimator.factors(name)
+        torch.testing.assert_close(a_full, a_parts, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_full, g_parts, rtol=1e-5, atol=1e-7)
+    for p_full, p_parts in zip(full.parameters(), parts.parameters(), strict=True):
+        torch.testing.assert_close(p_full.grad, p_parts.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_factors_equal_dense_definitions_on_a_batch():
+    torch.manual_seed(1)
+    model = mlp([5, 4, 3]).double()
+    opt = KFAC(model, curvature_every=1, factor_dtype=torch.float64)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    h = model[0](x)
+    h.retain_grad()
+    z = model[1](h)
+    z.retain_grad()
+    out = model[2](z)
+    out.retain_grad()
+    F.cross_entropy(out, y).backward()
+    opt.estimator.update(opt.capture.collect())
+    for name, inp, grad in (("0", x, h.grad), ("2", z, out.grad)):
+        a_ref, g_ref = kfac_factors(with_ones(inp.detach())[None], grad[None], batch=7)
+        a, g = opt.estimator.factors(name)
+        torch.testing.assert_close(a, a_ref)
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_frozen_and_skipped_layers_are_not_hooked():
+    model = mlp([6, 5, 4, 3])
+    model[2].requires_grad_(False)
+    opt = KFAC(model, skip_layers=[r"4"])
+    assert [layer.name for layer in opt.estimator.layers] == ["0"]
+    assert any("requires_grad is False" in line for line in opt.left_out_layers)
+    assert any("4: in skip_layers" in line for line in opt.left_out_layers)
+    assert opt.uncovered_parameters == ["4.weight", "4.bias"]
+
+
+def test_timm_resnet_with_inplace_activations_gets_every_layer():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=10, pretrained=False)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    opt = KFAC(model, curvature_every=1)
+    assert len(opt.estimator.layers) == n_layers == 21
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    _loss(model, x, y).backward()
+    stats = opt.capture.collect()
+    assert sorted(stats) == sorted(layer.name for layer in opt.estimator.layers)
+    for layer in opt.estimator.layers:
+        acc = stats[layer.name]
+        assert acc.rows > 0 and acc.examples == 2
+        assert torch.isfinite(acc.a_sum).all() and torch.isfinite(acc.g_sum).all()
+    # timm zero-initialises the last BatchNorm of each residual block, so at
+    # initialisation no gradient flows into the convolutions of the residual branches;
+    # the stem, the shortcuts and the classifier do see one
+    zero = sorted(n for n, acc in stats.items() if acc.g_sum.abs().sum() == 0)
+    assert zero == [f"layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)]
