@@ -1,0 +1,175 @@
+"""The optimizer benchmark: ``python -m secondorder.bench``.
+
+Every requested optimizer trains the same model, from the same initial weights, on the same
+mini-batches in the same order; the bench records the loss and the test metric per epoch, the
+time of every iteration and of every ``optimizer.step()``, the peak memory of the run and the size
+of the optimizer's state, then prints a table and writes ``results.json`` and ``results.csv``.
+
+Extending it:
+
+- a task: add a :class:`~secondorder.bench.tasks.Task` to :data:`~secondorder.bench.tasks.TASKS`;
+- an optimizer: add an :class:`~secondorder.bench.optimizers.OptimizerSpec` to
+  :data:`~secondorder.bench.optimizers.OPTIMIZERS`.
+
+Both registries feed the CLI's choices, its ``--help`` and the error messages.
+
+Example::
+
+    from secondorder.bench import run_bench
+
+    results = run_bench(["sgd", "adam", "kfac"], "digits-mlp", epochs=5, out="bench-results/try")
+    results["results"]["kfac"]["summary"]["test_accuracy"]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .optimizers import OPTIMIZERS, OptimizerSpec
+from .report import add_overheads, format_table, machine_info, write_results
+from .runner import RunConfig, preflight, resolve_optimizers, resolve_task, train, train_isolated
+from .tasks import DEFAULT_TASK, TASKS, Task
+
+__all__ = [
+    "DEFAULT_TASK",
+    "OPTIMIZERS",
+    "TASKS",
+    "OptimizerSpec",
+    "Task",
+    "format_table",
+    "run_bench",
+]
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def run_bench(
+    opts: str | Sequence[str],
+    task: str = DEFAULT_TASK,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+    isolate: bool = True,
+) -> dict[str, Any]:
+    """Train ``task``'s model with each optimizer in ``opts`` and return the measurements.
+
+    Args:
+        opts: optimizer names, as a sequence or a comma-separated string (e.g. ``"sgd,adam"``).
+        task: a key of :data:`TASKS` (default ``"digits-mlp"``).
+        epochs: passes over the training set (default: the task's, 20 for the digits tasks).
+        batch_size: mini-batch size (default: the task's, 64 for the digits tasks).
+        seed: seeds the initial weights, the batch order and torch's global RNG in each run.
+        overrides: ``{optimizer name: {hyperparameter: value}}`` merged over the defaults;
+            keys the optimizer does not take reach its constructor, which rejects them.
+        out: folder for ``results.json`` and ``results.csv``; nothing is written if None.
+        threads: ``torch.set_num_threads`` for the runs (default: torch's own choice).
+        device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
+        quiet: no progress bars.
+        isolate: run each optimizer in its own ``spawn`` subprocess, so that its peak memory is
+            its own; False runs them in this process (faster to start, peak RSS less reliable).
+
+    Returns:
+        ``{"config": {...}, "results": {name: {"hparams", "summary", "curves", "steps"}}}``,
+        the structure of ``results.json``. ``config`` holds the task, epochs, seed, batch size,
+        device, every optimizer's hyperparameters, torch's version and the machine. A run that
+        raised has only ``hparams`` and ``summary["error"]`` (its traceback goes to stderr) and
+        the others still run.
+
+    Raises:
+        ValueError: an unknown task or optimizer, a non-positive epochs / batch size / threads,
+            an override for an optimizer not in ``opts``, an unusable device, or an optimizer
+            that cannot be built with its hyperparameters (checked before anything trains).
+    """
+    names = resolve_optimizers(opts)
+    the_task: Task = resolve_task(task)
+    for arg, value in (("epochs", epochs), ("batch_size", batch_size), ("threads", threads)):
+        _positive(arg, value)
+    overrides = dict(overrides or {})
+    stray = [name for name in overrides if name not in names]
+    if stray:
+        raise ValueError(
+            f"overrides given for {', '.join(stray)}, which is not among the optimizers run "
+            f"({', '.join(names)})"
+        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"bad device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch.cuda.is_available() is False")
+
+    config = RunConfig(
+        task=the_task.name,
+        epochs=epochs or the_task.epochs,
+        batch_size=batch_size or the_task.batch_size,
+        seed=seed,
+        device=str(dev),
+        threads=threads,
+        quiet=quiet,
+    )
+    hparams = {name: OPTIMIZERS[name].hparams(overrides.get(name)) for name in names}
+    preflight(the_task, hparams)
+
+    started = time.perf_counter()
+    runs: dict[str, Any] = {}
+    previous_threads = torch.get_num_threads()
+    try:
+        for name in names:
+            try:
+                if isolate:
+                    runs[name] = train_isolated(name, hparams[name], config)
+                else:
+                    runs[name] = train(name, hparams[name], config)
+            except Exception as exc:
+                print(f"secondorder.bench: {name} failed:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                runs[name] = {
+                    "hparams": hparams[name],
+                    "summary": {"error": f"{type(exc).__name__}: {exc}"},
+                }
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    results: dict[str, Any] = {
+        "config": {
+            "task": the_task.name,
+            "task_description": the_task.description,
+            "metric": the_task.metric_name,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "device": config.device,
+            "threads": threads,
+            "isolate": isolate,
+            "optimizers": names,
+            "hparams": hparams,
+            "torch_version": torch.__version__,
+            "machine": machine_info(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": time.perf_counter() - started,
+        },
+        "results": runs,
+    }
+    add_overheads(results)
+    if out is not None:
+        write_results(results, out)
+    return results

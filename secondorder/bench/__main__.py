@@ -1,0 +1,200 @@
+"""Command line of the benchmark: ``python -m secondorder.bench --help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import run_bench
+from .optimizers import OPTIMIZERS, parse_override
+from .report import format_table
+from .runner import resolve_optimizers, resolve_task
+from .tasks import DEFAULT_TASK, TASKS
+
+
+def _as_type(check: Any) -> Any:
+    """Wrap a validator that raises ValueError as an argparse ``type`` (one-line error, exit 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _catalogue() -> str:
+    tasks = "\n".join(
+        f"  {name:<12} {task.description}" + ("  [default]" if name == DEFAULT_TASK else "")
+        for name, task in TASKS.items()
+    )
+    indent = " " * 15
+    opts = "\n".join(
+        f"  {name:<12} {spec.description}\n"
+        + textwrap.fill(
+            "defaults: " + ", ".join(f"{k}={v}" for k, v in spec.defaults.items()),
+            width=90,
+            initial_indent=indent,
+            subsequent_indent=indent + "  ",
+        )
+        for name, spec in OPTIMIZERS.items()
+    )
+    return (
+        f"tasks:\n{tasks}\n\noptimizers:\n{opts}\n\n"
+        "examples:\n"
+        "  python -m secondorder.bench\n"
+        "  python -m secondorder.bench --opt sgd,kfac --task digits-cnn --epochs 10\n"
+        "  python -m secondorder.bench --opt kfac --set kfac.damping=1e-2 --set kfac.lr=0.1\n"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m secondorder.bench`` argument parser."""
+    default_task = TASKS[DEFAULT_TASK]
+    parser = argparse.ArgumentParser(
+        prog="python -m secondorder.bench",
+        description=textwrap.fill(
+            "Train one model with several optimizers from the same initial weights on the same "
+            "mini-batches, then print a table (final train loss, test accuracy, step and "
+            "iteration time, overhead vs sgd, peak memory, optimizer state size) and write "
+            "results.json and results.csv.",
+            width=90,
+            break_on_hyphens=False,
+        ),
+        epilog=_catalogue(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--opt",
+        type=_as_type(resolve_optimizers),
+        default=list(OPTIMIZERS),
+        metavar="NAMES",
+        help=f"comma-separated optimizers to run, in order (default: {','.join(OPTIMIZERS)})",
+    )
+    parser.add_argument(
+        "--task",
+        type=_as_type(lambda name: resolve_task(name).name),
+        default=DEFAULT_TASK,
+        metavar="NAME",
+        help=f"one of {', '.join(TASKS)} (default: {DEFAULT_TASK}: {default_task.description})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_as_type(_positive_int),
+        metavar="N",
+        help=f"passes over the training set (default: the task's; {default_task.epochs} for "
+        f"{DEFAULT_TASK})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_as_type(_positive_int),
+        metavar="B",
+        help=f"mini-batch size (default: the task's; {default_task.batch_size} for {DEFAULT_TASK})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial weights and of the batch order, shared by all optimizers "
+        "(default: 0)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_as_type(parse_override),
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="override one hyperparameter, e.g. kfac.lr=0.1 or kfac.kl_clip=none; repeatable. "
+        "VALUE is read as int, float, true/false, none, else a string; a KEY the optimizer "
+        "does not take reaches its constructor, which rejects it; NAME must be among --opt",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder for results.json and results.csv (default: bench-results/<timestamp>)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_as_type(_positive_int),
+        metavar="T",
+        help="torch.set_num_threads for every run (default: torch's own choice)",
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default: cpu)"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (the table is still printed)"
+    )
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run every optimizer in this process instead of one spawned subprocess each: "
+        "starts faster, but the peak-RSS figure of later runs is less trustworthy",
+    )
+    return parser
+
+
+def _default_out() -> Path:
+    base = Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (1 if any optimizer's run failed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, key, value in args.overrides:
+        overrides.setdefault(name, {})[key] = value
+    out = args.out if args.out is not None else _default_out()
+
+    started = time.perf_counter()
+    try:
+        results = run_bench(
+            args.opt,
+            args.task,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            overrides=overrides,
+            out=out,
+            threads=args.threads,
+            device=args.device,
+            quiet=args.quiet,
+            isolate=args.isolate,
+        )
+    except ValueError as exc:
+        parser.error(" ".join(str(exc).split()))
+    wall = time.perf_counter() - started
+
+    print(format_table(results))
+    print(f"\nwall time {wall:.1f} s; wrote {out / 'results.json'} and {out / 'results.csv'}")
+    failed = [name for name, run in results["results"].items() if run["summary"].get("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Train one model with one optimizer and measure it: losses, accuracy, time and memory.
+
+:func:`train` does one run in the calling process; :func:`train_isolated` does the same run in a
+fresh ``spawn`` subprocess, so that the peak resident memory of one optimizer never hides behind
+the peak of another (Linux's ``VmHWM`` only ever grows within a process, and the allocator keeps
+memory freed by earlier runs). Every run with the same :class:`RunConfig` starts from the same
+initial weights and sees the same mini-batches in the same order, whatever the optimizer.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .optimizers import OPTIMIZERS
+from .tasks import TASKS, Task
+
+__all__ = [
+    "RunConfig",
+    "optimizer_state_mb",
+    "preflight",
+    "resolve_optimizers",
+    "resolve_task",
+    "train",
+    "train_isolated",
+]
+
+_MB = 2**20
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides the optimizer; plain values, so it pickles for ``spawn``.
+
+    Args:
+        task: a key of :data:`~secondorder.bench.tasks.TASKS`.
+        epochs: passes over the training set (> 0).
+        batch_size: mini-batch size (> 0); the last batch of an epoch may be smaller.
+        seed: seeds the initial weights, the batch order and the global torch RNG.
+        device: ``"cpu"`` or a CUDA device.
+        threads: ``torch.set_num_threads`` for the run, or None to leave torch's default.
+        quiet: no progress bar.
+    """
+
+    task: str
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    quiet: bool = False
+
+
+def resolve_task(name: str) -> Task:
+    """The registered task called ``name``.
+
+    Raises:
+        ValueError: no such task (the message lists the allowed names).
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}") from None
+
+
+def resolve_optimizers(names: str | Iterable[str]) -> list[str]:
+    """Normalise ``"sgd,adam"`` or ``["sgd", "adam"]`` to a list of registered names, in order.
+
+    Raises:
+        ValueError: an unknown or repeated name, or none at all (the message lists the allowed
+            names).
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    out = [n.strip() for n in names if n.strip()]
+    allowed = ", ".join(OPTIMIZERS)
+    if not out:
+        raise ValueError(f"no optimizer given; allowed: {allowed}")
+    for name in out:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; allowed: {allowed}")
+        if out.count(name) > 1:
+            raise ValueError(f"optimizer {name!r} given more than once")
+    return out
+
+
+def preflight(task: Task, hparams: Mapping[str, Mapping[str, Any]]) -> None:
+    """Build every optimizer once on a throw-away model, so a bad hyperparameter fails in a
+    second rather than after the runs before it have finished.
+
+    Args:
+        task: the task whose model the optimizers are built for.
+        hparams: ``{optimizer name: full hyperparameters}``.
+
+    Raises:
+        ValueError: an optimizer could not be built; the message starts with its name and
+            carries the constructor's own error.
+    """
+    for name, hp in hparams.items():
+        try:
+            OPTIMIZERS[name].build(task.build_model(0), **hp)
+        except Exception as exc:
+            raise ValueError(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    """Size in MB of every distinct tensor reachable from ``optimizer.state_dict()``.
+
+    This is what a checkpoint of the optimizer holds; buffers an optimizer recomputes after
+    loading (inverses, eigenbases) are not counted.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack: list[Any] = [optimizer.state_dict()]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += obj.nelement() * obj.element_size()
+        elif isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+    return total / _MB
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _PeakMemory:
+    """Peak memory a run adds over what the process held when the run began, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset at the start) over the memory allocated at
+    the start. CPU: ``VmHWM`` over ``VmRSS`` at the start, from ``/proc/self/status``, less the
+    growth of file-backed pages (shared libraries paged in on first use are not the run's
+    memory), so a slight underestimate of the heap's peak. Trusted only where the high-water
+    mark could be reset or the process is fresh (``None`` otherwise, and off Linux).
+    """
+
+    def __init__(self, device: torch.device, fresh_process: bool) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.kind = "cuda_max_allocated"
+            self.start = torch.cuda.memory_allocated(device)
+            return
+        self.kind = "rss_growth"
+        reliable = _reset_peak_rss() or fresh_process
+        rss, self.file_start = _proc_status_kb("VmRSS"), _proc_status_kb("RssFile")
+        self.start = rss if reliable and rss is not None and self.file_start is not None else None
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.start) / _MB
+        hwm, file_end = _proc_status_kb("VmHWM"), _proc_status_kb("RssFile")
+        if self.start is None or hwm is None or file_end is None:
+            return None
+        file_growth = max(file_end - self.file_start, 0)
+        return max(hwm - self.start - file_growth, 0) / 1024  # kB -> MB
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, task: Task, x: Tensor, y: Tensor, batch_size: int = 4096
+) -> tuple[float, float]:
+    """``(mean loss, metric)`` of ``model`` on ``(x, y)`` in eval mode; restores train mode."""
+    model.eval()
+    try:
+        logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return task.loss_fn(logits, y).item(), task.metric(logits, y)
+    finally:
+        model.train()
+
+
+def _mean_ms(seconds: Sequence[float]) -> float:
+    return 1e3 * statistics.fmean(seconds) if seconds else math.nan
+
+
+def _median_ms(seconds: Sequence[float]) -> float:
+    return 1e3 * statistics.median(seconds) if seconds else math.nan
+
+
+def train(
+    opt_name: str,
+    hparams: Mapping[str, Any],
+    config: RunConfig,
+    *,
+    fresh_process: bool = False,
+) -> dict[str, Any]:
+    """Train ``config.task``'s model with optimizer ``opt_name`` in this process.
+
+    Args:
+        opt_name: a key of :data:`~secondorder.bench.optimizers.OPTIMIZERS`.
+        hparams: the optimizer's full hyperparameters (defaults already merged).
+        config: task, epochs, batch size, seed, device, threads.
+        fresh_process: the caller guarantees nothing else ran in this process (the RSS peak can
+            then be trusted even where it cannot be reset).
+
+    Returns:
+        ``{"hparams", "summary", "curves", "steps"}``: ``summary`` holds the final train loss,
+        the final test metric, mean/median ``step()`` and iteration times in ms, training time,
+        peak memory and optimizer state in MB; ``curves`` holds per-epoch train loss, test loss,
+        test metric and cumulative training time (epoch 0 = before training); ``steps`` holds the
+        per-step mini-batch loss and times. A non-finite loss stops the run early with
+        ``summary["diverged"] = True``.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    task = resolve_task(config.task)
+    spec = OPTIMIZERS[opt_name]
+    device = torch.device(config.device)
+    sync: Callable[[], None] = (
+        (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    )
+
+    data = task.data().to(device)
+    x_train, y_train = data.x_train, data.y_train
+    n = len(x_train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+
+    # Build the optimizer once on a throw-away model before measuring anything: the first torch
+    # optimizer of a process imports torch._dynamo (about 150 MB of RSS), and a factory may import
+    # its own package; neither is the optimizer's cost.
+    spec.build(task.build_model(config.seed).to(device), **hparams)
+    gc.collect()
+    memory = _PeakMemory(device, fresh_process)
+    model = task.build_model(config.seed).to(device)
+    optimizer = spec.build(model, **hparams)
+    torch.manual_seed(config.seed)  # for optimizers that draw random numbers (probes, sketches)
+    batch_order = torch.Generator().manual_seed(config.seed)
+
+    metric = task.metric_name
+    train_loss, test_loss, test_metric = [], [], []
+    epochs_done, train_time = [0], [0.0]
+    step_loss: list[float] = []
+    step_s: list[float] = []
+    iter_s: list[float] = []
+
+    def record_epoch() -> None:
+        tl, _ = _evaluate(model, task, x_train, y_train)
+        vl, vm = _evaluate(model, task, data.x_test, data.y_test)
+        train_loss.append(tl)
+        test_loss.append(vl)
+        test_metric.append(vm)
+
+    record_epoch()
+    diverged = False
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        desc=f"{task.name} {opt_name}",
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        disable=True if config.quiet else None,  # None: off when stderr is not a TTY
+    )
+    with bar:
+        for epoch in range(1, config.epochs + 1):
+            perm = torch.randperm(n, generator=batch_order).to(device)
+            for start in range(0, n, config.batch_size):
+                idx = perm[start : start + config.batch_size]
+                xb, yb = x_train[idx], y_train[idx]
+                sync()
+                t0 = time.perf_counter()
+                optimizer.zero_grad()
+                loss = task.loss_fn(model(xb), yb)
+                loss.backward(create_graph=spec.create_graph)
+                sync()
+                t1 = time.perf_counter()
+                optimizer.step()
+                sync()
+                t2 = time.perf_counter()
+                step_s.append(t2 - t1)
+                iter_s.append(t2 - t0)
+                step_loss.append(loss.item())
+                bar.update()
+                if not math.isfinite(step_loss[-1]):
+                    diverged = True
+                    break
+            train_time.append(train_time[-1] + sum(iter_s[(epoch - 1) * steps_per_epoch :]))
+            epochs_done.append(epoch)
+            record_epoch()
+            bar.set_postfix(loss=f"{train_loss[-1]:.4f}", acc=f"{test_metric[-1]:.3f}")
+            if diverged:
+                break
+
+    summary = {
+        "final_train_loss": train_loss[-1],
+        metric: test_metric[-1],
+        "best_" + metric: max(test_metric),
+        "mean_step_ms": _mean_ms(step_s),
+        "mean_iter_ms": _mean_ms(iter_s),
+        "median_step_ms": _median_ms(step_s),
+        "median_iter_ms": _median_ms(iter_s),
+        "train_time_s": train_time[-1],
+        "steps": len(iter_s),
+        "diverged": diverged,
+        "peak_mb": memory.peak_mb(),
+        "peak_kind": memory.kind,
+        "state_mb": optimizer_state_mb(optimizer),
+        "threads": torch.get_num_threads(),
+        "isolated": fresh_process,
+        "error": None,
+    }
+    return {
+        "hparams": dict(hparams),
+        "summary": summary,
+        "curves": {
+            "epoch": epochs_done,
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            metric: test_metric,
+            "train_time_s": train_time,
+        },
+        "steps": {
+            "loss": step_loss,
+            "step_ms": [1e3 * s for s in step_s],
+            "iter_ms": [1e3 * s for s in iter_s],
+        },
+    }
+
+
+def _train_in_child(opt_name: str, hparams: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    return train(opt_name, hparams, config, fresh_process=True)
+
+
+def train_isolated(opt_name: str, hparams: Mapping[str, Any], config: RunConfig) -> dict[str, Any]:
+    """:func:`train` in a fresh ``spawn`` subprocess; same arguments and result.
+
+    Exceptions raised in the child are re-raised here (with the child's traceback as cause).
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_train_in_child, opt_name, dict(hparams), config).result()
