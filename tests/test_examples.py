@@ -1,0 +1,22 @@
+"""Every example runs in its smoke setting and learns something."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kfac_digits_example_smoke(capsys):
+    loss = _load("kfac_digits").main(["--smoke"])
+    assert math.isfinite(loss) and loss < 0.8 * math.log(10)
+    assert "epoch 1: train loss" in capsys.readouterr().out
