@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._host import to_host
 from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers
 from .estimators.base import CurvatureEstimator
 from .layers import LayerHelper
@@ -169,9 +170,7 @@ def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float
 
     Returns 1 when the sum is not positive (no trust-region information).
     """
-    total = 0.0
-    for u, g, lr in pairs:
-        total += lr * lr * float(torch.sum(u * g))
+    total = sum(to_host([(lr * lr) * torch.sum(u * g, dtype=torch.float64) for u, g, lr in pairs]))
     if not total > 0.0:
         return 1.0
     return min(1.0, math.sqrt(kl_clip / total))
@@ -526,11 +525,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _all_finite(grads: Mapping[Tensor, Tensor]) -> bool:
         if not grads:
             return True
-        # One device sync per device, not one per tensor.
-        flags: dict[torch.device, list[Tensor]] = {}
-        for g in grads.values():
-            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
-        return all(bool(torch.stack(f).all()) for f in flags.values())
+        return all(to_host([torch.isfinite(g).all() for g in grads.values()]))
 
     def _skip_step(self, grads: Mapping[Tensor, Tensor]) -> None:
         if self.capture is not None:

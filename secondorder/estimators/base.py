@@ -49,7 +49,12 @@ class CurvatureEstimator(ABC):
 
     @abstractmethod
     def update(self, stats: Mapping[str, Any]) -> None:
-        """Absorb the statistics collected since the last curvature step (by layer name)."""
+        """Absorb new curvature statistics at a curvature step.
+
+        For estimators that use capture, ``stats`` maps layer names to what
+        :meth:`accumulate` built since the last step; for the others it maps each
+        parameter to its raw gradient.
+        """
 
     @abstractmethod
     def refresh(self, damping: float) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._host import to_host
 from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
 from ..linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
@@ -153,15 +154,21 @@ class KFACEstimator(CurvatureEstimator):
         return acc
 
     def update(self, stats: Mapping[str, KroneckerStats]) -> None:
-        for name, acc in stats.items():
-            state = self._state[name]
-            if acc.rows == 0:
-                continue
-            a_new = acc.a_sum / acc.rows
-            g_new = acc.g_sum * acc.examples
-            if not (torch.isfinite(a_new).all() and torch.isfinite(g_new).all()):
+        fresh = {
+            name: (acc.a_sum / acc.rows, acc.g_sum * acc.examples)
+            for name, acc in stats.items()
+            if acc.rows > 0
+        }
+        if not fresh:
+            return
+        finite = to_host(
+            [torch.isfinite(a).all() & torch.isfinite(g).all() for a, g in fresh.values()]
+        )
+        for (name, (a_new, g_new)), ok in zip(fresh.items(), finite, strict=True):
+            if not ok:
                 self.nonfinite_updates += 1
                 continue
+            state = self._state[name]
             decay = min(1.0 - 1.0 / (state.updates + 1), self.config.factor_decay)
             if state.a_factor is None or decay == 0.0:
                 state.a_factor, state.g_factor = a_new, g_new

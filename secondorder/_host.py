@@ -1,0 +1,21 @@
+"""Moving scalar results to the host without one device sync per tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def to_host(values: Sequence[Tensor]) -> list:
+    """The Python values of 0-dim tensors, with one host sync per device involved."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(i)
+    out: list = [None] * len(values)
+    for indices in by_device.values():
+        host = torch.stack([values[i] for i in indices]).tolist()
+        for i, value in zip(indices, host, strict=True):
+            out[i] = value
+    return out
