@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -93,6 +95,16 @@ def is_due(name: str, interval: Interval, step: int) -> bool:
     if callable(interval):
         check_interval(f"{name}({step})", every)
     return step % every == 0
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: frames of this
+    package and of ``torch.optim`` (the step wrappers) are skipped."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.optim.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ---- the functional core of the base updates -----------------------------------------
@@ -279,20 +291,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         self.skipped_steps = 0
         self._step = 0
-        self._refreshes = 0
+        self._updates = 0  # curvature updates so far
+        self._refreshes = 0  # refreshes that followed at least one update
         self.estimator: CurvatureEstimator | None = None
         self.capture: ModelCapture | None = None
         self.left_out_layers: list[str] = []
 
         all_params = [p for g in self.param_groups for p in g["params"]]
-        names = self._param_names(module, all_params)
-        self._names = names
+        self._names = self._param_names(module, all_params)
+        if module is None and skip_layers is not None:
+            raise ValueError("skip_layers needs a model (an nn.Module), not parameters")
+        layers: list[LayerHelper] = []
+        if module is not None:
+            # Also run with curvature off, so that bad skip_layers patterns are reported.
+            layers, self.left_out_layers = find_layers(module, set(all_params), skip_layers)
         if precondition and estimator is not None:
-            layers: list[LayerHelper] = []
-            if module is not None:
-                layers, self.left_out_layers = find_layers(module, set(all_params), skip_layers)
-            elif skip_layers is not None:
-                raise ValueError("skip_layers needs a model (an nn.Module), not parameters")
             self.estimator = estimator(layers, all_params)
             if self.estimator.requires_capture:
                 if not layers:
@@ -305,17 +318,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     layers, self.estimator.accumulate, record_in_eval=record_in_eval
                 )
                 self.capture.recording = is_due("curvature_every", self.curvature_every, 0)
-        elif skip_layers is not None:
-            find_layers(module, set(all_params), skip_layers)  # still reject bad patterns
 
         covered = set(self.estimator.params) if self.estimator is not None else set()
-        self.uncovered_parameters = [names[p] for p in all_params if p not in covered]
+        self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
         if self.estimator is not None and self.uncovered_parameters:
             warnings.warn(
                 f"{name}: no curvature estimate for {len(self.uncovered_parameters)} "
                 f"parameter(s); they get the plain {base} update: "
                 f"{self.uncovered_parameters}",
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
 
     # ---- construction helpers -----------------------------------------------------------
@@ -467,9 +478,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         elif is_due("curvature_every", self.curvature_every, k):
             est.update(grads)
             updated = True
+        self._updates += updated
+        # Refresh on schedule, and right after the first update whenever it comes (the
+        # first recorded pass may be late: a model in eval mode at first, say).
         if is_due("inverse_every", self.inverse_every, k) or (updated and self._refreshes == 0):
             est.refresh(damping)
-            self._refreshes += 1
+            self._refreshes += self._updates > 0
         pre = est.precondition(grads, damping)
         if self.kl_clip is not None and pre:
             lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
@@ -541,7 +555,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}: non-finite gradient, step skipped "
             "(parameters, optimizer state and curvature unchanged; see skipped_steps)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
 
     # ---- persistence ----------------------------------------------------------------------
@@ -551,6 +565,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         state["curvature"] = {
             "step": self._step,
+            "updates": self._updates,
             "refreshes": self._refreshes,
             "skipped_steps": self.skipped_steps,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
@@ -573,6 +588,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         super().load_state_dict(state_dict)
         self._step = int(curvature["step"])
+        self._updates = int(curvature["updates"])
         self._refreshes = int(curvature["refreshes"])
         self.skipped_steps = int(curvature["skipped_steps"])
         if self.estimator is not None:

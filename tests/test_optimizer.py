@@ -403,3 +403,25 @@ def test_remove_hooks_stops_recording():
         warnings.simplefilter("error")
         _train(model, opt, _batches(2))
     assert opt.estimator.factors("0") is None
+
+
+def test_first_statistics_arriving_late_are_used_at_once():
+    """If the first passes record nothing (eval mode), the inverse is computed right
+    after the first update instead of waiting for the next scheduled refresh."""
+    model = mlp([6, 5, 3])
+    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=100)
+    batches = _batches(3)
+    model.eval()
+    _train(model, opt, batches[:1])  # records nothing
+    assert opt.estimator.factors("0") is None
+    model.train()
+    _train(model, opt, batches[1:2])
+    assert opt.estimator._state["0"].inverse, "no inverse after the first update"
+    assert opt.state_dict()["curvature"]["refreshes"] == 1
+
+
+def test_construction_warning_points_at_the_callers_line():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.warns(UserWarning, match="no curvature estimate") as record:
+        KFAC(model)
+    assert record[0].filename == __file__
