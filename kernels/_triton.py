@@ -42,6 +42,6 @@ def use_triton(t: torch.Tensor) -> bool:
     ``SECONDORDER_REFERENCE_KERNELS`` is not ``"1"``. CPU tensors always take the reference,
     even under ``TRITON_INTERPRET=1``: the interpreter is a testing tool, far slower than torch.
     """
-    if not HAS_TRITON or not t.is_cuda:
+    if not HAS_TRITON or not isinstance(t, torch.Tensor) or not t.is_cuda:
         return False
     return os.environ.get("SECONDORDER_REFERENCE_KERNELS", "0") != "1"

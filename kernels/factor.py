@@ -96,7 +96,8 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        batch = tl.program_id(1)
+        # int64 offsets: x of a large conv layer can exceed 2^31 elements
+        batch = tl.program_id(1).to(tl.int64)
         bi = tl.load(pairs_ptr + 2 * pid)
         bj = tl.load(pairs_ptr + 2 * pid + 1)
         cols_i = bi * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -104,7 +105,7 @@ if HAS_TRITON:
         x_base = x_ptr + batch * stride_xb
         acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for start in range(0, n, BLOCK_N):
-            rows = start + tl.arange(0, BLOCK_N)
+            rows = start + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = (rows < n)[:, None]
             xi = tl.load(
                 x_base + rows[:, None] * stride_xn + cols_i[None, :] * stride_xd,

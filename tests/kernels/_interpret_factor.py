@@ -1,12 +1,16 @@
-"""Run by test_factor.py in a subprocess with TRITON_INTERPRET=1 (set before Triton loads).
+"""Run by test_factor.py in a subprocess with TRITON_INTERPRET=1.
 
-Compares the Triton launcher with the torch reference on odd shapes; exits non-zero with a
-message on the first mismatch, prints the number of cases checked otherwise.
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the kernel module is
+first imported; in the pytest process other modules have imported it long before, so the
+interpreter checks live in a fresh process. Compares the Triton launcher with the torch
+reference on odd shapes; exits non-zero with a message on the first mismatch, prints
+``checked N cases`` otherwise.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 
 import torch
@@ -16,42 +20,84 @@ from secondorder.kernels.factor import (
     symmetric_factor_update_triton,
 )
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-5}  # both accumulate the same fp32 values
+# Both paths sum the same float32 products (the kernel upcasts half inputs under the
+# interpreter, the reference casts x to a's dtype), so only the summation order differs.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-5}
+# 16-wide tiles make d=33 and d=70 span several tile rows, so the mirrored off-diagonal
+# stores and the diagonal symmetrisation are both exercised; 64 covers the launcher default.
+BLOCKS = (16, 64)
+
+
+class Mismatch(Exception):
+    pass
+
+
+def check(got, want, dtype, what):
+    scale = 1.0 + want.abs().max().item() if want.numel() else 1.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    if not err <= TOLERANCE[dtype] * scale:
+        raise Mismatch(f"mismatch {what}: max error {err:.3g} (scale {scale:.3g})")
+    if not torch.equal(got, got.transpose(-1, -2)):
+        raise Mismatch(f"not exactly symmetric {what}")
 
 
 def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     gen = torch.Generator().manual_seed(0)
     cases = 0
     for d, n, dtype, beta, batch in itertools.product(
         (1, 5, 33, 70), (1, 7, 50), (torch.float32, torch.bfloat16), (0.0, 0.95, 1.0), (None, 2)
     ):
         lead = () if batch is None else (batch,)
+        block_d = BLOCKS[cases % 2]
         x = torch.randn(*lead, n, d, generator=gen).to(dtype)
         a0 = torch.randn(*lead, d, d, generator=gen)
         a0 = a0 + a0.transpose(-1, -2)
         got = a0.clone() if beta else torch.full_like(a0, float("nan"))
-        symmetric_factor_update_triton(got, x, beta=beta, alpha=0.7)
+        out = symmetric_factor_update_triton(got, x, beta=beta, alpha=0.7, block_d=block_d)
+        if out is not got:
+            raise Mismatch("the launcher must return a")
         want = symmetric_factor_update_reference(a0.clone(), x, beta=beta, alpha=0.7)
-        scale = 1.0 + want.abs().max().item()
-        err = (got - want).abs().max().item()
-        if not err <= TOLERANCE[dtype] * scale:
-            print(f"mismatch d={d} n={n} {dtype} beta={beta} batch={batch}: {err}")
-            return 1
-        if not torch.equal(got, got.transpose(-1, -2)):
-            print(f"not exactly symmetric d={d} n={n} {dtype} beta={beta} batch={batch}")
-            return 1
+        check(got, want, dtype, f"d={d} n={n} {dtype} beta={beta} batch={batch} block={block_d}")
         cases += 1
-    # a non-contiguous x (a transposed view) and an explicit block size
+
+    # float16 and float64 x, n = 0, the launcher's default blocks
+    for dtype, n in ((torch.float16, 9), (torch.float64, 9), (torch.float32, 0)):
+        x = torch.randn(3, n, 20, generator=gen).to(dtype)
+        a0 = torch.randn(3, 20, 20, generator=gen)
+        a0 = a0 + a0.transpose(-1, -2)
+        got = symmetric_factor_update_triton(a0.clone(), x, beta=0.5, alpha=2.0)
+        want = symmetric_factor_update_reference(a0.clone(), x, beta=0.5, alpha=2.0)
+        check(got, want, dtype, f"{dtype} n={n}")
+        cases += 1
+
+    # non-contiguous x (a transposed view) and a (a column slice), several tiles
     x = torch.randn(40, 24, generator=gen).T
-    got = torch.zeros(40, 40)
-    symmetric_factor_update_triton(got, x, block_d=16, block_n=16)
-    want = x.T @ x
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-        print("mismatch for a non-contiguous x")
-        return 1
-    print(f"checked {cases + 1} cases")
+    base = torch.randn(40, 80, generator=gen)
+    a = base[:, ::2]
+    a.copy_(a + a.T)
+    want = symmetric_factor_update_reference(a.clone(), x, beta=0.9, alpha=1.0)
+    symmetric_factor_update_triton(a, x, beta=0.9, block_d=16, block_n=16)
+    check(base[:, ::2], want, torch.float32, "non-contiguous a and x")
+    cases += 1
+
+    # a symmetric only in its upper triangle: the kernel reads nothing else, so the result
+    # is the update of the matrix mirrored from that triangle, exactly symmetric
+    a0 = torch.randn(37, 37, generator=gen)
+    x = torch.randn(11, 37, generator=gen)
+    mirrored = a0.triu() + a0.triu(1).T
+    got = symmetric_factor_update_triton(a0.clone(), x, beta=1.0, block_d=16)
+    want = symmetric_factor_update_reference(mirrored, x, beta=1.0)
+    check(got, want, torch.float32, "upper triangle of an asymmetric a")
+    cases += 1
+
+    print(f"checked {cases} cases")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Mismatch as err:
+        print(err)
+        sys.exit(1)

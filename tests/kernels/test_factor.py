@@ -1,4 +1,4 @@
-"""The symmetric factor update: reference vs float64 oracle, Triton vs reference."""
+"""The symmetric factor update: reference vs a float64 oracle, Triton vs reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secondorder.kernels import (
@@ -18,6 +18,7 @@ from secondorder.kernels import (
     symmetric_factor_update_reference,
     symmetric_factor_update_triton,
 )
+from secondorder.kernels._triton import interpreting, use_triton
 
 
 def _oracle(a, x, beta, alpha):
@@ -25,9 +26,15 @@ def _oracle(a, x, beta, alpha):
     return alpha * prod if beta == 0 else beta * a.double() + alpha * prod
 
 
+def _symmetric(*shape, dtype=torch.float32, device="cpu"):
+    a = torch.randn(*shape, dtype=dtype, device=device)
+    return a + a.transpose(-1, -2)
+
+
+@settings(max_examples=25, deadline=None)
 @given(
     d=st.integers(1, 12),
-    n=st.integers(1, 20),
+    n=st.integers(0, 20),
     batch=st.sampled_from([None, 1, 3]),
     beta=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
     alpha=st.floats(0.01, 10.0),
@@ -37,78 +44,126 @@ def _oracle(a, x, beta, alpha):
 def test_reference_matches_float64_oracle(d, n, batch, beta, alpha, x_dtype, a_dtype):
     lead = () if batch is None else (batch,)
     x = torch.randn(*lead, n, d).to(x_dtype)
-    a = torch.randn(*lead, d, d, dtype=a_dtype)
-    a = a + a.transpose(-1, -2)
+    a = _symmetric(*lead, d, d, dtype=a_dtype)
     want = _oracle(a, x, beta, alpha)
     got = symmetric_factor_update_reference(a, x, beta=beta, alpha=alpha)
     assert got is a  # in place
+    assert got.dtype == a_dtype
+    # x is cast to a's dtype first, so a float64 x into a float32 a rounds before the product
     tol = 1e-12 if a_dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * (1 + want.abs().max()))
 
 
-def test_beta_zero_ignores_garbage():
-    a = torch.full((4, 4), float("nan"))
-    x = torch.randn(6, 4)
+@pytest.mark.parametrize("shape", [(4, 4), (3, 4, 4)])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+def test_beta_zero_ignores_garbage(shape, garbage):
+    a = torch.full(shape, garbage)
+    x = torch.randn(*shape[:-2], 6, 4)
     symmetric_factor_update_reference(a, x, beta=0.0, alpha=2.0)
-    torch.testing.assert_close(a, 2.0 * x.T @ x)
+    torch.testing.assert_close(a.double(), _oracle(a, x, 0.0, 2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_writes_through_a_non_contiguous_a():
+    base = torch.zeros(5, 10)
+    a = base[:, ::2]
+    x = torch.randn(7, 5)
+    symmetric_factor_update_reference(a, x, beta=0.0)
+    torch.testing.assert_close(base[:, ::2].double(), _oracle(a, x, 0.0, 1.0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernel_matches_reference_in_the_interpreter():
+    # A subprocess: TRITON_INTERPRET must be set before the kernel module is first imported,
+    # which in this process has already happened (see _interpret_factor.py).
     script = Path(__file__).with_name("_interpret_factor.py")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("SECONDORDER_REFERENCE_KERNELS", None)
     proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("checked 145 cases")
+    assert proc.stdout.startswith("checked "), proc.stdout
 
 
-def test_dispatch_uses_the_reference_on_cpu(monkeypatch):
+def test_dispatch_uses_the_reference_on_cpu():
     x = torch.randn(5, 3)
-    a = torch.eye(3)
+    a = _symmetric(3, 3)
+    assert not use_triton(x)
     want = symmetric_factor_update_reference(a.clone(), x, beta=0.5, alpha=1.0)
-    torch.testing.assert_close(symmetric_factor_update(a, x, beta=0.5, alpha=1.0), want)
+    got = symmetric_factor_update(a, x, beta=0.5, alpha=1.0)
+    assert got is a
+    assert torch.equal(got, want)
+
+
+def test_use_triton_honours_the_reference_switch(monkeypatch):
+    cpu = torch.zeros(1)
+    assert not use_triton(cpu)
+    monkeypatch.setenv("SECONDORDER_REFERENCE_KERNELS", "1")
+    assert not use_triton(cpu)
+    if torch.cuda.is_available():
+        assert not use_triton(cpu.cuda())
+        monkeypatch.setenv("SECONDORDER_REFERENCE_KERNELS", "0")
+        assert use_triton(cpu.cuda()) == HAS_TRITON
 
 
 @pytest.mark.parametrize(
     "a, x, error, match",
     [
         (torch.zeros(3, 3, dtype=torch.int32), torch.zeros(2, 3), TypeError, "a must be float32"),
-        (
-            torch.zeros(3, 3),
-            torch.zeros(2, 3, dtype=torch.int64),
-            TypeError,
-            "x must be a floating",
-        ),
+        (torch.zeros(3, 3, dtype=torch.float16), torch.zeros(2, 3), TypeError, "a must be"),
+        (torch.zeros(3, 3), torch.zeros(2, 3, dtype=torch.int64), TypeError, "x must be float32"),
+        (torch.zeros(3, 3), [[0.0, 1.0, 2.0]], TypeError, "x must be a torch.Tensor"),
         (torch.zeros(3, 4), torch.zeros(2, 4), ValueError, r"a must be \(d, d\)"),
-        (torch.zeros(3, 3), torch.zeros(2, 4), ValueError, "x must be"),
-        (torch.zeros(2, 3, 3), torch.zeros(3, 5, 3), ValueError, "x must be"),
+        (torch.zeros(3), torch.zeros(2, 3), ValueError, r"a must be \(d, d\)"),
+        (torch.zeros(3, 3), torch.zeros(2, 4), ValueError, r"x must be \(n, d\)"),
+        (torch.zeros(3, 3), torch.zeros(1, 2, 3), ValueError, r"x must be \(n, d\)"),
+        (torch.zeros(2, 3, 3), torch.zeros(3, 5, 3), ValueError, r"x must be \(n, d\)"),
+        (torch.zeros(3, 3), torch.zeros(2, 3, device="meta"), ValueError, "one device"),
     ],
 )
 def test_bad_inputs_name_the_argument(a, x, error, match):
     with pytest.raises(error, match=match):
         symmetric_factor_update(a, x)
+    with pytest.raises(error, match=match):
+        symmetric_factor_update_reference(a, x)
 
 
-def test_triton_launcher_rejects_bad_blocks():
-    if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    with pytest.raises(ValueError, match="block_n must be a power of two"):
-        symmetric_factor_update_triton(torch.zeros(3, 3), torch.zeros(2, 3), block_n=24)
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"block_n": 24}, "block_n must be a power of two"),
+        ({"block_d": 8}, "block_d must be a power of two"),
+        ({"input_precision": "bf16"}, "input_precision must be one of"),
+    ],
+)
+def test_triton_launcher_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        symmetric_factor_update_triton(torch.zeros(3, 3), torch.zeros(2, 3), **kwargs)
+
+
+@pytest.mark.skipif(not HAS_TRITON or interpreting(), reason="needs Triton, not interpreting")
+def test_triton_launcher_refuses_cpu_tensors_outside_the_interpreter():
+    with pytest.raises(ValueError, match="must be CUDA tensors"):
+        symmetric_factor_update_triton(torch.zeros(3, 3), torch.zeros(2, 3))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
-@pytest.mark.parametrize("shape", [(1000, 257), (4096, 64), (3, 100, 130)])
-def test_triton_kernel_on_gpu(dtype, tol, shape):
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-4)])
+@pytest.mark.parametrize("shape", [(1000, 257), (4096, 64), (3, 100, 130), (5, 1)])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_triton_kernel_on_gpu(dtype, tol, shape, beta, monkeypatch):
+    monkeypatch.delenv("SECONDORDER_REFERENCE_KERNELS", raising=False)
     x = torch.randn(*shape, device="cuda").to(dtype)
     d = shape[-1]
-    a = torch.randn(*shape[:-2], d, d, device="cuda")
-    a = a + a.transpose(-1, -2)
-    want = symmetric_factor_update_reference(a.clone(), x, beta=0.9, alpha=0.1)
-    got = symmetric_factor_update(a, x, beta=0.9, alpha=0.1)
+    a = _symmetric(*shape[:-2], d, d, device="cuda")
+    want = symmetric_factor_update_reference(a.clone(), x, beta=beta, alpha=0.1)
+    if beta == 0:
+        a.fill_(float("nan"))
+    got = symmetric_factor_update(a, x, beta=beta, alpha=0.1)
+    assert got is a
+    # both sum the same float32 products (bf16 x is exact in float32), in different orders
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     assert torch.equal(got, got.transpose(-1, -2))
