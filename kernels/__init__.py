@@ -11,9 +11,29 @@ from .factor import (
     symmetric_factor_update_reference,
     symmetric_factor_update_triton,
 )
+from .mfac import (
+    mfac_coefficients,
+    mfac_coefficients_reference,
+    mfac_coefficients_triton,
+    mfac_gram_row,
+    mfac_gram_row_reference,
+    mfac_gram_row_triton,
+    mfac_ihvp,
+    mfac_ihvp_reference,
+    mfac_ihvp_triton,
+)
 
 __all__ = [
     "HAS_TRITON",
+    "mfac_coefficients",
+    "mfac_coefficients_reference",
+    "mfac_coefficients_triton",
+    "mfac_gram_row",
+    "mfac_gram_row_reference",
+    "mfac_gram_row_triton",
+    "mfac_ihvp",
+    "mfac_ihvp_reference",
+    "mfac_ihvp_triton",
     "symmetric_factor_update",
     "symmetric_factor_update_reference",
     "symmetric_factor_update_triton",
