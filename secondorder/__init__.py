@@ -2,19 +2,30 @@
 
 Public names::
 
-    from secondorder import CurvatureOptimizer, KFAC
+    from secondorder import KFAC, MFAC, CurvatureOptimizer
 """
 
-from .estimators import KFAC, CurvatureEstimator, KFACConfig, KFACEstimator
+from .estimators import (
+    KFAC,
+    MFAC,
+    CurvatureEstimator,
+    KFACConfig,
+    KFACEstimator,
+    MFACConfig,
+    MFACEstimator,
+)
 from .optimizer import CurvatureOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
+    "MFAC",
     "CurvatureEstimator",
     "CurvatureOptimizer",
     "KFACConfig",
     "KFACEstimator",
+    "MFACConfig",
+    "MFACEstimator",
     "__version__",
 ]

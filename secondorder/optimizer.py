@@ -243,6 +243,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     #: whether the first argument must be an nn.Module (hooks need the layers)
     requires_model: ClassVar[bool] = True
+    #: coupled (L2) weight decay is added to the gradient *before* preconditioning (M-FAC's
+    #: convention) instead of to the preconditioned direction (K-FAC's)
+    l2_before_precondition: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -307,6 +310,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             layers, self.left_out_layers = find_layers(module, set(all_params), skip_layers)
         if precondition and estimator is not None:
             self.estimator = estimator(layers, all_params)
+            if not self.estimator.requires_capture and (skip_layers is not None or record_in_eval):
+                raise ValueError(
+                    f"skip_layers and record_in_eval apply to estimators that attach hooks; "
+                    f"{name} preconditions all its parameters jointly: choose them with params="
+                )
             if self.estimator.requires_capture:
                 if not layers:
                     raise ValueError(
@@ -454,12 +462,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
 
         k = self._step
+        l2_first = (
+            self.l2_before_precondition
+            and self.estimator is not None
+            and not self.decoupled_weight_decay
+        )
+        if l2_first:
+            for group in self.param_groups:
+                if group["weight_decay"] != 0:
+                    for p in group["params"]:
+                        if p in grads:
+                            grads[p] = grads[p].add(p, alpha=group["weight_decay"])
         directions: Mapping[Tensor, Tensor] = grads
         if self.estimator is not None:
             directions = self._precondition(k, grads)
 
         for group in self.param_groups:
-            self._base_step(group, directions)
+            self._base_step(group, directions, skip_l2=l2_first)
 
         self._step += 1
         if self.capture is not None:
@@ -492,11 +511,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 pre = {p: u * nu for p, u in pre.items()}
         return {**grads, **pre}
 
-    def _base_step(self, group: dict[str, Any], directions: Mapping[Tensor, Tensor]) -> None:
+    def _base_step(
+        self, group: dict[str, Any], directions: Mapping[Tensor, Tensor], skip_l2: bool = False
+    ) -> None:
         params = [p for p in group["params"] if p in directions]
         if not params:
             return
         dirs = [directions[p] for p in params]
+        weight_decay = 0.0 if skip_l2 else group["weight_decay"]
         if self.base == "sgd":
             buffers = [self.state[p].get("momentum_buffer") for p in params]
             sgd_update(
@@ -507,7 +529,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
+                weight_decay=weight_decay,
                 decoupled=self.decoupled_weight_decay,
             )
             if group["momentum"] != 0:
@@ -531,7 +553,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
             decoupled=self.decoupled_weight_decay,
         )
 

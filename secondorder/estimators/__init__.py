@@ -2,5 +2,14 @@
 
 from .base import CurvatureEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
+from .mfac import MFAC, MFACConfig, MFACEstimator
 
-__all__ = ["KFAC", "CurvatureEstimator", "KFACConfig", "KFACEstimator"]
+__all__ = [
+    "KFAC",
+    "MFAC",
+    "CurvatureEstimator",
+    "KFACConfig",
+    "KFACEstimator",
+    "MFACConfig",
+    "MFACEstimator",
+]

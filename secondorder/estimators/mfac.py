@@ -1,0 +1,369 @@
+"""M-FAC, dynamic: the inverse empirical Fisher of a sliding window of gradients
+(Frantar, Kurtic & Alistarh, 2021, https://arxiv.org/abs/2107.03356).
+
+The window holds the last ``k <= m`` gradients ``g_i`` (flattened over all covered
+parameters, or over blocks of ``block_size`` coordinates) and
+
+    F = λ I + (1/k) Σ_i g_i g_iᵀ,      F⁻¹ x = x/λ − Wᵀ (k I + W Wᵀ/λ)⁻¹ W x / λ²
+
+(Woodbury). The dot-product matrix ``W Wᵀ`` gains one row and column per step; the
+``k x k`` system is factored by Cholesky every refresh (every step by default), and the
+product needs two passes over the window and nothing of size ``m x d``.
+
+Sparse mode keeps the Fisher on the coordinates of a mask (by default, the non-zero
+weights at construction): pruned coordinates get a zero direction, so with any of the
+base updates they stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels.mfac import mfac_coefficients, mfac_gram_row, mfac_ihvp
+from ..optimizer import CurvatureOptimizer, Interval, Schedule
+from .base import CurvatureEstimator
+
+_WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+@dataclass(kw_only=True)
+class MFACConfig:
+    """Hyperparameters of the M-FAC estimator (checked on construction).
+
+    Args:
+        ngrads (int): window size m, any positive int (default: 512).
+        window_dtype (torch.dtype): float32, bfloat16 (half the memory) or float64
+            (default: float32).
+        block_size (int, optional): precondition independent blocks of this many
+            coordinates (each with its own window of m gradients) to bound the
+            ``m x m`` work per block; None is one global block (default: None).
+        min_grads (int): use the raw gradient until the window holds this many
+            gradients (default: 1).
+        gram_dtype (torch.dtype): dtype of the dot-product matrix and its Cholesky
+            factor, float32 or float64 (default: float64: ``W Wᵀ/λ`` with λ ~ 1e-5 is
+            badly conditioned in float32; float32 is accurate only while
+            ``eps32·|g|²/λ`` stays well below ``m``. When the factorisation fails outright
+            it is redone from the window in float64, see :meth:`MFACEstimator.refresh`).
+    """
+
+    ngrads: int = 512
+    window_dtype: torch.dtype = torch.float32
+    block_size: int | None = None
+    min_grads: int = 1
+    gram_dtype: torch.dtype = torch.float64
+
+    def __post_init__(self) -> None:
+        if not _positive_int(self.ngrads):
+            raise ValueError(f"ngrads must be a positive int, got {self.ngrads!r}")
+        if self.window_dtype not in _WINDOW_DTYPES:
+            raise ValueError(
+                f"window_dtype must be one of {_WINDOW_DTYPES}, got {self.window_dtype!r}"
+            )
+        if self.block_size is not None and not _positive_int(self.block_size):
+            raise ValueError(f"block_size must be a positive int or None, got {self.block_size!r}")
+        if not _positive_int(self.min_grads):
+            raise ValueError(f"min_grads must be a positive int, got {self.min_grads!r}")
+        if self.gram_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class MFACEstimator(CurvatureEstimator):
+    """The dynamic M-FAC window, dot-product matrix and inverse-Fisher products.
+
+    Args:
+        params (list[nn.Parameter]): the parameters to precondition jointly (one device).
+        config (MFACConfig, optional): hyperparameters.
+        masks (Mapping[Parameter, Tensor], optional): sparse mode: a boolean mask per
+            parameter (True = kept); parameters without one are fully kept.
+    """
+
+    requires_capture = False
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        config: MFACConfig | None = None,
+        masks: Mapping[Tensor, Tensor] | None = None,
+    ) -> None:
+        super().__init__([])
+        self.config = config if config is not None else MFACConfig()
+        self._params = [p for p in params if p.requires_grad]
+        if not self._params:
+            raise ValueError("MFAC needs at least one parameter that requires grad")
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(
+                f"MFAC keeps one window: all parameters must share a device, got {devices}"
+            )
+        self.device = devices.pop()
+        self._masks = self._check_masks(masks or {})
+        self.dim = sum(self._size(p) for p in self._params)
+        block = self.config.block_size or self.dim
+        self.block = min(block, self.dim)
+        self.blocks = math.ceil(self.dim / self.block)
+        m = self.config.ngrads
+        self.window = torch.zeros(
+            self.blocks, m, self.block, dtype=self.config.window_dtype, device=self.device
+        )
+        self.gram = torch.zeros(self.blocks, m, m, dtype=self.config.gram_dtype, device=self.device)
+        self.head = 0  # ring position of the next gradient
+        self.count = 0  # gradients held (<= m)
+        self._chol: Tensor | None = None
+        self._chol_damping: float | None = None
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self._params)
+
+    def _check_masks(self, masks: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        out = {}
+        known = set(self._params)
+        for p, mask in masks.items():
+            if p not in known:
+                raise ValueError("masks: a mask is given for a parameter MFAC does not optimise")
+            if not isinstance(mask, Tensor) or mask.shape != p.shape:
+                raise ValueError(
+                    f"masks: a parameter of shape {tuple(p.shape)} needs a mask of that shape"
+                )
+            out[p] = mask.to(device=p.device, dtype=torch.bool)
+        return out
+
+    def _size(self, p: Tensor) -> int:
+        mask = self._masks.get(p)
+        return p.numel() if mask is None else int(mask.sum())
+
+    def _flatten(self, grads: Mapping[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
+        """Covered gradients as ``(blocks, block)``; missing ones count as zero."""
+        flat = torch.zeros(self.blocks * self.block, dtype=dtype, device=self.device)
+        offset = 0
+        for p in self._params:
+            size = self._size(p)
+            g = grads.get(p)
+            if g is not None:
+                mask = self._masks.get(p)
+                flat[offset : offset + size] = (g if mask is None else g[mask]).reshape(-1)
+            offset += size
+        return flat.view(self.blocks, self.block)
+
+    def _unflatten(self, flat: Tensor) -> dict[Tensor, Tensor]:
+        flat = flat.reshape(-1)
+        out: dict[Tensor, Tensor] = {}
+        offset = 0
+        for p in self._params:
+            size = self._size(p)
+            piece = flat[offset : offset + size].to(p.dtype)
+            mask = self._masks.get(p)
+            if mask is None:
+                out[p] = piece.view(p.shape)
+            else:
+                full = torch.zeros_like(p)
+                full[mask] = piece
+                out[p] = full
+            offset += size
+        return out
+
+    # ---- the protocol -------------------------------------------------------------------
+    def update(self, stats: Mapping[Tensor, Tensor]) -> None:
+        """Push the current gradient (``stats`` maps parameters to gradients) into the
+        window and update one row and column of the dot-product matrix."""
+        g = self._flatten(
+            stats, torch.float32 if self.config.window_dtype != torch.float64 else torch.float64
+        )
+        row = self.head
+        self.window[:, row] = g.to(self.config.window_dtype)
+        self.count = min(self.count + 1, self.config.ngrads)
+        self.head = (self.head + 1) % self.config.ngrads
+        dots = mfac_gram_row(self.window, row, self.count).to(self.config.gram_dtype)
+        self.gram[:, row, : self.count] = dots
+        self.gram[:, : self.count, row] = dots
+        self._chol = None
+
+    def refresh(self, damping: float) -> None:
+        if self.count < self.config.min_grads:
+            self._chol = None
+            return
+        if self._chol is not None and self._chol_damping == float(damping):
+            return  # neither the window nor the damping changed since the last factorisation
+        chol = mfac_coefficients(self.gram, self.count, damping)
+        if not bool(torch.isfinite(chol[..., -1, -1]).all()):
+            chol = self._factor_in_float64(damping)  # kept in float64: the solve follows
+        self._chol = chol
+        self._chol_damping = float(damping)
+
+    def _factor_in_float64(self, damping: float) -> Tensor:
+        """Fallback when ``mI + GGᵀ/λ`` was not numerically positive definite (a float32
+        dot matrix with a tiny damping: its round-off, divided by λ, outweighs ``m``).
+
+        The dot products are recomputed from the window in float64, a slice of columns at
+        a time (nothing of size m x d is allocated). If even that fails, the damping is
+        too small for Woodbury's ``x/λ − Wᵀc/λ²`` to mean anything in float64 (its
+        cancellation error is about ``eps·|g|²/(mλ)``) and no jitter would rescue it: a
+        ``FloatingPointError`` says which damping would.
+        """
+        k = self.count
+        gram = torch.zeros(self.blocks, k, k, dtype=torch.float64, device=self.device)
+        step = max(1, 2**18 // k)
+        for c0 in range(0, self.window.shape[-1], step):
+            w = self.window[:, :k, c0 : c0 + step].double()
+            gram.baddbmm_(w, w.transpose(1, 2))
+        chol = mfac_coefficients(gram, k, damping)
+        if not bool(torch.isfinite(chol[..., -1, -1]).all()):
+            largest = float(gram.diagonal(dim1=1, dim2=2).max())
+            floor = 1e4 * torch.finfo(torch.float64).eps * largest / k
+            raise FloatingPointError(
+                f"M-FAC: mI + GGᵀ/λ is not positive definite even in float64 with "
+                f"damping={damping:g} (largest |g|² = {largest:.3g}); use damping >= {floor:.1g}"
+            )
+        return chol
+
+    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        if self.count < self.config.min_grads:
+            return {}
+        # Woodbury needs coefficients that match the current window and damping exactly:
+        # refactor whenever either changed since the last refresh.
+        if self._chol is None or self._chol_damping != float(damping):
+            self.refresh(damping)
+        dtype = torch.float64 if self.config.window_dtype == torch.float64 else torch.float32
+        x = self._flatten(grads, dtype)
+        if self.config.window_dtype == torch.bfloat16:
+            # F has eigenvalue λ off the window's span, so the part of x outside it is
+            # scaled by 1/λ. The pushed gradient lies in the span only as stored, i.e.
+            # rounded to bf16: round x the same way, or its rounding error (~0.4%)
+            # would come back multiplied by 1/λ.
+            x = x.to(torch.bfloat16).to(dtype)
+        out = mfac_ihvp(self.window, self._chol, x, self._chol_damping, self.count)
+        result = self._unflatten(out)
+        return {p: u for p, u in result.items() if p in grads}
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "gram": self.gram,
+            "head": self.head,
+            "count": self.count,
+            "chol_damping": self._chol_damping,
+            "masks": [self._masks.get(p) for p in self._params],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        window, gram = state["window"], state["gram"]
+        if tuple(window.shape) != tuple(self.window.shape) or tuple(gram.shape) != tuple(
+            self.gram.shape
+        ):
+            raise ValueError(
+                f"M-FAC state has a window of shape {tuple(window.shape)} where this optimizer "
+                f"has {tuple(self.window.shape)}; was it saved from a different model or ngrads?"
+            )
+        masks = state.get("masks", [])
+        if len(masks) != len(self._params) or any(
+            (m is None) != (self._masks.get(p) is None)
+            or (m is not None and not torch.equal(m.to(p.device), self._masks[p]))
+            for m, p in zip(masks, self._params, strict=False)
+        ):
+            raise ValueError("M-FAC state was saved with different sparsity masks")
+        self.window.copy_(window)
+        self.gram.copy_(gram)
+        self.head = int(state["head"])
+        self.count = int(state["count"])
+        self._chol = None
+        damping = state.get("chol_damping")
+        if damping is not None and self.count >= self.config.min_grads:
+            self.refresh(damping)
+
+
+class MFAC(CurvatureOptimizer):
+    r"""Dynamic M-FAC (Frantar et al., 2021): SGD-MFAC or Adam-MFAC.
+
+    Every step the gradient joins a ring buffer of the last ``ngrads`` gradients, and the
+    base update receives
+
+    .. math::
+        u = F^{-1} g, \qquad F = \lambda I + \frac1k \sum_{i=1}^{k} g_i g_i^\top
+
+    computed exactly by Woodbury with a Cholesky factorisation of the ``k x k`` system.
+    Coupled weight decay is added to the gradient *before* preconditioning, as in the
+    reference (``g <- ∇ + wd w``); the reference's momentum over the preconditioned
+    direction, ``v <- μ v + (1 - μ) u``, is ``momentum=μ, dampening=μ``.
+
+    Args:
+        model_or_params (nn.Module or iterable of Parameters): what to optimise (M-FAC
+            needs no hooks: all parameters are preconditioned jointly, any layer type).
+        lr (float, optional): learning rate (default: 1e-3).
+        ngrads (int, optional): window size m (default: 512).
+        damping (float or callable, optional): λ (default: 1e-5).
+        curvature_every (int or callable, optional): push the gradient into the window
+            at steps that are multiples of this (default: 1). The ``k x k`` coefficients
+            are refactored whenever the window or the damping changed, so there is no
+            ``inverse_every``.
+        window_dtype, block_size, min_grads, gram_dtype: see :class:`MFACConfig`.
+        sparse (bool, optional): keep the Fisher and the update on the non-zero weights
+            at construction; pruned weights stay exactly zero (default: False).
+        masks (dict, optional): explicit boolean masks per parameter (implies sparse).
+        base (str, optional): ``"sgd"`` (SGD-MFAC) or ``"adam"`` (Adam-MFAC) (default: sgd).
+        **kwargs: the rest of :class:`~secondorder.CurvatureOptimizer` (``momentum``,
+            ``dampening``, ``betas``, ``weight_decay``, ``decoupled_weight_decay``,
+            ``curvature_every``, ``inverse_every``, ``kl_clip``, ``nonfinite``, ...).
+
+    Example::
+
+        opt = MFAC(model, lr=1e-3, ngrads=64, damping=1e-4)
+    """
+
+    requires_model = False
+    l2_before_precondition = True
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[nn.Parameter],
+        lr: float = 1e-3,
+        *,
+        ngrads: int = 512,
+        damping: Schedule = 1e-5,
+        window_dtype: torch.dtype = torch.float32,
+        block_size: int | None = None,
+        min_grads: int = 1,
+        gram_dtype: torch.dtype = torch.float64,
+        sparse: bool = False,
+        masks: Mapping[Tensor, Tensor] | None = None,
+        curvature_every: Interval = 1,
+        base: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
+        config = MFACConfig(
+            ngrads=ngrads,
+            window_dtype=window_dtype,
+            block_size=block_size,
+            min_grads=min_grads,
+            gram_dtype=gram_dtype,
+        )
+        if not isinstance(sparse, bool):
+            raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+
+        def factory(layers: list, params: list[nn.Parameter]) -> MFACEstimator:
+            chosen = dict(masks) if masks is not None else None
+            if chosen is None and sparse:
+                chosen = {p: p.detach() != 0 for p in params}
+            return MFACEstimator(params, config, chosen)
+
+        super().__init__(
+            model_or_params,
+            factory,
+            lr=lr,
+            base=base,
+            damping=damping,
+            curvature_every=curvature_every,
+            inverse_every=1,
+            **kwargs,
+        )
