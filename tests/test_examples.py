@@ -20,3 +20,12 @@ def test_kfac_digits_example_smoke(capsys):
     loss = _load("kfac_digits").main(["--smoke"])
     assert math.isfinite(loss) and loss < 0.8 * math.log(10)
     assert "epoch 1: train loss" in capsys.readouterr().out
+
+
+def test_mfac_digits_example_smoke(capsys):
+    example = _load("mfac_digits")
+    loss = example.main(["--smoke", "--sparsity", "0.5"])
+    assert math.isfinite(loss) and loss < 0.8 * math.log(10)
+    assert "zeros in layer 0 0.50" in capsys.readouterr().out  # pruned weights stayed zero
+    loss = example.main(["--smoke", "--base", "adam"])
+    assert math.isfinite(loss) and loss < math.log(10)

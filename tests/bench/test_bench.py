@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import secondorder
 from secondorder.bench import TASKS, run_bench
 from secondorder.bench.__main__ import main
 from secondorder.bench.optimizers import OPTIMIZERS, parse_override, parse_value
@@ -115,7 +114,7 @@ def test_unknown_hyperparameter_fails_before_training() -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--opt", "sgd,nosuch"], "allowed: sgd, adam, kfac"),
+        (["--opt", "sgd,nosuch"], "allowed: sgd, adam, kfac, mfac, adam-mfac"),
         (["--task", "mnist"], "allowed: digits-mlp, digits-cnn"),
         (["--epochs", "0"], "positive integer"),
         (["--set", "sgd.lr"], "NAME.KEY=VALUE"),
@@ -162,13 +161,18 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     assert bad.stderr.strip().splitlines()[-1].endswith(f"allowed: {', '.join(OPTIMIZERS)}")
 
 
-@pytest.mark.skipif(
-    getattr(secondorder, "KFAC", None) is None, reason="secondorder.KFAC not there yet"
+@pytest.mark.parametrize(
+    ("task", "opt"),
+    [
+        ("digits-mlp", "kfac"),
+        ("digits-cnn", "kfac"),
+        ("digits-mlp", "mfac"),
+        ("digits-cnn", "adam-mfac"),
+    ],
 )
-@pytest.mark.parametrize("task", ["digits-mlp", "digits-cnn"])
-def test_kfac_runs(task: str) -> None:
-    results = run_bench(["sgd", "kfac"], task, epochs=1, isolate=False, quiet=True)
-    summary = results["results"]["kfac"]["summary"]
+def test_second_order_optimizers_run(task: str, opt: str) -> None:
+    results = run_bench(["sgd", opt], task, epochs=1, isolate=False, quiet=True)
+    summary = results["results"][opt]["summary"]
     assert summary["error"] is None and not summary["diverged"]
     assert 0 < summary["final_train_loss"] < math.log(10)
     assert 0.3 < summary["test_accuracy"] <= 1.0
