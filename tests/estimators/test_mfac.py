@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from secondorder import MFAC
+from secondorder.estimators.mfac import MFACConfig, MFACEstimator
 
 from ..helpers import digits_data, mlp
 
@@ -75,6 +76,24 @@ def test_direction_equals_dense_solve_over_the_current_window(m, d, pushes, damp
             for i in range(0, d, b)
         ]
     )
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * expected.abs().max())
+
+
+def test_window_larger_than_1024_and_not_a_multiple_of_32():
+    """The reference kernels need m % 32 == 0 and m <= 1024; here any m works. The
+    estimator is driven directly (one factorisation, not one per push) to keep it quick."""
+    torch.manual_seed(0)
+    m, d, pushes, damping = 1100, 150, 1130, 1e-3
+    param = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    est = MFACEstimator([param], MFACConfig(ngrads=m, window_dtype=torch.float64))
+    history = [torch.randn(d, dtype=torch.float64) / d**0.5 for _ in range(pushes)]
+    for g in history:
+        est.update({param: g})
+    assert est.count == m and est.head == pushes - m
+    est.refresh(damping)
+    x = torch.randn(d, dtype=torch.float64)
+    got = est.precondition({param: x}, damping)[param]
+    expected = _dense_ihvp(history[-m:], x, damping)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * expected.abs().max())
 
 
