@@ -24,13 +24,13 @@ the same statistic.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerHelper, helper_class_for, supported_types
+from .layers import LayerHelper, helper_class_for, registered_helpers, supported_types
 
 #: ``accumulate(layer, inputs, grad_output, acc) -> acc``; ``acc`` is None on the first
 #: pass since the last collect.
@@ -61,10 +61,28 @@ def _compile_skip(skip_layers: Iterable[SkipPattern] | None) -> list[re.Pattern]
     return patterns
 
 
+def _check_layer_options(layer_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    if layer_options is None:
+        return {}
+    if not isinstance(layer_options, Mapping):
+        raise TypeError(
+            f"layer_options must be a dict of option name to value, got "
+            f"{type(layer_options).__name__}"
+        )
+    known = {opt for cls in registered_helpers() for opt in cls.options}
+    unknown = sorted(set(layer_options) - known)
+    if unknown:
+        raise ValueError(
+            f"layer_options: unknown option(s) {unknown}; the layer helpers accept {sorted(known)}"
+        )
+    return dict(layer_options)
+
+
 def find_layers(
     model: nn.Module,
     trainable: set[nn.Parameter] | None = None,
     skip_layers: Iterable[SkipPattern] | None = None,
+    layer_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[LayerHelper], list[str]]:
     """Helpers for every supported layer of ``model`` that should be covered.
 
@@ -72,11 +90,22 @@ def find_layers(
     grad (and is in ``trainable`` if given), and its qualified name does not fully
     match one of ``skip_layers`` (module names or regular expressions). A pattern
     that matches no module at all raises ``ValueError`` rather than being ignored.
+    ``layer_options`` are passed to the helpers that declare them (an option no
+    helper knows is an error).
+
+    Tied weights: when several modules share one weight, the first one's helper
+    covers it and lists the others in its ``tied`` attribute; the capture feeds the
+    statistics of all of them into that one helper's entry, and the weight is
+    preconditioned (and updated) once. The modules must agree on the helper type and
+    the shapes of the Kronecker blocks (two ``nn.Linear`` of the same shape, say);
+    a weight shared by modules of different kinds (an ``nn.Embedding`` tied to an
+    ``nn.Linear`` output layer) is left to the base update, with the reason listed.
 
     Returns:
         ``(helpers, reasons)``: the helpers in module order, and one human-readable
         line per supported module that was left out and why.
     """
+    options = _check_layer_options(layer_options)
     patterns = _compile_skip(skip_layers)
     names = [name for name, _ in model.named_modules()]
     for pattern in patterns:
@@ -87,8 +116,11 @@ def find_layers(
             )
     helpers: list[LayerHelper] = []
     left_out: list[str] = []
-    seen_weights: set[int] = set()
-    for name, module in model.named_modules():
+    by_weight: dict[int, LayerHelper] = {}
+    mixed: set[int] = set()  # ids of weights tied across incompatible helpers
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(h.module is module for h in helpers):
+            continue  # the same module registered under two names
         helper_cls = helper_class_for(module)
         if helper_cls is None:
             continue
@@ -103,18 +135,41 @@ def find_layers(
             left_out.append(f"{name}: weight.requires_grad is False")
         elif trainable is not None and weight not in trainable:
             left_out.append(f"{name}: weight is not in the optimizer's parameters")
-        elif id(weight) in seen_weights:
-            left_out.append(f"{name}: weight shared with another layer (not supported yet)")
         else:
-            seen_weights.add(id(weight))
             bias = getattr(module, "bias", None)
             include_bias = (
                 isinstance(bias, nn.Parameter)
                 and bias.requires_grad
                 and (trainable is None or bias in trainable)
             )
-            helpers.append(helper_cls(module, name, include_bias=include_bias))
+            kwargs = {k: v for k, v in options.items() if k in helper_cls.options}
+            helper = helper_cls(module, name, include_bias=include_bias, **kwargs)
+            primary = by_weight.get(id(weight))
+            if primary is None:
+                by_weight[id(weight)] = helper
+                helpers.append(helper)
+            elif _tie_compatible(primary, helper):
+                primary.tied.append(helper)
+            else:
+                mixed.add(id(weight))
+                left_out.append(
+                    f"{name}: weight shared with {primary.name!r} by a module of another "
+                    f"kind or shape ({type(module).__name__} vs {type(primary.module).__name__})"
+                )
+    for weight_id in mixed:
+        primary = by_weight[weight_id]
+        helpers.remove(primary)
+        left_out.append(f"{primary.name}: weight tied to a module of another kind (see below)")
+        left_out.extend(f"{h.name}: tied to {primary.name!r}" for h in primary.tied)
     return helpers, left_out
+
+
+def _tie_compatible(a: LayerHelper, b: LayerHelper) -> bool:
+    """Whether two helpers of one shared weight can pool their statistics."""
+    if type(a) is not type(b) or a.kind != "kronecker":
+        return False
+    same_bias = (a.bias is None) == (b.bias is None) and (a.bias is None or a.bias is b.bias)
+    return same_bias and (a.groups, a.a_dim, a.g_dim) == (b.groups, b.a_dim, b.g_dim)
 
 
 class ModelCapture:
@@ -134,18 +189,31 @@ class ModelCapture:
         accumulate: Accumulate,
         *,
         record_in_eval: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         self.layers = list(layers)
         self.accumulate = accumulate
         self.record_in_eval = record_in_eval
         #: switched by the optimizer: record only passes that feed a curvature update
         self.recording = True
+        #: decides, when an output gradient arrives, whether it is recorded (None: all);
+        #: the Monte-Carlo Fisher uses it to keep only the sampled-label backward
+        self.accept: Callable[[], bool] | None = None
         self._acc: dict[str, Any] = {}
+        self._pass = 0  # forward passes of the model seen so far
+        self._examples: dict[str, dict[int, int]] = {}
         self._handles = [
-            layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self.layers
+            member.module.register_forward_hook(self._forward_hook(layer, member))
+            for layer in self.layers
+            for member in (layer, *layer.tied)
         ]
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._count_pass))
 
-    def _forward_hook(self, layer: LayerHelper) -> Callable:
+    def _count_pass(self, module: nn.Module, args: tuple) -> None:
+        self._pass += 1
+
+    def _forward_hook(self, layer: LayerHelper, member: LayerHelper) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not (self.recording and torch.is_grad_enabled()):
                 return
@@ -154,23 +222,40 @@ class ModelCapture:
             if not (isinstance(output, Tensor) and output.requires_grad) or not args:
                 return
             inputs = args[0].detach()
+            # one model forward pass is one set of examples, however many times (or
+            # through however many tied modules) the layer ran in it
+            pass_id = self._pass if self._pass else id(output)
 
             def on_grad(grad_output: Tensor) -> None:
+                if self.accept is not None and not self.accept():
+                    return
                 acc = self._acc.get(layer.name)
-                self._acc[layer.name] = self.accumulate(layer, inputs, grad_output.detach(), acc)
+                self._acc[layer.name] = self.accumulate(member, inputs, grad_output.detach(), acc)
+                seen = self._examples.setdefault(layer.name, {})
+                seen[pass_id] = max(seen.get(pass_id, 0), member.batch_size(inputs))
 
             output.register_hook(on_grad)
 
         return hook
 
     def collect(self) -> dict[str, Any]:
-        """The statistics accumulated since the last call (by layer name), then reset."""
+        """The statistics accumulated since the last call (by layer name), then reset.
+
+        Statistics objects with an ``examples`` attribute get it set to the number of
+        examples they saw: the sum over model forward passes of the batch size (a layer
+        run twice in one forward, or tied modules, count the batch once).
+        """
         acc, self._acc = self._acc, {}
+        examples, self._examples = self._examples, {}
+        for name, stat in acc.items():
+            if hasattr(stat, "examples") and name in examples:
+                stat.examples = sum(examples[name].values())
         return acc
 
     def discard(self) -> None:
         """Drop whatever was accumulated (a skipped step)."""
         self._acc = {}
+        self._examples = {}
 
     def remove(self) -> None:
         """Detach every hook from the model."""

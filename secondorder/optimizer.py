@@ -225,6 +225,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip (float, optional): KL clipping constant κ; None disables (default: None).
         skip_layers (iterable of str or re.Pattern, optional): module names or regexes
             (full match) of layers to leave to the base update (default: None).
+        layer_options (dict, optional): options for the layer helpers, e.g.
+            ``{"linear_sequence": "reduce"}``; see the README's layer table (default: None).
         record_in_eval (bool, optional): also record statistics from modules in eval
             mode (default: False: eval forward passes record nothing).
         nonfinite (str, optional): what a step with a NaN/Inf gradient does:
@@ -267,6 +269,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_every: Interval = 1,
         kl_clip: float | None = None,
         skip_layers: Iterable[SkipPattern] | None = None,
+        layer_options: Mapping[str, Any] | None = None,
         record_in_eval: bool = False,
         nonfinite: str = "skip",
         precondition: bool = True,
@@ -307,12 +310,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers: list[LayerHelper] = []
         if module is not None:
             # Also run with curvature off, so that bad skip_layers patterns are reported.
-            layers, self.left_out_layers = find_layers(module, set(all_params), skip_layers)
+            layers, self.left_out_layers = find_layers(
+                module, set(all_params), skip_layers, layer_options
+            )
+        elif layer_options:
+            raise ValueError("layer_options needs a model (an nn.Module), not parameters")
         if precondition and estimator is not None:
             self.estimator = estimator(layers, all_params)
-            if not self.estimator.requires_capture and (skip_layers is not None or record_in_eval):
+            if not self.estimator.requires_capture and (
+                skip_layers is not None or record_in_eval or layer_options
+            ):
                 raise ValueError(
-                    f"skip_layers and record_in_eval apply to estimators that attach hooks; "
+                    f"skip_layers, layer_options and record_in_eval apply to estimators that "
+                    f"attach hooks; "
                     f"{name} preconditions all its parameters jointly: choose them with params="
                 )
             if self.estimator.requires_capture:
@@ -323,7 +333,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         + (f"; left out: {self.left_out_layers}" if self.left_out_layers else "")
                     )
                 self.capture = ModelCapture(
-                    layers, self.estimator.accumulate, record_in_eval=record_in_eval
+                    layers, self.estimator.accumulate, record_in_eval=record_in_eval, model=module
                 )
                 self.capture.recording = is_due("curvature_every", self.curvature_every, 0)
 

@@ -35,6 +35,11 @@ def helper_class_for(module: nn.Module) -> type[LayerHelper] | None:
     return None
 
 
+def registered_helpers() -> list[type[LayerHelper]]:
+    """The distinct helper classes in the registry."""
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
 def supported_types() -> list[str]:
     """Names of the module types that have a helper."""
     return sorted(t.__name__ for t in _REGISTRY)
@@ -46,5 +51,6 @@ __all__ = [
     "LinearHelper",
     "helper_class_for",
     "register_layer_helper",
+    "registered_helpers",
     "supported_types",
 ]

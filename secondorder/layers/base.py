@@ -13,13 +13,31 @@ Conventions shared by every helper (and relied on by every estimator):
   the gradient matrix.
 * Input rows ``a_rows`` and output-gradient rows ``g_rows`` have shape
   ``(groups, rows, dim)``; every position of every example (a token, a spatial
-  location) is one row.
+  location) is one row, rows of one example contiguous (example-major), so that
+  ``rows.view(groups, n, rows_per_example, dim)`` splits them by example.
+
+Two kinds of helper (:attr:`LayerHelper.kind`):
+
+* ``"kronecker"`` (Linear, convolutions, Embedding): the Fisher block is approximated
+  by ``A ⊗ G`` built from ``a_rows`` / ``g_rows``. A helper with ``a_diagonal = True``
+  (Embedding: one-hot inputs) has a diagonal ``A``; it provides :meth:`a_diag_sum`
+  (the row sum of ``ã²``, i.e. token counts) instead of ``a_rows``, and ``a_rows``
+  raises. Estimators represent its ``A`` by that diagonal, its eigenbasis by the
+  identity.
+* ``"blocks"`` (BatchNorm, LayerNorm): ``C`` small independent blocks of ``k``
+  parameters (a channel's scale and shift); the helper provides per-example
+  gradients ``(n, C, k)`` and the estimator keeps the exact empirical Fisher of each
+  block (``k x k``, or its diagonal).
+
+Helpers may accept keyword options (:attr:`LayerHelper.options` names them), passed
+by the optimizers as ``layer_options={"name": value}``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +53,18 @@ class LayerHelper(ABC):
             None means "if the module has a bias that requires grad" (default: None).
     """
 
+    #: ``"kronecker"`` or ``"blocks"`` (see the module docstring)
+    kind: ClassVar[str] = "kronecker"
+    #: Kronecker helpers whose ``A`` is diagonal provide :meth:`a_diag_sum`, not ``a_rows``
+    a_diagonal: ClassVar[bool] = False
+    #: keyword options this helper accepts (``layer_options`` of the optimizers)
+    options: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, module: nn.Module, name: str, *, include_bias: bool | None = None) -> None:
         self.module = module
         self.name = name
+        #: other modules sharing this weight (tied weights); set by ``find_layers``
+        self.tied: list[LayerHelper] = []
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter):
             raise TypeError(f"layer {name!r} has no weight parameter")
@@ -82,6 +109,14 @@ class LayerHelper(ABC):
     @abstractmethod
     def g_rows(self, grad_output: Tensor) -> Tensor:
         """Output-gradient rows ``(groups, rows, g_dim)``, in the order of :meth:`a_rows`."""
+
+    def a_diag_sum(self, inputs: Tensor) -> Tensor:
+        """For ``a_diagonal`` helpers: ``Σ_rows ã²`` per block, ``(groups, a_dim)``."""
+        raise NotImplementedError(f"{type(self).__name__} has a full A: use a_rows")
+
+    def rows_count(self, inputs: Tensor) -> int:
+        """Number of rows ``a_rows(inputs)`` (or ``a_diag_sum``) covers."""
+        return int(self.a_rows(inputs).shape[1])
 
     def batch_size(self, inputs: Tensor) -> int:
         """Number of examples in ``inputs`` (its leading dimension)."""
