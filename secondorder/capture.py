@@ -97,7 +97,9 @@ def find_layers(
     covers it and lists the others in its ``tied`` attribute; the capture feeds the
     statistics of all of them into that one helper's entry, and the weight is
     preconditioned (and updated) once. The modules must agree on the helper type and
-    the shapes of the Kronecker blocks (two ``nn.Linear`` of the same shape, say);
+    the shapes of the Kronecker blocks (two ``nn.Linear`` of the same shape, say); a
+    tied module with a bias of its own leaves that bias to the base update (its input
+    rows get a 0 in the tied bias column, so the statistics stay exact);
     a weight shared by modules of different kinds (an ``nn.Embedding`` tied to an
     ``nn.Linear`` output layer) is left to the base update, with the reason listed.
 
@@ -145,6 +147,11 @@ def find_layers(
             kwargs = {k: v for k, v in options.items() if k in helper_cls.options}
             helper = helper_cls(module, name, include_bias=include_bias, **kwargs)
             primary = by_weight.get(id(weight))
+            if primary is not None and primary.bias is not helper.bias:
+                # tied weight, separate biases: this module's bias is left to the base
+                # update and its rows carry 0 in the primary's bias column
+                helper = helper_cls(module, name, include_bias=False, **kwargs)
+                helper.zero_bias_column = primary.has_bias
             if primary is None:
                 by_weight[id(weight)] = helper
                 helpers.append(helper)
@@ -168,8 +175,7 @@ def _tie_compatible(a: LayerHelper, b: LayerHelper) -> bool:
     """Whether two helpers of one shared weight can pool their statistics."""
     if type(a) is not type(b) or a.kind != "kronecker":
         return False
-    same_bias = (a.bias is None) == (b.bias is None) and (a.bias is None or a.bias is b.bias)
-    return same_bias and (a.groups, a.a_dim, a.g_dim) == (b.groups, b.a_dim, b.g_dim)
+    return (a.groups, a.a_dim, a.g_dim) == (b.groups, b.a_dim, b.g_dim)
 
 
 class ModelCapture:

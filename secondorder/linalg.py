@@ -79,8 +79,12 @@ def pi_correction(a_factor: Tensor, g_factor: Tensor) -> Tensor:
     """The factored-Tikhonov split ``pi = sqrt((tr A / dim A) / (tr G / dim G))``.
 
     Computed per block (leading batch dimension kept); 1 where either trace is zero.
+    A factor with one dimension fewer than the other is its diagonal (Embedding's A).
     """
-    ta = a_factor.diagonal(dim1=-2, dim2=-1).mean(-1)
+    if a_factor.dim() < g_factor.dim():
+        ta = a_factor.mean(-1)
+    else:
+        ta = a_factor.diagonal(dim1=-2, dim2=-1).mean(-1)
     tg = g_factor.diagonal(dim1=-2, dim2=-1).mean(-1)
     ok = (ta > 0) & (tg > 0)
     ratio = torch.where(ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,18 +131,25 @@ def test_timm_resnet_with_inplace_activations_gets_every_layer():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", num_classes=10, pretrained=False)
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
-    opt = KFAC(model, curvature_every=1)
-    assert len(opt.estimator.layers) == n_layers == 21
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every parameter is covered: no warning
+        opt = KFAC(model, curvature_every=1)
+    assert opt.uncovered_parameters == []
+    kron = [layer for layer in opt.estimator.layers if layer.kind == "kronecker"]
+    norms = [layer for layer in opt.estimator.layers if layer.kind == "blocks"]
+    assert len(kron) == n_layers == 21 and len(norms) == n_norms == 20
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     _loss(model, x, y).backward()
     stats = opt.capture.collect()
     assert sorted(stats) == sorted(layer.name for layer in opt.estimator.layers)
-    for layer in opt.estimator.layers:
+    for layer in norms:
+        acc = stats[layer.name]
+        assert acc.examples == 2 and torch.isfinite(acc.fisher_sum).all()
+    stats = {layer.name: stats[layer.name] for layer in kron}
+    for layer in kron:
         acc = stats[layer.name]
         assert acc.rows > 0 and acc.examples == 2
         assert torch.isfinite(acc.a_sum).all() and torch.isfinite(acc.g_sum).all()
-    # timm zero-initialises the last BatchNorm of each residual block, so at
-    # initialisation no gradient flows into the convolutions of the residual branches;
-    # the stem, the shortcuts and the classifier do see one
     zero = sorted(n for n, acc in stats.items() if acc.g_sum.abs().sum() == 0)
     assert zero == [f"layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)]

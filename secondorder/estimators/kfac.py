@@ -105,6 +105,16 @@ class KroneckerStats:
 
 
 @dataclass
+class BlockStats:
+    """Sums accumulated for a ``"blocks"`` layer (normalisation): per-example gradient
+    outer products ``Σ_n d_n d_nᵀ`` per channel, ``(C, k, k)`` (``(C, k)`` squares in
+    diagonal mode)."""
+
+    fisher_sum: Tensor
+    examples: int = 0
+
+
+@dataclass
 class _LayerState:
     a_factor: Tensor | None = None
     g_factor: Tensor | None = None
@@ -134,35 +144,84 @@ class KFACEstimator(CurvatureEstimator):
 
     # ---- statistics ---------------------------------------------------------------------
     def accumulate(
-        self, layer: LayerHelper, inputs: Tensor, grad_output: Tensor, acc: KroneckerStats | None
-    ) -> KroneckerStats:
-        a = layer.a_rows(inputs)
+        self,
+        layer: LayerHelper,
+        inputs: Tensor,
+        grad_output: Tensor,
+        acc: KroneckerStats | BlockStats | None,
+    ) -> KroneckerStats | BlockStats:
+        dtype = self.config.factor_dtype
+        if layer.kind == "blocks":
+            return self._accumulate_blocks(layer, inputs, grad_output, acc)
         g = layer.g_rows(grad_output)
-        if acc is None:
-            dtype = self.config.factor_dtype
-            acc = KroneckerStats(
-                a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
-                g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
-            )
-            beta = 0.0  # the fresh buffers' contents are ignored
+        if layer.a_diagonal:
+            a_diag = layer.a_diag_sum(inputs).to(dtype)
+            rows = layer.rows_count(inputs)
+            if acc is None:
+                acc = KroneckerStats(
+                    a_sum=a_diag,
+                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+                )
+                beta = 0.0
+            else:
+                acc.a_sum.add_(a_diag)
+                beta = 1.0
         else:
-            beta = 1.0
-        symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
+            a = layer.a_rows(inputs)
+            rows = a.shape[1]
+            if acc is None:
+                acc = KroneckerStats(
+                    a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
+                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+                )
+                beta = 0.0  # the fresh buffers' contents are ignored
+            else:
+                beta = 1.0
+            symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
         symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
-        acc.rows += a.shape[1]
+        acc.rows += rows
         acc.examples += layer.batch_size(inputs)
         return acc
 
-    def update(self, stats: Mapping[str, KroneckerStats]) -> None:
-        fresh = {
-            name: (acc.a_sum / acc.rows, acc.g_sum * acc.examples)
-            for name, acc in stats.items()
-            if acc.rows > 0
-        }
+    def _accumulate_blocks(
+        self, layer: Any, inputs: Tensor, grad_output: Tensor, acc: BlockStats | None
+    ) -> BlockStats:
+        d = layer.per_example_grads(inputs, grad_output).to(self.config.factor_dtype)
+        if layer.block_mode == "full":
+            outer = torch.einsum("nci,ncj->cij", d, d)
+        else:
+            outer = d.square().sum(0)
+        if acc is None:
+            acc = BlockStats(fisher_sum=outer)
+        else:
+            acc.fisher_sum.add_(outer)
+        acc.examples += d.shape[0]
+        return acc
+
+    def _fresh_statistics(
+        self, stats: Mapping[str, KroneckerStats | BlockStats]
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """The new factors of each layer with statistics: ``(A, G)``, or ``(F, None)``
+        for a blocks layer (``F = n Σ_n d_n d_nᵀ``: the per-example gradients of a loss
+        that is a batch mean, rescaled by ``n``, averaged)."""
+        fresh: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for name, acc in stats.items():
+            if isinstance(acc, BlockStats):
+                if acc.examples > 0:
+                    fresh[name] = (acc.fisher_sum * acc.examples, None)
+            elif acc.rows > 0:
+                fresh[name] = (acc.a_sum / acc.rows, acc.g_sum * acc.examples)
+        return fresh
+
+    def update(self, stats: Mapping[str, KroneckerStats | BlockStats]) -> None:
+        fresh = self._fresh_statistics(stats)
         if not fresh:
             return
         finite = to_host(
-            [torch.isfinite(a).all() & torch.isfinite(g).all() for a, g in fresh.values()]
+            [
+                torch.isfinite(a).all() & (True if g is None else torch.isfinite(g).all())
+                for a, g in fresh.values()
+            ]
         )
         for (name, (a_new, g_new)), ok in zip(fresh.items(), finite, strict=True):
             if not ok:
@@ -176,7 +235,8 @@ class KFACEstimator(CurvatureEstimator):
                 # Out of place on purpose: `state.source` may still reference the old
                 # factors the current inverse came from.
                 state.a_factor = torch.lerp(a_new, state.a_factor, decay)
-                state.g_factor = torch.lerp(g_new, state.g_factor, decay)
+                if g_new is not None:
+                    state.g_factor = torch.lerp(g_new, state.g_factor, decay)
             state.updates += 1
 
     def factors(self, name: str) -> tuple[Tensor, Tensor] | None:
@@ -190,11 +250,21 @@ class KFACEstimator(CurvatureEstimator):
             if state.a_factor is not None:
                 self._compute_inverse(state, state.a_factor, state.g_factor, damping)
 
-    def _compute_inverse(self, state: _LayerState, a: Tensor, g: Tensor, damping: float) -> None:
+    def _compute_inverse(
+        self, state: _LayerState, a: Tensor, g: Tensor | None, damping: float
+    ) -> None:
+        """Fill ``state.inverse`` from factors ``a`` and ``g`` (``g`` None: a blocks layer
+        whose Fisher blocks are ``a``). A diagonal ``A`` (``a`` one dimension short of
+        ``g``) has the identity as eigenbasis: ``q_a`` is None."""
         cfg = self.config
         dtype = cfg.inverse_dtype
-        if cfg.inverse_method == "eigen":
-            d_a, q_a = symmetric_eigh(a, dtype)
+        if g is None:
+            state.inverse = self._block_inverse(a, damping)
+        elif cfg.inverse_method == "eigen":
+            if a.dim() < g.dim():
+                d_a, q_a = a.clamp_min(0).to(dtype), None
+            else:
+                d_a, q_a = symmetric_eigh(a, dtype)
             d_g, q_g = symmetric_eigh(g, dtype)
             state.inverse = {"d_a": d_a, "q_a": q_a, "d_g": d_g, "q_g": q_g}
             if cfg.damping_mode == "factored":
@@ -203,12 +273,26 @@ class KFACEstimator(CurvatureEstimator):
                 state.inverse["pi"] = a_damp.to(dtype)
         else:
             a_damp, g_damp = factored_damping(a, g, damping)
-            state.inverse = {
-                "a_inv": damped_inverse_cholesky(a, a_damp, dtype),
-                "g_inv": damped_inverse_cholesky(g, g_damp, dtype),
-            }
+            if a.dim() < g.dim():
+                a_inv = 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])
+                state.inverse = {"a_inv_diag": a_inv}
+            else:
+                state.inverse = {"a_inv": damped_inverse_cholesky(a, a_damp, dtype)}
+            state.inverse["g_inv"] = damped_inverse_cholesky(g, g_damp, dtype)
         state.source = (a, g)
         state.refresh_damping = float(damping)
+
+    def _block_inverse(self, fisher: Tensor, damping: float) -> dict[str, Tensor]:
+        """Blocks layers: eigendecomposition of each ``k x k`` block (current λ applied
+        at every step), or with ``inverse_method="cholesky"`` the damped inverse at
+        refresh time; in diagonal mode the diagonal itself."""
+        dtype = self.config.inverse_dtype
+        if fisher.dim() == 2:  # diagonal mode: (C, k)
+            return {"block_diag": fisher.to(dtype).clamp_min(0)}
+        if self.config.inverse_method == "eigen":
+            d, q = symmetric_eigh(fisher, dtype)
+            return {"block_d": d, "block_q": q}
+        return {"block_inv": damped_inverse_cholesky(fisher, damping, dtype)}
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
         out: dict[Tensor, Tensor] = {}
@@ -216,23 +300,46 @@ class KFACEstimator(CurvatureEstimator):
             inv = self._state[layer.name].inverse
             if not inv or layer.weight not in grads:
                 continue
+            if layer.kind == "blocks":
+                blocks = layer.grad_blocks(grads)
+                direction = self._apply_blocks(inv, blocks, damping).to(blocks.dtype)
+                out.update(layer.split_blocks(direction))
+                continue
             grad = layer.grad_matrix(grads)
             out.update(layer.split_matrix(self._apply(inv, grad, damping).to(grad.dtype)))
         return out
 
     def _apply(self, inv: dict[str, Tensor], grad: Tensor, damping: float) -> Tensor:
         grad = grad.to(self.config.inverse_dtype)
-        if "a_inv" in inv:
-            return inv["g_inv"] @ grad @ inv["a_inv"]
+        if "g_inv" in inv:
+            left = inv["g_inv"] @ grad
+            if "a_inv_diag" in inv:
+                return left * inv["a_inv_diag"][:, None, :]
+            return left @ inv["a_inv"]
         q_a, q_g = inv["q_a"], inv["q_g"]
-        v = q_g.transpose(-1, -2) @ grad @ q_a
+        v = q_g.transpose(-1, -2) @ grad
+        if q_a is not None:
+            v = v @ q_a
         if "pi" in inv:
             root = damping**0.5
             pi = inv["pi"][:, None]
             v = v / ((inv["d_g"] + root / pi)[:, :, None] * (inv["d_a"] + root * pi)[:, None, :])
         else:
             v = v / (inv["d_g"][:, :, None] * inv["d_a"][:, None, :] + damping)
-        return q_g @ v @ q_a.transpose(-1, -2)
+        v = q_g @ v
+        return v if q_a is None else v @ q_a.transpose(-1, -2)
+
+    def _apply_blocks(self, inv: dict[str, Tensor], blocks: Tensor, damping: float) -> Tensor:
+        """``(F_c + λI)⁻¹ d_c`` for every channel ``c`` of a blocks layer; ``blocks``
+        is ``(C, k)``."""
+        x = blocks.to(self.config.inverse_dtype)
+        if "block_diag" in inv:
+            return x / (inv["block_diag"] + damping)
+        if "block_inv" in inv:
+            return (inv["block_inv"] @ x.unsqueeze(-1)).squeeze(-1)
+        q = inv["block_q"]
+        v = (q.transpose(-1, -2) @ x.unsqueeze(-1)).squeeze(-1) / (inv["block_d"] + damping)
+        return (q @ v.unsqueeze(-1)).squeeze(-1)
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -264,23 +371,46 @@ class KFACEstimator(CurvatureEstimator):
         new_states = {}
         for name, entry in layers.items():
             layer = self._by_name[name]
-            a = self._checked(layer, entry["a_factor"], layer.a_dim)
-            g = self._checked(layer, entry["g_factor"], layer.g_dim)
+            a_shape, g_shape = self._factor_shapes(layer)
+            a = self._checked(layer, entry["a_factor"], a_shape)
+            g = self._checked(layer, entry["g_factor"], g_shape)
             st = _LayerState(a_factor=a, g_factor=g, updates=int(entry["updates"]))
             if "refresh_damping" in entry:
-                a_src = self._checked(layer, entry.get("source_a_factor", a), layer.a_dim)
-                g_src = self._checked(layer, entry.get("source_g_factor", g), layer.g_dim)
+                a_src = self._checked(layer, entry.get("source_a_factor", a), a_shape)
+                g_src = self._checked(layer, entry.get("source_g_factor", g), g_shape)
                 self._compute_inverse(st, a_src, g_src, entry["refresh_damping"])
             new_states[name] = st
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
-    def _checked(self, layer: LayerHelper, factor: Tensor, dim: int) -> Tensor:
-        expected = (layer.groups, dim, dim)
-        if tuple(factor.shape) != expected:
+    @staticmethod
+    def _factor_shapes(layer: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers)."""
+        if layer.kind == "blocks":
+            c, k = layer.block_count, layer.block_size
+            return ((c, k, k) if layer.block_mode == "full" else (c, k)), None
+        a = (
+            (layer.groups, layer.a_dim)
+            if layer.a_diagonal
+            else (layer.groups,) + (layer.a_dim,) * 2
+        )
+        return a, (layer.groups, layer.g_dim, layer.g_dim)
+
+    def _checked(
+        self, layer: LayerHelper, factor: Tensor | None, expected: tuple[int, ...] | None
+    ) -> Tensor | None:
+        if expected is None or factor is None:
+            if (expected is None) != (factor is None):
+                raise ValueError(
+                    f"K-FAC state for layer {layer.name!r} does not match the layer's kind "
+                    "(Kronecker factors vs per-channel blocks); "
+                    "was it saved from a different model?"
+                )
+            return None
+        if tuple(factor.shape) != tuple(expected):
             raise ValueError(
                 f"K-FAC state for layer {layer.name!r} has a factor of shape "
-                f"{tuple(factor.shape)} where the layer needs {expected}; "
+                f"{tuple(factor.shape)} where the layer needs {tuple(expected)}; "
                 "was it saved from a different model?"
             )
         return factor.to(device=layer.weight.device, dtype=self.config.factor_dtype)
@@ -305,7 +435,8 @@ class KFAC(CurvatureOptimizer):
         model (nn.Module): the network (not ``model.parameters()``).
         lr (float, optional): learning rate (default: 1e-2).
         momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
-        damping (float or callable, optional): λ, or a function of the step (default: 1e-3).
+        damping (float or callable, optional): λ, or a function of the step, e.g.
+            :class:`~secondorder.DampingWarmup` (default: 1e-3).
         curvature_every (int or callable, optional): factor update interval (default: 10).
         inverse_every (int or callable, optional): inverse refresh interval (default: 100).
         factor_decay (float, optional): EMA decay of the factors (default: 0.95).
@@ -317,7 +448,10 @@ class KFAC(CurvatureOptimizer):
         **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
             (``params``, ``base``, ``betas``, ``eps``, ``dampening``, ``nesterov``,
             ``weight_decay``, ``decoupled_weight_decay``, ``skip_layers``,
-            ``record_in_eval``, ``nonfinite``, ``precondition``).
+            ``record_in_eval``, ``nonfinite``, ``precondition``), among them
+            ``fisher_type`` (``"empirical"`` or ``"mc"``), ``likelihood``
+            (``"categorical"``, ``"bernoulli"``, ``"gaussian"``) and
+            ``likelihood_sigma`` for the Monte-Carlo Fisher.
 
     Example::
 
@@ -325,6 +459,19 @@ class KFAC(CurvatureOptimizer):
         for x, y in loader:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    With ``fisher_type="mc"`` the ``G`` statistics come from labels sampled from the
+    model (an unbiased estimate of the true Fisher) instead of the true labels:
+    :meth:`~secondorder.CurvatureOptimizer.sample_fisher` back-propagates their loss,
+    for the statistics only, before the usual backward::
+
+        opt = KFAC(model, fisher_type="mc", likelihood="categorical")
+        for x, y in loader:
+            opt.zero_grad()
+            logits = model(x)
+            opt.sample_fisher(logits)  # samples labels, back-propagates for the statistics
+            F.cross_entropy(logits, y).backward()  # the gradient the update uses
             opt.step()
     """
 

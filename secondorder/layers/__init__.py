@@ -9,12 +9,23 @@ from __future__ import annotations
 from torch import nn
 
 from .base import LayerHelper
-from .conv import Conv2dHelper
+from .conv import Conv1dHelper, Conv2dHelper, Conv3dHelper
+from .embedding import EmbeddingHelper
 from .linear import LinearHelper
+from .norm import BatchNormHelper, GroupNormHelper, LayerNormHelper, NormHelper
 
 _REGISTRY: dict[type[nn.Module], type[LayerHelper]] = {
     nn.Linear: LinearHelper,
+    nn.Conv1d: Conv1dHelper,
     nn.Conv2d: Conv2dHelper,
+    nn.Conv3d: Conv3dHelper,
+    nn.Embedding: EmbeddingHelper,
+    nn.BatchNorm1d: BatchNormHelper,
+    nn.BatchNorm2d: BatchNormHelper,
+    nn.BatchNorm3d: BatchNormHelper,
+    nn.SyncBatchNorm: BatchNormHelper,
+    nn.LayerNorm: LayerNormHelper,
+    nn.GroupNorm: GroupNormHelper,
 }
 
 
@@ -46,9 +57,16 @@ def supported_types() -> list[str]:
 
 
 __all__ = [
+    "BatchNormHelper",
+    "Conv1dHelper",
     "Conv2dHelper",
+    "Conv3dHelper",
+    "EmbeddingHelper",
+    "GroupNormHelper",
     "LayerHelper",
+    "LayerNormHelper",
     "LinearHelper",
+    "NormHelper",
     "helper_class_for",
     "register_layer_helper",
     "registered_helpers",

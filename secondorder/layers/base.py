@@ -78,8 +78,14 @@ class LayerHelper(ABC):
     # ---- shape of the blocks -------------------------------------------------------
     @property
     def has_bias(self) -> bool:
-        """Whether the bias is folded in as the homogeneous last column."""
-        return self.bias is not None
+        """Whether the input rows have a last (homogeneous) column: the bias folded in,
+        or a zero column for a tied module whose own bias is not the tied one."""
+        return self.bias is not None or self.zero_bias_column
+
+    #: set by ``find_layers`` on a tied module whose weight's primary layer has a bias
+    #: that this module does not use: its rows get a 0 (not a 1) in the bias column, so
+    #: they add nothing to the bias statistics
+    zero_bias_column: bool = False
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -129,6 +135,8 @@ class LayerHelper(ABC):
         """Append the homogeneous column when the layer has a bias."""
         if not self.has_bias:
             return rows
+        if self.zero_bias_column:
+            return torch.cat([rows, rows.new_zeros((*rows.shape[:-1], 1))], dim=-1)
         ones = rows.new_ones((*rows.shape[:-1], 1))
         return torch.cat([rows, ones], dim=-1)
 

@@ -1,0 +1,193 @@
+"""Normalisation layers (BatchNorm, LayerNorm, GroupNorm): small per-channel blocks.
+
+The affine parameters of a normalisation layer act element-wise:
+``y = x̂ ⊙ γ + β``. The gradient of channel ``c`` is ``Σ_positions g ⊙ x̂`` for the
+scale and ``Σ_positions g`` for the shift, so the Fisher does not factor into
+Kronecker products; instead each channel's ``(γ_c, β_c)`` pair is one block of
+``k = 2`` parameters (``k = 1`` without a bias) whose exact empirical Fisher the
+estimators keep, in full (``k x k``) or as its diagonal (``layer_options
+{"norm_blocks": "diagonal"}``).
+
+Per-example gradients are the contribution of each example to the batch gradient
+(for BatchNorm in training mode the batch statistics couple the examples, and
+these contributions are what the gradient is a sum of).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LayerHelper
+
+_BLOCK_MODES = ("full", "diagonal")
+
+
+class NormHelper(LayerHelper):
+    """Base of the normalisation helpers (``kind = "blocks"``).
+
+    Provides what the estimators use for blocks: :attr:`block_count` (``C``, the
+    number of affine channels), :attr:`block_size` (``k``), :meth:`per_example_grads`
+    ``(n, C, k)``, :meth:`grad_blocks` and :meth:`split_blocks`.
+
+    Args:
+        norm_blocks (str, optional): ``"full"`` (each channel's ``k x k`` Fisher) or
+            ``"diagonal"`` (its diagonal) (default: ``"full"``).
+    """
+
+    kind = "blocks"
+    options: ClassVar[tuple[str, ...]] = ("norm_blocks",)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        include_bias: bool | None = None,
+        norm_blocks: str = "full",
+    ) -> None:
+        super().__init__(module, name, include_bias=include_bias)
+        if norm_blocks not in _BLOCK_MODES:
+            raise ValueError(f"norm_blocks must be one of {_BLOCK_MODES}, got {norm_blocks!r}")
+        self.block_mode = norm_blocks
+
+    # ---- blocks --------------------------------------------------------------------
+    @property
+    def block_count(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def block_size(self) -> int:
+        return 1 + int(self.has_bias)
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        """``x̂``: the input normalised as the forward pass did, without the affine map."""
+        raise NotImplementedError
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (shaped like the input) over everything but examples and channels:
+        ``(n, C)``."""
+        raise NotImplementedError
+
+    def per_example_grads(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        """Each example's contribution to the gradient, ``(n, C, k)`` (scale, shift)."""
+        x_hat = self.normalized(inputs)
+        g = grad_output.to(x_hat.dtype)
+        parts = [self._channel_sums(g * x_hat)]
+        if self.has_bias:
+            parts.append(self._channel_sums(g))
+        return torch.stack(parts, dim=-1)
+
+    def grad_blocks(self, grads: Mapping[Tensor, Tensor]) -> Tensor:
+        """The gradient as ``(C, k)``: scale, then shift (a missing bias grad is zero)."""
+        w = grads[self.weight].reshape(-1)
+        if self.bias is None:
+            return w.unsqueeze(-1)
+        b = grads.get(self.bias)
+        b = torch.zeros_like(w) if b is None else b.reshape(-1)
+        return torch.stack([w, b], dim=-1)
+
+    def split_blocks(self, blocks: Tensor) -> dict[nn.Parameter, Tensor]:
+        """Inverse of :meth:`grad_blocks`."""
+        out = {self.weight: blocks[:, 0].reshape(self.weight.shape)}
+        if self.bias is not None:
+            out[self.bias] = blocks[:, 1].reshape(self.bias.shape)
+        return out
+
+    # ---- the Kronecker interface does not apply ---------------------------------------
+    @property
+    def a_dim(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
+
+    @property
+    def g_dim(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
+
+    def a_rows(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
+
+    def g_rows(self, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
+
+    def weight_matrix_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, blocks={self.block_count}x{self.block_size}, "
+            f"mode={self.block_mode!r})"
+        )
+
+
+class BatchNormHelper(NormHelper):
+    """Helper for :class:`torch.nn.BatchNorm1d/2d/3d` with ``affine=True``.
+
+    ``x̂`` uses the batch statistics when the module normalised with them (training
+    mode, or no running statistics) and the running statistics otherwise, as the
+    forward pass did. Input ``(n, C, *spatial)`` (or ``(n, C)``); channels are blocks.
+    """
+
+    module: nn.modules.batchnorm._BatchNorm
+    unbatched_dims = 0  # BatchNorm always has a batch dimension
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        batch_stats = m.training or m.running_mean is None or m.running_var is None
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        return F.batch_norm(
+            x,
+            None if batch_stats else m.running_mean,
+            None if batch_stats else m.running_var,
+            training=batch_stats,
+            eps=m.eps,
+        )
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class LayerNormHelper(NormHelper):
+    """Helper for :class:`torch.nn.LayerNorm` with ``elementwise_affine=True``.
+
+    Every element of ``normalized_shape`` is a block; the leading input dimension is the
+    batch and the dimensions between it and ``normalized_shape`` (tokens) are summed
+    over. An input with no dimension beyond ``normalized_shape`` is one example.
+    """
+
+    module: nn.LayerNorm
+
+    @property
+    def unbatched_dims(self) -> int:  # type: ignore[override]
+        return len(self.module.normalized_shape)
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        k = len(self.module.normalized_shape)
+        if t.dim() == k:
+            t = t.unsqueeze(0)
+        n = t.shape[0]
+        return t.reshape(n, -1, self.block_count).sum(1)
+
+
+class GroupNormHelper(NormHelper):
+    """Helper for :class:`torch.nn.GroupNorm` with ``affine=True``: input
+    ``(n, C, *spatial)``, one block per channel."""
+
+    module: nn.GroupNorm
+    unbatched_dims = 0
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
