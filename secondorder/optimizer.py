@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ._host import to_host
 from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers
 from .estimators.base import CurvatureEstimator
+from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .layers import LayerHelper
 
 #: a hyperparameter given as a number or as a function of the step (0-based)
@@ -42,6 +43,7 @@ EstimatorFactory = Callable[[list[LayerHelper], list[nn.Parameter]], CurvatureEs
 
 _BASES = ("sgd", "adam")
 _NONFINITE = ("skip", "raise")
+_FISHER_TYPES = ("empirical", "mc")
 
 
 # ---- argument checking ---------------------------------------------------------------
@@ -233,6 +235,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ``"skip"`` leaves parameters, base state and curvature untouched and
             counts it in :attr:`skipped_steps`; ``"raise"`` raises
             ``FloatingPointError`` (default: ``"skip"``).
+        fisher_type (str, optional): where the layer statistics that need output
+            gradients come from: ``"empirical"``, the gradients of the loss the user
+            back-propagates; or ``"mc"``, a separate backward pass of a loss whose
+            labels are sampled from the model (:meth:`sample_fisher`, to be called on
+            the outputs before ``loss.backward()``). Only for estimators that record
+            statistics with hooks (default: ``"empirical"``).
+        likelihood (str, optional): the model's predictive distribution for
+            ``fisher_type="mc"``: ``"categorical"`` (softmax over the last dim of
+            logits), ``"bernoulli"`` (sigmoid of logits) or ``"gaussian"`` (outputs are
+            means); see :mod:`secondorder.fisher`. None: give it to
+            :meth:`sample_fisher` (default: None).
+        likelihood_sigma (float, optional): standard deviation σ of the ``"gaussian"``
+            likelihood (default: 1).
         precondition (bool, optional): False switches curvature off entirely: no hooks,
             no statistics, and the optimizer reproduces ``torch.optim.SGD`` / ``Adam`` /
             ``AdamW`` exactly (default: True).
@@ -241,6 +256,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         uncovered_parameters (list[str]): names of parameters trained by the base
             update on their raw gradient (no estimator covers them).
         skipped_steps (int): steps skipped because of non-finite gradients.
+
+    Example (Monte-Carlo Fisher)::
+
+        opt = KFAC(model, fisher_type="mc", likelihood="categorical")
+        for x, y in loader:
+            opt.zero_grad()
+            logits = model(x)
+            opt.sample_fisher(logits)  # sampled labels: curvature statistics only
+            F.cross_entropy(logits, y).backward()  # the gradient the update uses
+            opt.step()
     """
 
     #: whether the first argument must be an nn.Module (hooks need the layers)
@@ -272,6 +297,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layer_options: Mapping[str, Any] | None = None,
         record_in_eval: bool = False,
         nonfinite: str = "skip",
+        fisher_type: str = "empirical",
+        likelihood: str | None = None,
+        likelihood_sigma: float | None = None,
         precondition: bool = True,
     ) -> None:
         name = type(self).__name__
@@ -292,6 +320,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self._check_fisher_type(fisher_type, likelihood, likelihood_sigma)
+        self.fisher_type = fisher_type
+        self.likelihood = likelihood
+        self.likelihood_sigma = 1.0 if likelihood_sigma is None else float(likelihood_sigma)
         if not isinstance(precondition, bool):
             raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
 
@@ -302,6 +334,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.estimator: CurvatureEstimator | None = None
         self.capture: ModelCapture | None = None
         self.left_out_layers: list[str] = []
+        self._sampling_fisher = False  # inside sample_fisher's backward pass
+        self._fisher_sampled = False  # sample_fisher ran since the last step
 
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._names = self._param_names(module, all_params)
@@ -336,6 +370,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     layers, self.estimator.accumulate, record_in_eval=record_in_eval, model=module
                 )
                 self.capture.recording = is_due("curvature_every", self.curvature_every, 0)
+                if fisher_type == "mc":
+                    # only sample_fisher's pass feeds the statistics, not the user's backward
+                    self.capture.accept = self._accepting_sampled_gradients
+        if fisher_type == "mc" and not (
+            self.requires_model and (self.estimator is None or self.estimator.requires_capture)
+        ):
+            raise ValueError(
+                f"fisher_type='mc' needs an estimator that records layer statistics with "
+                f"hooks; {name} builds its curvature from the gradients themselves: use "
+                "fisher_type='empirical'"
+            )
 
         covered = set(self.estimator.params) if self.estimator is not None else set()
         self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
@@ -412,6 +457,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return defaults
 
     @staticmethod
+    def _check_fisher_type(
+        fisher_type: str, likelihood: str | None, likelihood_sigma: float | None
+    ) -> None:
+        if fisher_type not in _FISHER_TYPES:
+            raise ValueError(f"fisher_type must be one of {_FISHER_TYPES}, got {fisher_type!r}")
+        if fisher_type == "empirical" and (likelihood is not None or likelihood_sigma is not None):
+            raise ValueError(
+                "likelihood and likelihood_sigma apply to fisher_type='mc' (labels sampled "
+                "from the model); fisher_type='empirical' uses the gradients of your own loss"
+            )
+        if likelihood is not None:
+            check_likelihood(likelihood)
+        if likelihood_sigma is not None:
+            if likelihood != "gaussian":
+                raise ValueError(
+                    f"likelihood_sigma applies to likelihood='gaussian', got likelihood="
+                    f"{likelihood!r}"
+                )
+            check_number("likelihood_sigma", likelihood_sigma, low_open=True)
+
+    @staticmethod
     def _check_group(group: dict[str, Any], base: str) -> None:
         check_number("lr", group["lr"])
         check_number("weight_decay", group["weight_decay"])
@@ -467,6 +533,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                             f"{type(self).__name__} does not support sparse gradients"
                         )
                     grads[p] = p.grad
+        if self.fisher_type == "mc" and self.capture is not None:
+            self._check_fisher_sampled(grads)
         if not self._all_finite(grads):
             self._skip_step(grads)
             return loss
@@ -494,6 +562,101 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.capture is not None:
             self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)
         return loss
+
+    # ---- Monte-Carlo Fisher ---------------------------------------------------------------
+    def sample_fisher(
+        self,
+        outputs: Tensor,
+        likelihood: str | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        loss_scale: float = 1.0,
+    ) -> None:
+        """Back-propagate a loss of labels sampled from the model, for the curvature only.
+
+        With ``fisher_type="mc"``, call it on the model's outputs after the forward pass
+        and before ``loss.backward()``. When the coming step updates the curvature, it
+        samples labels from the predictive distribution the outputs parametrise,
+        computes their loss (:func:`secondorder.fisher.sampled_loss`: the per-example
+        negative log-likelihood averaged over the examples of the leading dimension)
+        and runs ``torch.autograd.grad`` on it, keeping the graph: the layer statistics
+        come from this pass alone, and ``.grad`` is left untouched, so the update uses
+        the gradient of the user's own loss. At other steps it returns at once (no
+        backward pass). Call it once per forward pass (see ``loss_scale`` for more).
+
+        Args:
+            outputs (Tensor): the model's outputs (logits or means, examples first).
+            likelihood (str, optional): overrides the constructor's ``likelihood``
+                for this call (default: None).
+            generator (torch.Generator, optional): random source of the labels
+                (default: None, PyTorch's global generator).
+            loss_scale (float, optional): factor on the sampled loss; the statistics
+                scale with its square. With gradient accumulation over ``k``
+                micro-batches pass ``1/k``, as you divide your own loss; ``s`` calls on
+                one forward pass with ``s ** -0.5`` average ``s`` samples (default: 1).
+
+        Raises:
+            ValueError: ``fisher_type`` is not ``"mc"``, there is no likelihood, or the
+                outputs carry no gradient history.
+            RuntimeError: called after ``loss.backward()`` freed the graph.
+        """
+        name = type(self).__name__
+        if self.fisher_type != "mc":
+            raise ValueError(
+                f"sample_fisher needs fisher_type='mc'; this {name} has fisher_type="
+                f"{self.fisher_type!r}, whose statistics come from the loss you "
+                f"back-propagate. To sample labels from the model, construct it with "
+                f"{name}(model, fisher_type='mc', likelihood=...)"
+            )
+        if likelihood is None:
+            likelihood = self.likelihood
+            if likelihood is None:
+                raise ValueError(
+                    f"sample_fisher: no likelihood; pass likelihood= (one of {LIKELIHOODS}) "
+                    f"here or to {name}(...)"
+                )
+        check_likelihood(likelihood)
+        loss_scale = check_number("loss_scale", loss_scale, low_open=True)
+        if not isinstance(outputs, Tensor) or not outputs.requires_grad:
+            raise ValueError(
+                "sample_fisher: outputs must be the model's outputs from a forward pass "
+                "with gradients enabled (they have no gradient history)"
+            )
+        if self.capture is None or not self.capture.recording:
+            return
+        params = [p for p in self.estimator.params if p.requires_grad]
+        if not params:
+            return
+        with torch.enable_grad():
+            loss = sampled_loss(outputs, likelihood, generator, sigma=self.likelihood_sigma)
+            if loss_scale != 1.0:
+                loss = loss * loss_scale
+        self._sampling_fisher = True
+        try:
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc):
+                raise RuntimeError(
+                    "sample_fisher(outputs) must be called before loss.backward(): the "
+                    "backward pass has freed the graph the sampled-label pass needs"
+                ) from exc
+            raise
+        finally:
+            self._sampling_fisher = False
+        self._fisher_sampled = True
+
+    def _accepting_sampled_gradients(self) -> bool:
+        return self._sampling_fisher
+
+    def _check_fisher_sampled(self, grads: Mapping[Tensor, Tensor]) -> None:
+        sampled, self._fisher_sampled = self._fisher_sampled, False
+        if grads and self.capture.recording and not sampled:
+            raise RuntimeError(
+                f"{type(self).__name__} (fisher_type='mc'): step {self._step} updates the "
+                "curvature, but no sampled-label pass was recorded: call "
+                "opt.sample_fisher(outputs) on the model's outputs before loss.backward() "
+                "(the empirical Fisher is not used as a fallback)"
+            )
 
     def _precondition(self, k: int, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         est = self.estimator
