@@ -1,0 +1,437 @@
+"""E-KFAC: eigenvalue-corrected K-FAC (George, Laurent, Bouthillier, Ballas & Vincent, 2018,
+"Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis").
+
+K-FAC preconditions a layer's gradient ``∇`` (shape ``(g_dim, a_dim)``, bias last) in the
+eigenbasis of its factors, ``A = Q_A diag(d_A) Q_Aᵀ`` and ``G = Q_G diag(d_G) Q_Gᵀ``, dividing
+each coordinate by ``d_G d_Aᵀ + λ``. E-KFAC keeps the basis and replaces the Kronecker
+product of eigenvalues by the second moment of the per-example gradients in that basis:
+
+.. math::
+    S = \\operatorname{mean}_n \\left(Q_G^\\top \\nabla_n Q_A\\right)^{\\odot 2}, \\qquad
+    V = Q_G \\left[\\frac{Q_G^\\top \\nabla Q_A}{S + \\lambda}\\right] Q_A^\\top
+
+(``S`` has the gradient's shape ``(groups, g_dim, a_dim)``; the square is element-wise). ``S``
+is the diagonal of the empirical Fisher block in the Kronecker eigenbasis, so E-KFAC is never
+worse than K-FAC in Frobenius norm (George et al., Lemma 1), and exact for a single datum.
+
+Per-example gradients, with the K-FAC conventions (:mod:`secondorder.estimators.kfac`): for a
+loss that is a mean over a batch of ``n`` examples, ``∇_n = n Σ_{rows of example n} g ãᵀ``
+(a sequence's tokens, a convolution's output positions, are rows of one example). The
+projection is applied to the rows before the per-example sum, ``Q_Gᵀ ∇_n Q_A =
+n Σ_rows (Q_Gᵀ g)(Q_Aᵀ ã)ᵀ``, so each statistic costs two small products per row and at most
+``n · g_dim · a_dim`` numbers at once (none at all with one row per example).
+
+Schedule (``k`` is the optimizer step, 0-based):
+
+* the K-FAC factors are EMA-updated at steps that are multiples of ``curvature_every``;
+* the eigenbasis is recomputed at multiples of ``inverse_every``, and ``S`` is then *reset* to
+  the K-FAC products ``d_G d_Aᵀ`` from the same factors: right after a refresh E-KFAC's
+  direction is K-FAC's;
+* at multiples of ``scale_every`` the per-example statistics of that step update ``S`` by an
+  EMA in the current basis. The reset counts as the first update in the new basis, and the
+  k-th statistics after it are mixed in with decay ``min(1 - 1/(k+1), scale_decay)`` (K-FAC's
+  ramp): until the cap, ``S`` is the plain mean of the reset and the statistics since.
+
+The estimator records only what its step uses (capture is the costly part): factor sums at
+factor steps; projected per-example squares at scale steps, except at refresh steps (the
+reset would overwrite them) and before the first basis exists. :class:`EKFAC` tells the
+capture hooks which passes to record (see its docstring).
+
+Layers: every ``kind == "kronecker"`` layer with a full ``A`` (Linear, Conv2d) gets E-KFAC.
+Kronecker layers with a diagonal ``A`` (``a_diagonal``: Embedding) and ``kind == "blocks"``
+layers (normalisation) are left to the plain :class:`KFACEstimator` code path: their
+statistics, inverses and directions are K-FAC's (they are recorded at factor steps only).
+
+Approximations: the per-example statistics of a layer run several times in one forward pass
+(or of tied weights) add the squares of each use's contribution, ignoring the cross terms
+between uses. With ``layer_options={"linear_sequence": "reduce"}`` a Linear layer's rows are
+already one per example (mean input, summed output gradient), and ``∇_n`` is built from
+them: exact when the positions share one output gradient, as the helper documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._host import to_host
+from ..kernels import symmetric_factor_update
+from ..layers import LayerHelper
+from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_interval, is_due
+from .kfac import KFACConfig, KFACEstimator, KroneckerStats
+
+#: which statistics a recorded pass must produce: ``(factors, scalings)``
+CapturePlan = Callable[[], tuple[bool, bool]]
+
+
+@dataclass(kw_only=True)
+class EKFACConfig(KFACConfig):
+    """Hyperparameters of the E-KFAC estimator (checked on construction).
+
+    Args:
+        scale_decay (float, optional): EMA decay of the scalings, in [0, 1); None means
+            ``factor_decay`` (default: None).
+        factor_decay, factor_dtype, inverse_dtype: as for :class:`KFACConfig`. The scalings
+            are kept in ``factor_dtype``; projections and directions use ``inverse_dtype``.
+        inverse_method, damping_mode: must stay ``"eigen"`` (E-KFAC lives in the eigenbasis).
+    """
+
+    scale_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inverse_method != "eigen" or self.damping_mode != "eigen":
+            raise ValueError(
+                "E-KFAC preconditions in the factors' eigenbasis: inverse_method and "
+                f"damping_mode must be 'eigen', got {self.inverse_method!r} and "
+                f"{self.damping_mode!r}"
+            )
+        if self.scale_decay is None:
+            self.scale_decay = self.factor_decay
+        decay = self.scale_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"scale_decay must be a number in [0, 1), got {decay!r}")
+
+
+@dataclass
+class EigenbasisStats:
+    """What the capture hooks accumulate for one E-KFAC layer between two steps."""
+
+    a_sum: Tensor | None = None  # Σ ã ãᵀ over rows (factor steps only)
+    g_sum: Tensor | None = None  # Σ g gᵀ over rows (factor steps only)
+    rows: int = 0
+    # Σ_n (Q_Gᵀ ∇̂_n Q_A)² with ∇̂_n = Σ_rows g ãᵀ (scale steps only), (groups, g_dim, a_dim)
+    scale_sum: Tensor | None = None
+    # the Q_A it was projected with: statistics from another basis are dropped
+    basis: Tensor | None = None
+    examples: int = 0  # set by the capture on collect
+
+
+@dataclass
+class _ScaleState:
+    scalings: Tensor  # (groups, g_dim, a_dim), factor_dtype
+    updates: int  # the reset counts as one
+
+
+class EKFACEstimator(KFACEstimator):
+    """K-FAC factors and eigenbases, with per-coordinate scalings from per-example gradients.
+
+    Args:
+        layers (Sequence[LayerHelper]): the covered layers.
+        config (EKFACConfig, optional): hyperparameters (default: ``EKFACConfig()``).
+        plan (callable, optional): ``() -> (factors, scalings)``: which statistics the passes
+            recorded now must produce; :class:`EKFAC` derives it from its step. None records
+            both whenever the capture records (default: None).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerHelper],
+        config: EKFACConfig | None = None,
+        plan: CapturePlan | None = None,
+    ) -> None:
+        config = config if config is not None else EKFACConfig()
+        if not isinstance(config, EKFACConfig):
+            raise TypeError(f"config must be an EKFACConfig, got {type(config).__name__}")
+        super().__init__(layers, config)
+        self.plan = plan
+        #: names of the layers E-KFAC covers; the others take the K-FAC path
+        self.eigen_layers = [
+            layer.name
+            for layer in self.layers
+            if layer.kind == "kronecker" and not layer.a_diagonal
+        ]
+        self._eigen = set(self.eigen_layers)
+        self._kfac_params = {
+            p for layer in self.layers if layer.name not in self._eigen for p in layer.params
+        }
+        # the capture hands tied modules' helpers to accumulate(): map them to their owner
+        self._owner = {id(m): layer.name for layer in self.layers for m in (layer, *layer.tied)}
+        self._scales: dict[str, _ScaleState] = {}
+
+    # ---- statistics ---------------------------------------------------------------------
+    @property
+    def has_scalings(self) -> bool:
+        """Whether some layer has an eigenbasis (and so scalings to update)."""
+        return bool(self._scales)
+
+    def accumulate(self, layer: LayerHelper, inputs: Tensor, grad_output: Tensor, acc: Any) -> Any:
+        record_factors, record_scales = (True, True) if self.plan is None else self.plan()
+        name = self._owner[id(layer)]
+        if name not in self._eigen:
+            return super().accumulate(layer, inputs, grad_output, acc) if record_factors else acc
+        basis = self._state[name].inverse if record_scales and name in self._scales else None
+        if not (record_factors or basis):
+            return acc
+        a = layer.a_rows(inputs)
+        g = layer.g_rows(grad_output)
+        acc = EigenbasisStats() if acc is None else acc
+        if record_factors:
+            dtype = self.config.factor_dtype
+            beta = 1.0
+            if acc.a_sum is None:
+                acc.a_sum = a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype)
+                acc.g_sum = g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype)
+                beta = 0.0  # the fresh buffers' contents are ignored
+            symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
+            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+            acc.rows += a.shape[1]
+        n = layer.batch_size(inputs)
+        if basis:
+            squares = self._projected_squares(a, g, basis, n).to(self.config.factor_dtype)
+            acc.scale_sum = squares if acc.scale_sum is None else acc.scale_sum.add_(squares)
+            acc.basis = basis["q_a"]
+        acc.examples += n  # the capture's collect() recounts it once per model forward
+        return acc
+
+    @staticmethod
+    def _projected_squares(a: Tensor, g: Tensor, basis: Mapping[str, Tensor], n: int) -> Tensor:
+        """``Σ_n (Q_Gᵀ ∇̂_n Q_A)²`` with ``∇̂_n = Σ_{rows of n} g ãᵀ``, ``(groups, g_dim, a_dim)``."""
+        q_a, q_g = basis["q_a"], basis["q_g"]
+        a_proj = a.to(q_a.dtype) @ q_a  # rows of (Q_Aᵀ ã)ᵀ
+        g_proj = g.to(q_g.dtype) @ q_g  # rows of (Q_Gᵀ g)ᵀ
+        per_example = a.shape[1] // n
+        if per_example == 1:
+            # One row per example: (Q_Gᵀ g)(Q_Aᵀ ã)ᵀ squared is (Q_Gᵀ g)² ((Q_Aᵀ ã)²)ᵀ.
+            return g_proj.square().transpose(-1, -2) @ a_proj.square()
+        groups = a.shape[0]
+        grads = torch.einsum(
+            "xnlg,xnla->xnga",
+            g_proj.reshape(groups, n, per_example, -1),
+            a_proj.reshape(groups, n, per_example, -1),
+        )
+        return grads.square_().sum(1)
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        kfac_stats: dict[str, KroneckerStats] = {}
+        fresh: dict[str, Tensor] = {}
+        for name, acc in stats.items():
+            if acc is None:
+                continue
+            if not isinstance(acc, EigenbasisStats):
+                kfac_stats[name] = acc  # a layer on the K-FAC path
+                continue
+            if acc.a_sum is not None and acc.rows > 0:
+                kfac_stats[name] = KroneckerStats(acc.a_sum, acc.g_sum, acc.rows, acc.examples)
+            state = self._state[name]
+            if acc.scale_sum is not None and acc.basis is state.inverse.get("q_a"):
+                # mean_n (n ·)² of the unscaled per-example sums: n Σ_n (...)²
+                fresh[name] = acc.scale_sum * acc.examples
+        super().update(kfac_stats)
+        if not fresh:
+            return
+        finite = to_host([torch.isfinite(s).all() for s in fresh.values()])
+        for (name, s_new), ok in zip(fresh.items(), finite, strict=True):
+            if not ok:
+                self.nonfinite_updates += 1
+                continue
+            scale = self._scales[name]
+            decay = min(1.0 - 1.0 / (scale.updates + 1), self.config.scale_decay)
+            scale.scalings = torch.lerp(s_new, scale.scalings, decay)
+            scale.updates += 1
+
+    def eigenbasis(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """``(Q_A, Q_G)`` of E-KFAC layer ``name``, ``(groups, a_dim, a_dim)`` and
+        ``(groups, g_dim, g_dim)`` (None before the first refresh)."""
+        if name not in self._scales:
+            return None
+        inv = self._state[name].inverse
+        return inv["q_a"], inv["q_g"]
+
+    def scalings(self, name: str) -> Tensor | None:
+        """The current scalings ``S`` of layer ``name``, ``(groups, g_dim, a_dim)`` (None
+        before the first refresh, and for layers on the K-FAC path)."""
+        scale = self._scales.get(name)
+        return None if scale is None else scale.scalings
+
+    # ---- eigenbasis ---------------------------------------------------------------------
+    def refresh(self, damping: float) -> None:
+        super().refresh(damping)
+        for name in self.eigen_layers:
+            inv = self._state[name].inverse
+            if inv:
+                self._scales[name] = _ScaleState(self._kfac_products(inv), updates=1)
+
+    def _kfac_products(self, inv: Mapping[str, Tensor]) -> Tensor:
+        products = inv["d_g"][:, :, None] * inv["d_a"][:, None, :]
+        return products.to(self.config.factor_dtype)
+
+    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        kfac_grads = {p: g for p, g in grads.items() if p in self._kfac_params}
+        out = super().precondition(kfac_grads, damping)
+        dtype = self.config.inverse_dtype
+        for name in self.eigen_layers:
+            layer = self._by_name[name]
+            scale = self._scales.get(name)
+            if scale is None or layer.weight not in grads:
+                continue
+            inv = self._state[name].inverse
+            q_a, q_g = inv["q_a"], inv["q_g"]
+            grad = layer.grad_matrix(grads)
+            v = q_g.transpose(-1, -2) @ grad.to(dtype) @ q_a
+            v = v / (scale.scalings.to(dtype) + damping)
+            out.update(layer.split_matrix((q_g @ v @ q_a.transpose(-1, -2)).to(grad.dtype)))
+        return out
+
+    # ---- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["scalings"] = {
+            name: {"scalings": scale.scalings, "updates": scale.updates}
+            for name, scale in self._scales.items()
+        }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("scalings", {})
+        unknown = sorted(set(saved) - self._eigen)
+        if unknown:
+            raise ValueError(
+                f"E-KFAC state has scalings for layers {unknown} that this model does not "
+                f"precondition with E-KFAC (its layers: {self.eigen_layers}); was it saved "
+                "from a different model?"
+            )
+        super().load_state_dict(state)  # recomputes the eigenbases from the saved sources
+        scales = {}
+        for name in self.eigen_layers:
+            inv = self._state[name].inverse
+            if not inv:
+                continue
+            if name not in saved:
+                scales[name] = _ScaleState(self._kfac_products(inv), updates=1)
+                continue
+            layer = self._by_name[name]
+            s = saved[name]["scalings"]
+            expected = (layer.groups, layer.g_dim, layer.a_dim)
+            if tuple(s.shape) != expected:
+                raise ValueError(
+                    f"E-KFAC state for layer {name!r} has scalings of shape {tuple(s.shape)} "
+                    f"where the layer needs {expected}; was it saved from a different model?"
+                )
+            s = s.to(device=layer.weight.device, dtype=self.config.factor_dtype)
+            scales[name] = _ScaleState(s, updates=int(saved[name]["updates"]))
+        self._scales = scales
+
+
+class EKFAC(CurvatureOptimizer):
+    r"""E-KFAC, eigenvalue-corrected K-FAC (George et al., 2018;
+    https://arxiv.org/abs/1806.03884).
+
+    For every ``nn.Linear`` and ``nn.Conv2d`` the gradient ``∇`` (bias as the last column)
+    is replaced by
+
+    .. math::
+        V = Q_G \left[\frac{Q_G^\top \nabla Q_A}{S + \lambda}\right] Q_A^\top, \qquad
+        S = \operatorname{EMA}\, \operatorname{mean}_n \left(Q_G^\top \nabla_n Q_A\right)^{\odot 2}
+
+    with ``Q_A``, ``Q_G`` the eigenvectors of the K-FAC factors and ``∇_n`` the per-example
+    gradients; ``S`` is reset to the K-FAC eigenvalue products ``d_G d_Aᵀ`` at every basis
+    refresh (see :mod:`secondorder.estimators.ekfac`). Then KL clipping and the base
+    update, as for :class:`~secondorder.KFAC`. Layers with a diagonal ``A`` (Embedding) and
+    normalisation layers get K-FAC's direction.
+
+    Three schedules, in steps: the factors are updated every ``curvature_every``, the
+    eigenbasis recomputed every ``inverse_every``, the scalings updated every
+    ``scale_every``. EKFAC records exactly the passes these need: the base class is given a
+    curvature interval that is due at the union of the factor and scale steps, and the
+    estimator is told which statistics each recorded pass must produce (no scale
+    statistics at refresh steps, where the reset discards them). ``curvature_every`` as
+    given is kept in :attr:`factor_every`.
+
+    Args:
+        model (nn.Module): the network (not ``model.parameters()``).
+        lr (float, optional): learning rate (default: 1e-2).
+        momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
+        damping (float or callable, optional): λ, or a function of the step (default: 1e-3).
+        curvature_every (int or callable, optional): factor update interval (default: 10).
+        inverse_every (int or callable, optional): eigenbasis refresh interval (default: 100).
+        scale_every (int or callable, optional): scaling update interval (default: 1).
+        factor_decay (float, optional): EMA decay of the factors (default: 0.95).
+        scale_decay (float, optional): EMA decay of the scalings; None means
+            ``factor_decay`` (default: None).
+        factor_dtype, inverse_dtype (torch.dtype, optional): float32 or float64
+            (default: float32).
+        kl_clip (float, optional): KL clipping κ, None to disable (default: 1e-2).
+        base (str, optional): ``"sgd"`` or ``"adam"`` (default: ``"sgd"``).
+        **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
+            (``params``, ``betas``, ``eps``, ``dampening``, ``nesterov``, ``weight_decay``,
+            ``decoupled_weight_decay``, ``skip_layers``, ``layer_options``,
+            ``record_in_eval``, ``nonfinite``, ``precondition``).
+
+    Example::
+
+        opt = EKFAC(model, lr=0.05, damping=1e-2, curvature_every=1, inverse_every=10)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        *,
+        momentum: float | None = None,
+        damping: Schedule = 1e-3,
+        curvature_every: Interval = 10,
+        inverse_every: Interval = 100,
+        scale_every: Interval = 1,
+        factor_decay: float = 0.95,
+        scale_decay: float | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+        inverse_dtype: torch.dtype = torch.float32,
+        kl_clip: float | None = 1e-2,
+        base: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
+        config = EKFACConfig(
+            factor_decay=factor_decay,
+            scale_decay=scale_decay,
+            factor_dtype=factor_dtype,
+            inverse_dtype=inverse_dtype,
+        )
+        #: the factor update interval (``curvature_every`` as given)
+        self.factor_every = check_interval("curvature_every", curvature_every)
+        #: the scaling update interval
+        self.scale_every = check_interval("scale_every", scale_every)
+        if momentum is None and base == "sgd":
+            momentum = 0.9
+        super().__init__(
+            model,
+            lambda layers, params: EKFACEstimator(layers, config, plan=self._current_plan),
+            lr=lr,
+            base=base,
+            momentum=momentum,
+            damping=damping,
+            curvature_every=self._record_interval,
+            inverse_every=inverse_every,
+            kl_clip=kl_clip,
+            **kwargs,
+        )
+
+    def _plan(self, step: int) -> tuple[bool, bool]:
+        """``(factors, scalings)`` due at ``step``. Scalings are not recorded at refresh
+        steps: the refresh resets them, so those statistics would never be used."""
+        factors = is_due("curvature_every", self.factor_every, step)
+        scalings = is_due("scale_every", self.scale_every, step) and not is_due(
+            "inverse_every", self.inverse_every, step
+        )
+        return factors, scalings
+
+    def _current_plan(self) -> tuple[bool, bool]:
+        # The capture records the passes of the step about to be taken.
+        return self._plan(self._step)
+
+    def _record_interval(self, step: int) -> int:
+        """The base class's ``curvature_every``: due (1) at steps where a recorded pass
+        contributes something, otherwise ``step + 1``, which does not divide ``step``.
+        Step 0 is always due, and always a factor step."""
+        factors, scalings = self._plan(step)
+        scalings = scalings and isinstance(self.estimator, EKFACEstimator)
+        scalings = scalings and self.estimator.has_scalings
+        return 1 if factors or scalings else step + 1
