@@ -6,6 +6,7 @@ forces the references everywhere.
 """
 
 from ._triton import HAS_TRITON
+from .adafisher import adafisher_update, adafisher_update_reference, adafisher_update_triton
 from .factor import (
     symmetric_factor_update,
     symmetric_factor_update_reference,
@@ -25,6 +26,9 @@ from .mfac import (
 
 __all__ = [
     "HAS_TRITON",
+    "adafisher_update",
+    "adafisher_update_reference",
+    "adafisher_update_triton",
     "mfac_coefficients",
     "mfac_coefficients_reference",
     "mfac_coefficients_triton",

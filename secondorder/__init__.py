@@ -6,26 +6,50 @@ Public names::
 """
 
 from .estimators import (
+    EKFAC,
     KFAC,
     MFAC,
+    AdaFisher,
+    AdaFisherConfig,
+    AdaFisherEstimator,
+    AdaFisherW,
+    AdaHessian,
     CurvatureEstimator,
+    EKFACConfig,
+    EKFACEstimator,
     KFACConfig,
     KFACEstimator,
     MFACConfig,
     MFACEstimator,
+    TwoLevelKFAC,
+    TwoLevelKFACConfig,
+    TwoLevelKFACEstimator,
 )
 from .optimizer import CurvatureOptimizer
+from .schedules import DampingWarmup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
     "KFAC",
     "MFAC",
+    "AdaFisher",
+    "AdaFisherConfig",
+    "AdaFisherEstimator",
+    "AdaFisherW",
+    "AdaHessian",
     "CurvatureEstimator",
     "CurvatureOptimizer",
+    "DampingWarmup",
+    "EKFACConfig",
+    "EKFACEstimator",
     "KFACConfig",
     "KFACEstimator",
     "MFACConfig",
     "MFACEstimator",
+    "TwoLevelKFAC",
+    "TwoLevelKFACConfig",
+    "TwoLevelKFACEstimator",
     "__version__",
 ]

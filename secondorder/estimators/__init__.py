@@ -1,15 +1,30 @@
 """Curvature estimators, one file per method."""
 
+from .adafisher import AdaFisher, AdaFisherConfig, AdaFisherEstimator, AdaFisherW
+from .adahessian import AdaHessian
 from .base import CurvatureEstimator
+from .ekfac import EKFAC, EKFACConfig, EKFACEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
 from .mfac import MFAC, MFACConfig, MFACEstimator
+from .twolevel import TwoLevelKFAC, TwoLevelKFACConfig, TwoLevelKFACEstimator
 
 __all__ = [
+    "EKFAC",
     "KFAC",
     "MFAC",
+    "AdaFisher",
+    "AdaFisherConfig",
+    "AdaFisherEstimator",
+    "AdaFisherW",
+    "AdaHessian",
     "CurvatureEstimator",
+    "EKFACConfig",
+    "EKFACEstimator",
     "KFACConfig",
     "KFACEstimator",
     "MFACConfig",
     "MFACEstimator",
+    "TwoLevelKFAC",
+    "TwoLevelKFACConfig",
+    "TwoLevelKFACEstimator",
 ]
