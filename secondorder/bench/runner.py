@@ -296,7 +296,8 @@ def train(
                 t0 = time.perf_counter()
                 optimizer.zero_grad()
                 loss = task.loss_fn(model(xb), yb)
-                loss.backward(create_graph=spec.create_graph)
+                # An optimizer that knows which steps need the gradient's graph says so.
+                loss.backward(create_graph=getattr(optimizer, "needs_hessian", spec.create_graph))
                 sync()
                 t1 = time.perf_counter()
                 optimizer.step()

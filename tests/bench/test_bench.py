@@ -114,7 +114,8 @@ def test_unknown_hyperparameter_fails_before_training() -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--opt", "sgd,nosuch"], "allowed: sgd, adam, kfac, mfac, adam-mfac"),
+        (["--opt", "sgd,nosuch"], "allowed: sgd, adam, kfac, ekfac, twolevel, mfac, adam-mfac"),
+        (["--opt", "nosuch"], "adafisher, adafisherw"),
         (["--task", "mnist"], "allowed: digits-mlp, digits-cnn"),
         (["--epochs", "0"], "positive integer"),
         (["--set", "sgd.lr"], "NAME.KEY=VALUE"),
@@ -166,8 +167,14 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     [
         ("digits-mlp", "kfac"),
         ("digits-cnn", "kfac"),
+        ("digits-mlp", "ekfac"),
+        ("digits-cnn", "ekfac"),
+        ("digits-mlp", "twolevel"),
+        ("digits-cnn", "twolevel"),
         ("digits-mlp", "mfac"),
         ("digits-cnn", "adam-mfac"),
+        ("digits-mlp", "adahessian"),
+        ("digits-cnn", "adahessian"),
     ],
 )
 def test_second_order_optimizers_run(task: str, opt: str) -> None:
@@ -177,3 +184,25 @@ def test_second_order_optimizers_run(task: str, opt: str) -> None:
     assert 0 < summary["final_train_loss"] < math.log(10)
     assert 0.3 < summary["test_accuracy"] <= 1.0
     assert summary["mean_step_ms"] > 0 and summary["state_mb"] > 0
+
+
+@pytest.mark.parametrize(
+    ("task", "opt"), [("digits-mlp", "adafisher"), ("digits-cnn", "adafisherw")]
+)
+def test_adafisher_runs_with_the_paper_defaults_and_learns_with_the_bench_setting(
+    task: str, opt: str
+) -> None:
+    # The paper's defaults (lr 1e-3, T_cov 100) run but move too slowly to learn digits in
+    # one epoch; the bench's lr 0.03 with the diagonals refreshed every step does.
+    paper = {"lr": 1e-3, "curvature_every": 100}
+    for overrides, learns in ((paper, False), ({}, True)):
+        results = run_bench(
+            [opt], task, epochs=1, isolate=False, quiet=True, overrides={opt: overrides}
+        )
+        summary = results["results"][opt]["summary"]
+        assert summary["error"] is None and not summary["diverged"]
+        assert 0 < summary["final_train_loss"] < math.log(10) + 0.1
+        assert summary["mean_step_ms"] > 0 and summary["state_mb"] > 0
+        if learns:
+            assert summary["final_train_loss"] < 1.5
+            assert 0.3 < summary["test_accuracy"] <= 1.0
