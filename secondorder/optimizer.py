@@ -191,6 +191,11 @@ def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float
 
 
 # ---- the optimizer ---------------------------------------------------------------------
+def _as_list(params: Any) -> list[Any]:
+    """A param group's ``params`` (a tensor or an iterable of them) as a list."""
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     r"""A ``torch.optim.Optimizer`` that preconditions gradients with a curvature estimator.
 
@@ -400,12 +405,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if isinstance(model, nn.Module):
             if params is None:
                 return model, [p for p in model.parameters() if p.requires_grad]
-            params = list(params)
+            # materialise generators (a group's "params" included) before checking them,
+            # or torch would receive an exhausted iterator
+            params = [
+                {**item, "params": _as_list(item["params"])} if isinstance(item, dict) else item
+                for item in params
+            ]
             owned = {id(p) for p in model.parameters()}
             for item in params:
                 group_params = item["params"] if isinstance(item, dict) else [item]
-                if isinstance(group_params, Tensor):
-                    group_params = [group_params]
                 for p in group_params:
                     if id(p) not in owned:
                         raise ValueError(

@@ -425,3 +425,16 @@ def test_construction_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="no curvature estimate") as record:
         KFAC(model)
     assert record[0].filename == __file__
+
+
+def test_param_group_given_as_a_generator_is_not_exhausted():
+    model = mlp([4, 3, 2])
+    opt = KFAC(
+        model,
+        params=[
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": (p for p in model[2].parameters())},
+        ],
+    )
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    assert opt.param_groups[0]["lr"] == 0.1
