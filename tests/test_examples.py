@@ -6,6 +6,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -29,3 +31,17 @@ def test_mfac_digits_example_smoke(capsys):
     assert "zeros in layer 0 0.50" in capsys.readouterr().out  # pruned weights stayed zero
     loss = example.main(["--smoke", "--base", "adam"])
     assert math.isfinite(loss) and loss < math.log(10)
+
+
+@pytest.mark.parametrize("flags", [[], ["--decoupled"]])
+def test_adafisher_loop_example_smoke(capsys, flags):
+    loss = _load("adafisher_loop").main(["--smoke", *flags])
+    assert math.isfinite(loss) and loss < 0.8 * math.log(10)
+    assert "epoch 1: train loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("every", ["1", "2"])
+def test_adahessian_loop_example_smoke(capsys, every):
+    loss = _load("adahessian_loop").main(["--smoke", "--hessian-every", every])
+    assert math.isfinite(loss) and loss < 0.8 * math.log(10)
+    assert "epoch 1: train loss" in capsys.readouterr().out
