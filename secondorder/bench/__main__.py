@@ -14,7 +14,7 @@ from . import run_bench
 from .optimizers import OPTIMIZERS, parse_override
 from .report import format_table
 from .runner import resolve_optimizers, resolve_task
-from .tasks import DEFAULT_TASK, TASKS
+from .tasks import DEFAULT_TASK, TASKS, set_data_dir
 
 
 def _as_type(check: Any) -> Any:
@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(TASKS)} (default: {DEFAULT_TASK}: {default_task.description})",
     )
     parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder with the real tasks' data (CIFAR-10/100 in torchvision's layout, "
+        "MNIST/raw, input.txt for char-gpt); never downloaded "
+        "(default: $SECONDORDER_DATA or ./data)",
+    )
+    parser.add_argument(
         "--epochs",
         type=_as_type(_positive_int),
         metavar="N",
@@ -166,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (1 if any optimizer's run failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.data is not None:
+        set_data_dir(args.data)
     overrides: dict[str, dict[str, Any]] = {}
     for name, key, value in args.overrides:
         overrides.setdefault(name, {})[key] = value

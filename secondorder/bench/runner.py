@@ -313,14 +313,14 @@ def train(
             train_time.append(train_time[-1] + sum(iter_s[(epoch - 1) * steps_per_epoch :]))
             epochs_done.append(epoch)
             record_epoch()
-            bar.set_postfix(loss=f"{train_loss[-1]:.4f}", acc=f"{test_metric[-1]:.3f}")
+            bar.set_postfix(loss=f"{train_loss[-1]:.4f}", **{metric: f"{test_metric[-1]:.3f}"})
             if diverged:
                 break
 
     summary = {
         "final_train_loss": train_loss[-1],
         metric: test_metric[-1],
-        "best_" + metric: max(test_metric),
+        "best_" + metric: (max if task.higher_is_better else min)(test_metric),
         "mean_step_ms": _mean_ms(step_s),
         "mean_iter_ms": _mean_ms(iter_s),
         "median_step_ms": _median_ms(step_s),

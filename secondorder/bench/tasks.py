@@ -4,21 +4,39 @@ A task is registered once in :data:`TASKS` under the name the CLI accepts. Every
 needs to train and score a model comes from the :class:`Task`; the runner never looks inside the
 model or the data beyond ``model(x)`` and ``task.loss_fn(logits, y)``.
 
-Both tasks here use scikit-learn's digits (1797 8x8 grey images, 10 classes), which ships inside
-the installed package, so the bench runs offline.
+The digits tasks use scikit-learn's digits (1797 8x8 grey images, 10 classes), which ships
+inside the installed package, and the toy tasks draw their data from a fixed seed, so these run
+offline with nothing to fetch. The CIFAR, MNIST and character tasks read their data from the data
+folder (:func:`data_dir`: :func:`set_data_dir`, else the ``SECONDORDER_DATA`` environment
+variable, else ``./data``), lazily, when the task runs; this package never downloads data.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "TaskData", "accuracy"]
+__all__ = [
+    "DATA_ENV",
+    "DEFAULT_TASK",
+    "TASKS",
+    "DataNotFoundError",
+    "Task",
+    "TaskData",
+    "accuracy",
+    "data_dir",
+    "set_data_dir",
+    "toy_teacher",
+]
 
 # The digits split is part of the benchmark's definition: a fixed seed and size, so that numbers
 # from different runs and machines are comparable.
@@ -60,6 +78,12 @@ class Task:
         metric_name: the key the metric is stored under in the results.
         epochs: default number of epochs for this task.
         batch_size: default mini-batch size for this task.
+        higher_is_better: the metric's direction (False for errors and losses, e.g. an MSE); the
+            "best" value of a run is the max when True, the min when False.
+        likelihood: the model's predictive distribution, for optimizers that sample from it
+            (Monte-Carlo Fisher, see :mod:`secondorder.fisher`): ``"categorical"`` (logits,
+            cross-entropy), ``"bernoulli"`` (logits, binary cross-entropy) or ``"gaussian"``
+            (means, squared error).
     """
 
     name: str
@@ -71,6 +95,8 @@ class Task:
     metric_name: str = "test_accuracy"
     epochs: int = 20
     batch_size: int = 64
+    higher_is_better: bool = True
+    likelihood: str = "categorical"
 
     def build_model(self, seed: int) -> nn.Module:
         """Build the model with weights drawn from ``seed``; the global RNG is left untouched.
@@ -140,6 +166,281 @@ def _digits_cnn() -> nn.Module:
     )
 
 
+# --- the data folder ------------------------------------------------------------------------------
+
+DATA_ENV = "SECONDORDER_DATA"
+"""Environment variable naming the data folder (inherited by the runner's spawned children)."""
+
+_DEFAULT_DATA_DIR = "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A task's data is not in the data folder; the message names the expected path."""
+
+
+def set_data_dir(path: str | os.PathLike[str] | None) -> None:
+    """Use ``path`` as the data folder of the tasks that read files (None: back to the default).
+
+    Stored in the ``SECONDORDER_DATA`` environment variable, so runs in ``spawn`` subprocesses
+    (the runner's isolated runs) see it too.
+    """
+    if path is None:
+        os.environ.pop(DATA_ENV, None)
+    else:
+        os.environ[DATA_ENV] = str(Path(path).expanduser().resolve())
+
+
+def data_dir() -> Path:
+    """The data folder: ``$SECONDORDER_DATA`` (set by :func:`set_data_dir`), else ``./data``."""
+    return Path(os.environ.get(DATA_ENV) or _DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+def _missing(task: str, what: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"{task} needs {what}; this package never downloads data "
+        f"(set the data folder with --data or ${DATA_ENV})"
+    )
+
+
+# --- losses and metrics ---------------------------------------------------------------------------
+
+
+def _bce_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of sigmoid outputs (given as logits), mean over every element."""
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def _sigmoid_mse(logits: Tensor, targets: Tensor) -> float:
+    """Mean squared error of the sigmoid outputs, per element (lower is better)."""
+    return F.mse_loss(torch.sigmoid(logits), targets).item()
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> float:
+    """Mean squared error, per element (lower is better)."""
+    return F.mse_loss(outputs, targets).item()
+
+
+def _seq_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of ``(n, t, vocab)`` logits against ``(n, t)`` targets, mean per token."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _seq_nll(logits: Tensor, targets: Tensor) -> float:
+    """Test loss of a character model: nats per character (lower is better)."""
+    return _seq_cross_entropy(logits, targets).item()
+
+
+# --- digits autoencoder ---------------------------------------------------------------------------
+
+
+def _digits_ae_data() -> TaskData:
+    x_tr, _, x_te, _ = _digits_arrays()
+    return TaskData(x_tr, x_tr, x_te, x_te)
+
+
+def _digits_ae() -> nn.Module:
+    from .models import autoencoder
+
+    return autoencoder([64, 32, 16, 8, 16, 32, 64], nn.Tanh)
+
+
+# --- toy tasks with planted targets ---------------------------------------------------------------
+
+_TOY_SEED = 2024
+_TOY_DIM = 20
+_TOY_TRAIN, _TOY_TEST = 2000, 500
+_TOY_CLASSES = 5
+_TOY_TEACHER_HIDDEN = 32
+
+
+@functools.cache
+def _toy_inputs() -> Tensor:
+    g = torch.Generator().manual_seed(_TOY_SEED)
+    return torch.randn(_TOY_TRAIN + _TOY_TEST, _TOY_DIM, generator=g)
+
+
+def toy_teacher(kind: str) -> nn.Module:
+    """The frozen random teacher MLP that defines the targets of ``toy-<kind>``.
+
+    ``20 - 32 (tanh) - out``, weights drawn from a fixed generator (N(0, 4/fan_in) in the first
+    layer, N(0, 1/fan_in) in the second), the output layer then shifted (and for regression
+    scaled) so that over the toy inputs the outputs have mean 0 (and standard deviation 1):
+    regression targets are its output, classification labels the arg-max of its 5 logits.
+    """
+    if kind not in ("regression", "classification"):
+        raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
+    out = 1 if kind == "regression" else _TOY_CLASSES
+    g = torch.Generator().manual_seed(_TOY_SEED + (1 if kind == "regression" else 2))
+    teacher = nn.Sequential(
+        nn.Linear(_TOY_DIM, _TOY_TEACHER_HIDDEN), nn.Tanh(), nn.Linear(_TOY_TEACHER_HIDDEN, out)
+    )
+    with torch.no_grad():
+        for lin, gain in ((teacher[0], 2.0), (teacher[2], 1.0)):
+            std = gain / math.sqrt(lin.in_features)
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+        y = teacher(_toy_inputs())
+        teacher[2].bias.sub_(y.mean(dim=0))
+        if kind == "regression":
+            scale = 1.0 / y.std()
+            teacher[2].weight.mul_(scale)
+            teacher[2].bias.mul_(scale)
+    return teacher.requires_grad_(False)
+
+
+@functools.cache
+def _toy_data(kind: str) -> TaskData:
+    x = _toy_inputs()
+    with torch.no_grad():
+        y = toy_teacher(kind)(x)
+    y = y if kind == "regression" else y.argmax(dim=-1)
+    n = _TOY_TRAIN
+    return TaskData(x[:n], y[:n], x[n:], y[n:])
+
+
+def _toy_student(out: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(_TOY_DIM, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, out)
+    )
+
+
+# --- CIFAR (torchvision's on-disk layout, read directly) -----------------------------------------
+
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_CIFAR = {
+    # name: (folder, train files, test files, label key, what)
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        b"labels",
+        "CIFAR-10",
+    ),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels", "CIFAR-100"),
+}
+
+
+def _read_cifar(files: list[Path], label_key: bytes) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for file in files:
+        with open(file, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(batch[label_key], dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+@functools.cache
+def _cifar_cached(dataset: str, root: Path, task: str) -> TaskData:
+    folder, train, test, key, what = _CIFAR[dataset]
+    base = root / folder
+    paths = [base / name for name in (*train, *test)]
+    if not all(p.is_file() for p in paths):
+        raise _missing(task, f"{what} in {base} (torchvision layout)")
+    x_tr, y_tr = _read_cifar(paths[: len(train)], key)
+    x_te, y_te = _read_cifar(paths[len(train) :], key)
+    return TaskData(x_tr, y_tr, x_te, y_te)
+
+
+def _cifar_data(dataset: str, task: str) -> Callable[[], TaskData]:
+    """Loader of CIFAR-10/100 as ``uint8`` images ``(n, 3, 32, 32)`` and ``long`` labels.
+
+    Reads torchvision's files (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``;
+    ``cifar-100-python/train``, ``test``) with :mod:`pickle`, as ``torchvision.datasets.CIFAR10``
+    does, but without its MD5 check and its HWC round trip. Scaling, normalisation and the
+    training augmentation happen in the model's first module (:class:`~.models.CifarInput`).
+    """
+    return lambda: _cifar_cached(dataset, data_dir(), task)
+
+
+def _cifar_model(depth: int, num_classes: int, stats: tuple) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from .models import cifar_resnet, resnet18_cifar
+
+        if depth == 18:
+            return resnet18_cifar(num_classes, stats)
+        return cifar_resnet(depth, num_classes, stats)
+
+    return make
+
+
+# --- MNIST autoencoder ----------------------------------------------------------------------------
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@functools.cache
+def _mnist_cached(root: Path) -> TaskData:
+    raw = root / "MNIST" / "raw"
+    if not all((raw / name).is_file() for name in _MNIST_FILES):
+        raise _missing("mnist-ae", f"MNIST in {raw} (torchvision layout, uncompressed)")
+    from torchvision.datasets import MNIST
+
+    x_tr = MNIST(str(root), train=True, download=False).data.reshape(-1, 784).float() / 255
+    x_te = MNIST(str(root), train=False, download=False).data.reshape(-1, 784).float() / 255
+    return TaskData(x_tr, x_tr, x_te, x_te)
+
+
+def _mnist_ae_data() -> TaskData:
+    return _mnist_cached(data_dir())
+
+
+def _mnist_ae() -> nn.Module:
+    from .models import autoencoder
+
+    return autoencoder([784, 1000, 500, 250, 30, 250, 500, 1000, 784], nn.Sigmoid)
+
+
+# --- character GPT -------------------------------------------------------------------------------
+
+_CHAR_CONTEXT = 64
+_CHAR_TEST_FRACTION = 0.1
+
+
+@functools.cache
+def _char_corpus(root: Path) -> tuple[str, Tensor]:
+    path = root / "input.txt"
+    if not path.is_file():
+        raise _missing("char-gpt", f"a text file {path}")
+    text = path.read_text(encoding="utf-8")
+    vocab = "".join(sorted(set(text)))
+    if len(text) < 4 * (_CHAR_CONTEXT + 1):
+        raise ValueError(f"char-gpt: {path} is too short ({len(text)} characters)")
+    index = {c: i for i, c in enumerate(vocab)}
+    return vocab, torch.tensor([index[c] for c in text], dtype=torch.long)
+
+
+def _windows(ids: Tensor) -> tuple[Tensor, Tensor]:
+    n = (len(ids) - 1) // _CHAR_CONTEXT
+    x = ids[: n * _CHAR_CONTEXT].view(n, _CHAR_CONTEXT)
+    y = ids[1 : n * _CHAR_CONTEXT + 1].view(n, _CHAR_CONTEXT)
+    return x, y
+
+
+@functools.cache
+def _char_cached(root: Path) -> TaskData:
+    _, ids = _char_corpus(root)
+    split = int(len(ids) * (1 - _CHAR_TEST_FRACTION))
+    return TaskData(*_windows(ids[:split]), *_windows(ids[split:]))
+
+
+def _char_data() -> TaskData:
+    return _char_cached(data_dir())
+
+
+def _char_gpt() -> nn.Module:
+    from .models import CharGPT
+
+    vocab, _ = _char_corpus(data_dir())
+    return CharGPT(len(vocab), context=_CHAR_CONTEXT)
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -156,6 +457,113 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_digits_cnn,
             make_data=_digits_images,
+        ),
+        Task(
+            name="digits-ae",
+            description=(
+                "scikit-learn digits autoencoder 64-32-16-8-16-32-64 (tanh, linear code, sigmoid "
+                "output), binary cross-entropy; metric: test reconstruction MSE, lower is better"
+            ),
+            make_model=_digits_ae,
+            make_data=_digits_ae_data,
+            loss_fn=_bce_logits,
+            metric=_sigmoid_mse,
+            metric_name="test_mse",
+            higher_is_better=False,
+            likelihood="bernoulli",
+        ),
+        Task(
+            name="toy-regression",
+            description=(
+                "Gaussian inputs (d=20, 2000 train / 500 test), targets of a random teacher MLP "
+                "20-32-1; student MLP 20-64-64-1 (tanh), MSE; metric: test MSE, lower is better"
+            ),
+            make_model=functools.partial(_toy_student, 1),
+            make_data=functools.partial(_toy_data, "regression"),
+            loss_fn=F.mse_loss,
+            metric=_mse,
+            metric_name="test_mse",
+            higher_is_better=False,
+            likelihood="gaussian",
+        ),
+        Task(
+            name="toy-classification",
+            description=(
+                "Gaussian inputs (d=20, 2000 train / 500 test), labels = arg-max of a random "
+                "teacher MLP 20-32-5; student MLP 20-64-64-5 (tanh), cross-entropy"
+            ),
+            make_model=functools.partial(_toy_student, _TOY_CLASSES),
+            make_data=functools.partial(_toy_data, "classification"),
+        ),
+        Task(
+            name="cifar10-resnet18",
+            description=(
+                "CIFAR-10 (data folder), timm ResNet-18 with a 3x3 stem and no max-pool, "
+                "random crop + flip"
+            ),
+            make_model=_cifar_model(18, 10, _CIFAR10_STATS),
+            make_data=_cifar_data("cifar10", "cifar10-resnet18"),
+            epochs=50,
+            batch_size=128,
+        ),
+        Task(
+            name="cifar10-resnet20",
+            description="CIFAR-10 (data folder), ResNet-20 of He et al. 2016 (0.27M), crop + flip",
+            make_model=_cifar_model(20, 10, _CIFAR10_STATS),
+            make_data=_cifar_data("cifar10", "cifar10-resnet20"),
+            epochs=50,
+            batch_size=128,
+        ),
+        Task(
+            name="cifar10-resnet32",
+            description="CIFAR-10 (data folder), ResNet-32 of He et al. 2016 (0.46M), crop + flip",
+            make_model=_cifar_model(32, 10, _CIFAR10_STATS),
+            make_data=_cifar_data("cifar10", "cifar10-resnet32"),
+            epochs=50,
+            batch_size=128,
+        ),
+        Task(
+            name="cifar100-resnet18",
+            description=(
+                "CIFAR-100 (data folder, fine labels), timm ResNet-18 with a 3x3 stem and no "
+                "max-pool, random crop + flip"
+            ),
+            make_model=_cifar_model(18, 100, _CIFAR100_STATS),
+            make_data=_cifar_data("cifar100", "cifar100-resnet18"),
+            epochs=50,
+            batch_size=128,
+        ),
+        Task(
+            name="mnist-ae",
+            description=(
+                "MNIST (data folder) autoencoder 784-1000-500-250-30-250-500-1000-784 of Hinton & "
+                "Salakhutdinov (sigmoid, linear code), binary cross-entropy; metric: test "
+                "reconstruction MSE per pixel, lower is better"
+            ),
+            make_model=_mnist_ae,
+            make_data=_mnist_ae_data,
+            loss_fn=_bce_logits,
+            metric=_sigmoid_mse,
+            metric_name="test_mse",
+            epochs=20,
+            batch_size=256,
+            higher_is_better=False,
+            likelihood="bernoulli",
+        ),
+        Task(
+            name="char-gpt",
+            description=(
+                "character GPT on <data folder>/input.txt (last 10% = test): 2 pre-LN blocks, "
+                "width 128, 4 heads, context 64; metric: test loss in nats/char, lower is better"
+            ),
+            make_model=_char_gpt,
+            make_data=_char_data,
+            loss_fn=_seq_cross_entropy,
+            metric=_seq_nll,
+            metric_name="test_nll",
+            epochs=5,
+            batch_size=64,
+            higher_is_better=False,
         ),
     )
 }
