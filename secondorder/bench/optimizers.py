@@ -68,6 +68,10 @@ def _adam(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), **hparams)
 
 
+def _adamw(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), **hparams)
+
+
 def _kfac(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     # Imported here so that the first-order baselines run even where KFAC is unavailable.
     from secondorder import KFAC
@@ -125,6 +129,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             description="torch.optim.Adam",
             factory=_adam,
             defaults={"lr": 1e-3},
+        ),
+        OptimizerSpec(
+            name="adamw",
+            description="torch.optim.AdamW (decoupled weight decay)",
+            factory=_adamw,
+            defaults={"lr": 1e-3, "weight_decay": 1e-2},
         ),
         OptimizerSpec(
             name="kfac",

@@ -114,7 +114,10 @@ def test_unknown_hyperparameter_fails_before_training() -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--opt", "sgd,nosuch"], "allowed: sgd, adam, kfac, ekfac, twolevel, mfac, adam-mfac"),
+        (
+            ["--opt", "sgd,nosuch"],
+            "allowed: sgd, adam, adamw, kfac, ekfac, twolevel, mfac, adam-mfac",
+        ),
         (["--opt", "nosuch"], "adafisher, adafisherw"),
         (["--task", "mnist"], "allowed: digits-mlp, digits-cnn"),
         (["--epochs", "0"], "positive integer"),
@@ -206,3 +209,11 @@ def test_adafisher_runs_with_the_paper_defaults_and_learns_with_the_bench_settin
         if learns:
             assert summary["final_train_loss"] < 1.5
             assert 0.3 < summary["test_accuracy"] <= 1.0
+
+
+def test_adamw_baseline_runs_with_decoupled_decay() -> None:
+    results = run_bench(["adamw"], "digits-mlp", epochs=1, isolate=False, quiet=True)
+    summary = results["results"]["adamw"]["summary"]
+    assert summary["error"] is None and not summary["diverged"]
+    assert 0 < summary["final_train_loss"] < math.log(10)
+    assert results["results"]["adamw"]["hparams"]["weight_decay"] == 1e-2
