@@ -59,7 +59,6 @@ import torch
 from torch import Tensor, nn
 
 from .._host import to_host
-from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
 from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_interval, is_due
 from .kfac import KFACConfig, KFACEstimator, KroneckerStats
@@ -101,9 +100,7 @@ class EKFACConfig(KFACConfig):
 class EigenbasisStats:
     """What the capture hooks accumulate for one E-KFAC layer between two steps."""
 
-    a_sum: Tensor | None = None  # Σ ã ãᵀ over rows (factor steps only)
-    g_sum: Tensor | None = None  # Σ g gᵀ over rows (factor steps only)
-    rows: int = 0
+    kfac: KroneckerStats | None = None  # the K-FAC factor sums (factor steps only)
     # Σ_n (Q_Gᵀ ∇̂_n Q_A)² with ∇̂_n = Σ_rows g ãᵀ (scale steps only), (groups, g_dim, a_dim)
     scale_sum: Tensor | None = None
     # the Q_A it was projected with: statistics from another basis are dropped
@@ -171,15 +168,7 @@ class EKFACEstimator(KFACEstimator):
         g = layer.g_rows(grad_output)
         acc = EigenbasisStats() if acc is None else acc
         if record_factors:
-            dtype = self.config.factor_dtype
-            beta = 1.0
-            if acc.a_sum is None:
-                acc.a_sum = a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype)
-                acc.g_sum = g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype)
-                beta = 0.0  # the fresh buffers' contents are ignored
-            symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
-            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
-            acc.rows += a.shape[1]
+            acc.kfac = self._accumulate_rows(layer, a, g, acc.kfac)
         n = layer.batch_size(inputs)
         if basis:
             squares = self._projected_squares(a, g, basis, n).to(self.config.factor_dtype)
@@ -215,8 +204,9 @@ class EKFACEstimator(KFACEstimator):
             if not isinstance(acc, EigenbasisStats):
                 kfac_stats[name] = acc  # a layer on the K-FAC path
                 continue
-            if acc.a_sum is not None and acc.rows > 0:
-                kfac_stats[name] = KroneckerStats(acc.a_sum, acc.g_sum, acc.rows, acc.examples)
+            if acc.kfac is not None and acc.kfac.rows > 0:
+                acc.kfac.examples = acc.examples
+                kfac_stats[name] = acc.kfac
             state = self._state[name]
             if acc.scale_sum is not None and acc.basis is state.inverse.get("q_a"):
                 # mean_n (n ·)² of the unscaled per-example sums: n Σ_n (...)²

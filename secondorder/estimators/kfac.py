@@ -150,13 +150,12 @@ class KFACEstimator(CurvatureEstimator):
         grad_output: Tensor,
         acc: KroneckerStats | BlockStats | None,
     ) -> KroneckerStats | BlockStats:
-        dtype = self.config.factor_dtype
         if layer.kind == "blocks":
             return self._accumulate_blocks(layer, inputs, grad_output, acc)
         g = layer.g_rows(grad_output)
         if layer.a_diagonal:
+            dtype = self.config.factor_dtype
             a_diag = layer.a_diag_sum(inputs).to(dtype)
-            rows = layer.rows_count(inputs)
             if acc is None:
                 acc = KroneckerStats(
                     a_sum=a_diag,
@@ -166,21 +165,32 @@ class KFACEstimator(CurvatureEstimator):
             else:
                 acc.a_sum.add_(a_diag)
                 beta = 1.0
+            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+            acc.rows += layer.rows_count(inputs)
         else:
-            a = layer.a_rows(inputs)
-            rows = a.shape[1]
-            if acc is None:
-                acc = KroneckerStats(
-                    a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
-                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
-                )
-                beta = 0.0  # the fresh buffers' contents are ignored
-            else:
-                beta = 1.0
-            symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
-        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
-        acc.rows += rows
+            acc = self._accumulate_rows(layer, layer.a_rows(inputs), g, acc)
         acc.examples += layer.batch_size(inputs)
+        return acc
+
+    def _accumulate_rows(
+        self, layer: LayerHelper, a: Tensor, g: Tensor, acc: KroneckerStats | None
+    ) -> KroneckerStats:
+        """Fold rows already built (``a_rows`` / ``g_rows`` of a layer with a full ``A``)
+        into ``acc`` (a new one when None): ``Σ ã ãᵀ``, ``Σ g gᵀ`` and the row count, not
+        the examples. Subclasses that need the rows for statistics of their own build
+        them once and call this for the factors."""
+        if acc is None:
+            dtype = self.config.factor_dtype
+            acc = KroneckerStats(
+                a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
+                g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+            )
+            beta = 0.0  # the fresh buffers' contents are ignored
+        else:
+            beta = 1.0
+        symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
+        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+        acc.rows += a.shape[1]
         return acc
 
     def _accumulate_blocks(

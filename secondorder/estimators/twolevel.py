@@ -227,23 +227,6 @@ def _pool(sums: Tensor, grid: tuple[int, ...], target: tuple[int, ...], mode: st
     return x.reshape(n, groups, -1)
 
 
-class _KnownRows:
-    """``layer`` whose ``a_rows`` / ``g_rows`` return rows already built, so that K-FAC's
-    ``accumulate`` and the row sums share one im2col; everything else is ``layer``'s."""
-
-    def __init__(self, layer: LayerHelper, a_rows: Tensor, g_rows: Tensor) -> None:
-        self._layer, self._a_rows, self._g_rows = layer, a_rows, g_rows
-
-    def a_rows(self, inputs: Tensor) -> Tensor:
-        return self._a_rows
-
-    def g_rows(self, grad_output: Tensor) -> Tensor:
-        return self._g_rows
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._layer, name)
-
-
 class TwoLevelKFACEstimator(KFACEstimator):
     """K-FAC plus the two-level coarse-space correction (see the module docstring).
 
@@ -291,14 +274,14 @@ class TwoLevelKFACEstimator(KFACEstimator):
             return super().accumulate(layer, inputs, grad_output, acc)
         if acc is None:
             acc = TwoLevelStats()
+        # one im2col for both the K-FAC factors and the row sums
         a_rows, g_rows = layer.a_rows(inputs), layer.g_rows(grad_output)
-        acc.kfac = super().accumulate(
-            _KnownRows(layer, a_rows, g_rows), inputs, grad_output, acc.kfac
-        )
+        n = layer.batch_size(inputs)
+        acc.kfac = self._accumulate_rows(layer, a_rows, g_rows, acc.kfac)
+        acc.kfac.examples += n
         dtype = self.config.factor_dtype
         a = torch.sum(a_rows, dim=-1, dtype=dtype)  # (groups, rows)
         g = torch.sum(g_rows, dim=-1, dtype=dtype)
-        n = layer.batch_size(inputs)
         rows = a.shape[1]
         if n == 0 or rows % n:
             return acc  # cannot split rows by example: no coarse statistics from this pass

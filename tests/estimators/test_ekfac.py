@@ -245,7 +245,7 @@ def test_each_step_records_only_the_statistics_it_uses():
     def spy(layer, inputs, grad_output, acc):
         acc = accumulate(layer, inputs, grad_output, acc)
         seen.setdefault(opt.steps, set()).update(
-            {"factors"} if acc.a_sum is not None else set(),
+            {"factors"} if acc.kfac is not None else set(),
             {"scalings"} if acc.scale_sum is not None else set(),
         )
         return acc
