@@ -127,3 +127,22 @@ def digits_data(n_train: int = 1200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def train_digits(make_opt, epochs: int = 4, seed: int = 0) -> float:
+    """Train ``mlp([64, 64, 10])`` on digits (batch 64, seeded init and batch order) with
+    ``make_opt(model)``; returns the final full train loss."""
+    x_train, y_train, _, _ = digits_data()
+    torch.manual_seed(seed)
+    model = mlp([64, 64, 10])
+    opt = make_opt(model)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(x_train), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        return F.cross_entropy(model(x_train), y_train).item()

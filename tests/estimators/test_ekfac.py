@@ -15,7 +15,13 @@ from torch import nn
 from secondorder import EKFAC, KFAC, CurvatureOptimizer, EKFACEstimator
 from secondorder.estimators.ekfac import EKFACConfig
 
-from ..helpers import digits_data, kron_precondition, layer_grad_matrix, mlp, small_cnn
+from ..helpers import (
+    kron_precondition,
+    layer_grad_matrix,
+    mlp,
+    small_cnn,
+    train_digits,
+)
 
 dampings = st.floats(1e-4, 10.0).map(float)
 F64 = dict(factor_dtype=torch.float64, inverse_dtype=torch.float64)
@@ -450,28 +456,11 @@ def test_scalings_before_the_first_basis_and_plain_estimator_use():
 
 
 # ---- training -------------------------------------------------------------------------
-def _train_digits(make_opt, epochs, seed=0):
-    x_train, y_train, _, _ = digits_data()
-    torch.manual_seed(seed)
-    model = mlp([64, 64, 10])
-    opt = make_opt(model)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(x_train), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        return F.cross_entropy(model(x_train), y_train).item()
-
-
 @pytest.mark.parametrize("lr", [0.02, 0.05])
 def test_ekfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr):
     epochs = 4
-    sgd = _train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
-    ekfac = _train_digits(
+    sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
+    ekfac = train_digits(
         lambda m: EKFAC(
             m, lr=lr, momentum=0.9, damping=1e-2, curvature_every=1, inverse_every=10, kl_clip=1e-2
         ),

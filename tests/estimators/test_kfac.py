@@ -13,13 +13,12 @@ from secondorder import KFAC
 
 from ..helpers import (
     dense_conv_patches,
-    digits_data,
     grad_rows,
     kfac_factors,
     kron_factored_precondition,
     kron_precondition,
     layer_grad_matrix,
-    mlp,
+    train_digits,
     with_ones,
 )
 
@@ -226,28 +225,11 @@ def test_damping_schedule_callable_is_used():
     assert sorted(set(seen)) == [0, 1, 2]
 
 
-def _train_digits(make_opt, epochs, seed=0):
-    x_train, y_train, _, _ = digits_data()
-    torch.manual_seed(seed)
-    model = mlp([64, 64, 10])
-    opt = make_opt(model)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(x_train), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        return F.cross_entropy(model(x_train), y_train).item()
-
-
 @pytest.mark.parametrize("lr", [0.02, 0.05])
 def test_kfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr):
     epochs = 4
-    sgd = _train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
-    kfac = _train_digits(
+    sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
+    kfac = train_digits(
         lambda m: KFAC(
             m, lr=lr, momentum=0.9, damping=1e-2, curvature_every=1, inverse_every=10, kl_clip=1e-2
         ),
