@@ -3,7 +3,10 @@
 Every requested optimizer trains the same model, from the same initial weights, on the same
 mini-batches in the same order; the bench records the loss and the test metric per epoch, the
 time of every iteration and of every ``optimizer.step()``, the peak memory of the run and the size
-of the optimizer's state, then prints a table and writes ``results.json`` and ``results.csv``.
+of the optimizer's state, and the step (and epoch) at which the train loss first reached the
+task's target, then prints a table and writes ``results.json``, ``results.csv`` and two loss
+plots (``loss_vs_step.png``, ``loss_vs_time.png``). :mod:`secondorder.bench.config` runs
+experiment files: seeds, hyperparameter grids and optimizer presets.
 
 Extending it:
 
@@ -23,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -34,8 +38,16 @@ from typing import Any
 import torch
 
 from .optimizers import OPTIMIZERS, OptimizerSpec
-from .report import add_overheads, format_table, machine_info, write_results
-from .runner import RunConfig, preflight, resolve_optimizers, resolve_task, train, train_isolated
+from .report import add_overheads, add_targets, format_table, machine_info, write_results
+from .runner import (
+    RunConfig,
+    preflight,
+    resolve_optimizers,
+    resolve_task,
+    task_hparams,
+    train,
+    train_isolated,
+)
 from .tasks import DEFAULT_TASK, TASKS, Task
 
 __all__ = [
@@ -67,6 +79,8 @@ def run_bench(
     device: str = "cpu",
     quiet: bool = False,
     isolate: bool = True,
+    target: float | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Train ``task``'s model with each optimizer in ``opts`` and return the measurements.
 
@@ -78,12 +92,18 @@ def run_bench(
         seed: seeds the initial weights, the batch order and torch's global RNG in each run.
         overrides: ``{optimizer name: {hyperparameter: value}}`` merged over the defaults;
             keys the optimizer does not take reach its constructor, which rejects them.
-        out: folder for ``results.json`` and ``results.csv``; nothing is written if None.
+        out: folder for ``results.json``, ``results.csv`` and the loss plots; nothing is
+            written if None.
         threads: ``torch.set_num_threads`` for the runs (default: torch's own choice).
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
         quiet: no progress bars.
         isolate: run each optimizer in its own ``spawn`` subprocess, so that its peak memory is
             its own; False runs them in this process (faster to start, peak RSS less reliable).
+        target: the train loss whose first step and epoch are reported as
+            ``summary["steps_to_target"]`` / ``["epochs_to_target"]`` (default: the task's
+            ``target``; None where the task has none).
+        plots: write ``loss_vs_step.png`` and ``loss_vs_time.png`` into ``out`` (needs
+            matplotlib; skipped with a warning without it).
 
     Returns:
         ``{"config": {...}, "results": {name: {"hparams", "summary", "curves", "steps"}}}``,
@@ -94,13 +114,22 @@ def run_bench(
 
     Raises:
         ValueError: an unknown task or optimizer, a non-positive epochs / batch size / threads,
-            an override for an optimizer not in ``opts``, an unusable device, or an optimizer
+            a target that is not a finite number, an override for an optimizer not in ``opts``,
+            an unusable device, or an optimizer
             that cannot be built with its hyperparameters (checked before anything trains).
     """
     names = resolve_optimizers(opts)
     the_task: Task = resolve_task(task)
     for arg, value in (("epochs", epochs), ("batch_size", batch_size), ("threads", threads)):
         _positive(arg, value)
+    if target is None:
+        target = the_task.target
+    elif (
+        isinstance(target, bool)
+        or not isinstance(target, (int, float))
+        or not math.isfinite(target)
+    ):
+        raise ValueError(f"target must be a finite number, got {target!r}")
     overrides = dict(overrides or {})
     stray = [name for name in overrides if name not in names]
     if stray:
@@ -126,7 +155,7 @@ def run_bench(
         threads=threads,
         quiet=quiet,
     )
-    hparams = {name: OPTIMIZERS[name].hparams(overrides.get(name)) for name in names}
+    hparams = {name: task_hparams(the_task, name, overrides.get(name)) for name in names}
     preflight(the_task, hparams)
 
     started = time.perf_counter()
@@ -155,6 +184,7 @@ def run_bench(
             "task_description": the_task.description,
             "metric": the_task.metric_name,
             "epochs": config.epochs,
+            "target": None if target is None else float(target),
             "batch_size": config.batch_size,
             "seed": config.seed,
             "device": config.device,
@@ -170,6 +200,7 @@ def run_bench(
         "results": runs,
     }
     add_overheads(results)
+    add_targets(results)
     if out is not None:
-        write_results(results, out)
+        write_results(results, out, plots=plots)
     return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import run_bench
+from .config import format_grid_table, load_experiment, run_experiment
 from .optimizers import OPTIMIZERS, parse_override
 from .report import format_table
 from .runner import resolve_optimizers, resolve_task
@@ -40,6 +42,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _catalogue() -> str:
     tasks = "\n".join(
         f"  {name:<12} {task.description}" + ("  [default]" if name == DEFAULT_TASK else "")
@@ -62,6 +74,7 @@ def _catalogue() -> str:
         "  python -m secondorder.bench\n"
         "  python -m secondorder.bench --opt sgd,kfac --task digits-cnn --epochs 10\n"
         "  python -m secondorder.bench --opt kfac --set kfac.damping=1e-2 --set kfac.lr=0.1\n"
+        "  python -m secondorder.bench --config configs/mfac_window_grid.yaml --epochs 1\n"
     )
 
 
@@ -73,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Train one model with several optimizers from the same initial weights on the same "
             "mini-batches, then print a table (final train loss, test accuracy, step and "
-            "iteration time, overhead vs sgd, peak memory, optimizer state size) and write "
-            "results.json and results.csv.",
+            "iteration time, overhead vs sgd, steps to the target loss, peak memory, optimizer "
+            "state size) and write results.json, results.csv, loss_vs_step.png and "
+            "loss_vs_time.png. With --config, run an experiment file (seeds, a hyperparameter "
+            "grid, optimizer presets) and write grid.json and grid.csv (mean and std over seeds).",
             width=90,
             break_on_hyphens=False,
         ),
@@ -84,16 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--opt",
         type=_as_type(resolve_optimizers),
-        default=list(OPTIMIZERS),
+        default=None,
         metavar="NAMES",
         help=f"comma-separated optimizers to run, in order (default: {','.join(OPTIMIZERS)})",
     )
     parser.add_argument(
         "--task",
         type=_as_type(lambda name: resolve_task(name).name),
-        default=DEFAULT_TASK,
+        default=None,
         metavar="NAME",
-        help=f"one of {', '.join(TASKS)} (default: {DEFAULT_TASK}: {default_task.description})",
+        help=f"one of {', '.join(TASKS)} (default: the --config file's, else {DEFAULT_TASK}: "
+        f"{default_task.description})",
     )
     parser.add_argument(
         "--data",
@@ -108,21 +124,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_as_type(_positive_int),
         metavar="N",
-        help=f"passes over the training set (default: the task's; {default_task.epochs} for "
-        f"{DEFAULT_TASK})",
+        help=f"passes over the training set (default: the --config file's, else the task's; "
+        f"{default_task.epochs} for {DEFAULT_TASK})",
     )
     parser.add_argument(
         "--batch-size",
         type=_as_type(_positive_int),
         metavar="B",
-        help=f"mini-batch size (default: the task's; {default_task.batch_size} for {DEFAULT_TASK})",
+        help=f"mini-batch size (default: the --config file's, else the task's; "
+        f"{default_task.batch_size} for {DEFAULT_TASK})",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=None,
         help="seed of the initial weights and of the batch order, shared by all optimizers "
-        "(default: 0)",
+        "(default: 0; not with --config, whose seeds: list sets them)",
+    )
+    parser.add_argument(
+        "--target",
+        type=_as_type(_finite_float),
+        metavar="LOSS",
+        help="train loss whose first step and epoch are reported in the 'to target' column "
+        f"(default: the --config file's, else the task's; {default_task.target} for "
+        f"{DEFAULT_TASK}; none for tasks without one)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="run an experiment file: task, epochs, seeds, optimizers, presets (optimizer "
+        "preset files, e.g. configs/optimizers/mfac.yaml), set (fixed NAME.KEY: value) and grid "
+        "(NAME.KEY: [values], one row per combination); writes grid.json and grid.csv. "
+        "--task, --epochs, --batch-size and --target given here override the file's; --opt, "
+        "--set and --seed cannot be combined with it. See configs/ for examples",
     )
     parser.add_argument(
         "--set",
@@ -139,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        help="folder for results.json and results.csv (default: bench-results/<timestamp>)",
+        help="folder for results.json, results.csv and the two loss plots, or with --config "
+        "for grid.json, grid.csv and runs/<row>/seed<N>/results.json "
+        "(default: bench-results/<timestamp>)",
     )
     parser.add_argument(
         "--threads",
@@ -177,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data is not None:
         set_data_dir(args.data)
+    if args.config is not None:
+        return _main_config(parser, args)
     overrides: dict[str, dict[str, Any]] = {}
     for name, key, value in args.overrides:
         overrides.setdefault(name, {})[key] = value
@@ -185,11 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         results = run_bench(
-            args.opt,
-            args.task,
+            args.opt if args.opt is not None else list(OPTIMIZERS),
+            args.task or DEFAULT_TASK,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=args.seed or 0,
+            target=args.target,
             overrides=overrides,
             out=out,
             threads=args.threads,
@@ -202,9 +242,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
 
     print(format_table(results))
-    print(f"\nwall time {wall:.1f} s; wrote {out / 'results.json'} and {out / 'results.csv'}")
+    print(
+        f"\nwall time {wall:.1f} s; wrote {out / 'results.json'}, {out / 'results.csv'} and plots"
+    )
     failed = [name for name, run in results["results"].items() if run["summary"].get("error")]
     return 1 if failed else 0
+
+
+def _main_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    clashing = [
+        flag
+        for flag, value in (
+            ("--opt", args.opt),
+            ("--set", args.overrides or None),
+            ("--seed", args.seed),
+        )
+        if value is not None
+    ]
+    if clashing:
+        parser.error(f"{', '.join(clashing)} cannot be combined with --config (set it in the file)")
+    out = args.out if args.out is not None else _default_out()
+    started = time.perf_counter()
+    try:
+        grid = run_experiment(
+            load_experiment(args.config),
+            task=args.task,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            target=args.target,
+            out=out,
+            threads=args.threads,
+            device=args.device,
+            quiet=args.quiet,
+            isolate=args.isolate,
+        )
+    except ValueError as exc:
+        parser.error(" ".join(str(exc).split()))
+    wall = time.perf_counter() - started
+    print(format_grid_table(grid))
+    print(f"\nwall time {wall:.1f} s; wrote {out / 'grid.json'} and {out / 'grid.csv'}")
+    return 1 if any(row["n_failed"] for row in grid["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Turn bench results into a printed table, ``results.json`` and ``results.csv``.
+"""Turn bench results into a printed table, ``results.json``, ``results.csv`` and loss plots.
 
 The results are the dict :func:`secondorder.bench.run_bench` returns::
 
@@ -21,9 +21,13 @@ import torch
 
 __all__ = [
     "BASELINE",
+    "TARGET_WINDOW",
     "add_overheads",
+    "add_targets",
     "format_table",
     "machine_info",
+    "steps_to_target",
+    "trailing_mean",
     "write_results",
 ]
 
@@ -34,11 +38,14 @@ BASELINE = "sgd"
 _CSV_KEYS = (
     "mean_step_ms",
     "mean_iter_ms",
+    "steps_to_target",
+    "epochs_to_target",
     "median_step_ms",
     "median_iter_ms",
     "overhead_vs_sgd",
     "train_time_s",
     "steps",
+    "steps_per_epoch",
     "diverged",
     "peak_mb",
     "peak_kind",
@@ -80,12 +87,68 @@ def add_overheads(results: Mapping[str, Any]) -> None:
         run["summary"]["overhead_vs_sgd"] = mine / base if ok else None
 
 
+TARGET_WINDOW = 10
+"""Steps in the trailing mean of the mini-batch loss that is compared with the target."""
+
+
+def trailing_mean(values: list[float], window: int = TARGET_WINDOW) -> list[float]:
+    """Mean of the last ``window`` values at every position (of all values so far before the
+    ``window``-th): the smoothed loss that the "to target" column and the plots use."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def steps_to_target(
+    step_loss: list[float], target: float, window: int = TARGET_WINDOW
+) -> int | None:
+    """First step (1-based) at which the :func:`trailing_mean` of the mini-batch loss is at
+    most ``target``, or None if never.
+
+    The trailing mean keeps one lucky mini-batch from counting as reaching the target; a
+    non-finite loss never counts.
+    """
+    for step, loss in enumerate(trailing_mean(step_loss, window), start=1):
+        if loss <= target:  # NaN compares False
+            return step
+    return None
+
+
+def add_targets(results: Mapping[str, Any]) -> None:
+    """Set ``summary["steps_to_target"]`` and ``summary["epochs_to_target"]`` on every run, in
+    place, for the target train loss ``results["config"]["target"]``.
+
+    Steps are counted from :func:`steps_to_target` over the recorded per-step mini-batch loss;
+    epochs are those steps over the steps per epoch (fractional). Both are None where the
+    target was never reached, where there is no target, or where the run failed.
+    """
+    target = results["config"].get("target")
+    for run in results["results"].values():
+        summary = run["summary"]
+        losses = run.get("steps", {}).get("loss")
+        steps = None if target is None or not losses else steps_to_target(losses, target)
+        summary["steps_to_target"] = steps
+        per_epoch = summary.get("steps_per_epoch")
+        summary["epochs_to_target"] = steps / per_epoch if steps and per_epoch else None
+
+
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return format(value, spec) + suffix
+
+
+def _to_target_cell(summary: Mapping[str, Any]) -> str:
+    steps, epochs = summary.get("steps_to_target"), summary.get("epochs_to_target")
+    if steps is None:
+        return "-"
+    return f"{steps} ({epochs:.2f} ep)" if epochs is not None else str(steps)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -98,6 +161,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         ("step ms", lambda s: _fmt(s["mean_step_ms"], ".3f")),
         ("iter ms", lambda s: _fmt(s["mean_iter_ms"], ".3f")),
         ("vs sgd", lambda s: _fmt(s.get("overhead_vs_sgd"), ".2f", "x")),
+        ("to target", _to_target_cell),
         ("peak MB", lambda s: _fmt(s["peak_mb"], ".1f")),
         ("state MB", lambda s: _fmt(s["state_mb"], ".3f")),
     ]
@@ -124,10 +188,17 @@ def format_table(results: Mapping[str, Any]) -> str:
 
     peak = {"rss_growth": "process RSS peak growth", "cuda_max_allocated": "CUDA peak allocated"}
     kinds = sorted({r["summary"].get("peak_kind", "") for r in results["results"].values()} - {""})
+    target = config.get("target")
+    reach = (
+        f"to target: first step (epoch) at which the mean mini-batch loss of the last "
+        f"{TARGET_WINDOW} steps is <= {target:g}, - if never; "
+        if target is not None
+        else "to target: no target set (--target); "
+    )
     legend = (
         f"{config['task']}, {config['epochs']} epochs, batch {config['batch_size']}, "
         f"seed {config['seed']}, {config['device']}. step ms: mean optimizer.step(); "
-        f"iter ms: mean zero_grad+forward+backward+step; vs sgd: iter time over sgd's; "
+        f"iter ms: mean zero_grad+forward+backward+step; vs sgd: iter time over sgd's; {reach}"
         f"peak MB: {', '.join(peak.get(k, k) for k in kinds) or 'peak'} during the run; "
         "state MB: tensors in optimizer.state_dict()."
     )
@@ -145,10 +216,15 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``results.json`` (everything) and ``results.csv`` (one summary row per optimizer).
+def write_results(
+    results: Mapping[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True
+) -> dict[str, Path]:
+    """Write ``results.json`` (everything), ``results.csv`` (one summary row per optimizer)
+    and, if ``plots`` and matplotlib is installed, ``loss_vs_step.png`` and
+    ``loss_vs_time.png`` (see :func:`~secondorder.bench.plots.plot_losses`).
 
-    Creates ``out_dir`` if needed and returns ``{"json": path, "csv": path}``.
+    Creates ``out_dir`` if needed and returns ``{"json": path, "csv": path}`` plus
+    ``"loss_vs_step"`` and ``"loss_vs_time"`` for the plots written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,4 +243,9 @@ def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -
             row = {"optimizer": name, **_json_safe(run["summary"])}
             row["hparams"] = json.dumps(_json_safe(run.get("hparams", {})), sort_keys=True)
             writer.writerow(row)
-    return {"json": json_path, "csv": csv_path}
+    paths = {"json": json_path, "csv": csv_path}
+    if plots:
+        from .plots import plot_losses
+
+        paths.update(plot_losses(results, out))
+    return paths

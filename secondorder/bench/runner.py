@@ -33,6 +33,7 @@ __all__ = [
     "preflight",
     "resolve_optimizers",
     "resolve_task",
+    "task_hparams",
     "train",
     "train_isolated",
 ]
@@ -94,6 +95,22 @@ def resolve_optimizers(names: str | Iterable[str]) -> list[str]:
         if out.count(name) > 1:
             raise ValueError(f"optimizer {name!r} given more than once")
     return out
+
+
+def task_hparams(
+    task: Task, name: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Optimizer ``name``'s defaults with ``overrides`` merged over them, for ``task``.
+
+    With ``fisher_type="mc"`` (the Monte-Carlo Fisher, which samples targets from the model's
+    predictive distribution) and no ``likelihood`` given, the task's likelihood is filled in:
+    ``"categorical"`` for the classifiers, ``"bernoulli"`` for the autoencoders on pixels in
+    [0, 1], ``"gaussian"`` for regression.
+    """
+    hparams = OPTIMIZERS[name].hparams(overrides)
+    if hparams.get("fisher_type") == "mc" and hparams.get("likelihood") is None:
+        hparams["likelihood"] = task.likelihood
+    return hparams
 
 
 def preflight(task: Task, hparams: Mapping[str, Mapping[str, Any]]) -> None:
@@ -231,7 +248,8 @@ def train(
 
     Returns:
         ``{"hparams", "summary", "curves", "steps"}``: ``summary`` holds the final train loss,
-        the final test metric, mean/median ``step()`` and iteration times in ms, training time,
+        the final test metric, mean/median ``step()`` and iteration times in ms, the steps run
+        (``steps``, ``steps_per_epoch``), training time,
         peak memory and optimizer state in MB; ``curves`` holds per-epoch train loss, test loss,
         test metric and cumulative training time (epoch 0 = before training); ``steps`` holds the
         per-step mini-batch loss and times. A non-finite loss stops the run early with
@@ -259,6 +277,7 @@ def train(
     memory = _PeakMemory(device, fresh_process)
     model = task.build_model(config.seed).to(device)
     optimizer = spec.build(model, **hparams)
+    mc_fisher = getattr(optimizer, "fisher_type", None) == "mc"
     torch.manual_seed(config.seed)  # for optimizers that draw random numbers (probes, sketches)
     batch_order = torch.Generator().manual_seed(config.seed)
 
@@ -295,7 +314,10 @@ def train(
                 sync()
                 t0 = time.perf_counter()
                 optimizer.zero_grad()
-                loss = task.loss_fn(model(xb), yb)
+                outputs = model(xb)
+                if mc_fisher:  # labels sampled from the model for the curvature statistics
+                    optimizer.sample_fisher(outputs)
+                loss = task.loss_fn(outputs, yb)
                 # An optimizer that knows which steps need the gradient's graph says so.
                 loss.backward(create_graph=getattr(optimizer, "needs_hessian", spec.create_graph))
                 sync()
@@ -327,6 +349,7 @@ def train(
         "median_iter_ms": _median_ms(iter_s),
         "train_time_s": train_time[-1],
         "steps": len(iter_s),
+        "steps_per_epoch": steps_per_epoch,
         "diverged": diverged,
         "peak_mb": memory.peak_mb(),
         "peak_kind": memory.kind,

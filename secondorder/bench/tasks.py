@@ -84,6 +84,8 @@ class Task:
             (Monte-Carlo Fisher, see :mod:`secondorder.fisher`): ``"categorical"`` (logits,
             cross-entropy), ``"bernoulli"`` (logits, binary cross-entropy) or ``"gaussian"``
             (means, squared error).
+        target: the train loss the bench reports the steps and epochs to reach (``--target``
+            overrides it), or None for no target.
     """
 
     name: str
@@ -97,6 +99,7 @@ class Task:
     batch_size: int = 64
     higher_is_better: bool = True
     likelihood: str = "categorical"
+    target: float | None = None
 
     def build_model(self, seed: int) -> nn.Module:
         """Build the model with weights drawn from ``seed``; the global RNG is left untouched.
@@ -449,6 +452,7 @@ TASKS: dict[str, Task] = {
             description="scikit-learn digits (1437 train / 360 test), MLP 64-128-64-10 with tanh",
             make_model=_digits_mlp,
             make_data=_digits_flat,
+            target=0.1,
         ),
         Task(
             name="digits-cnn",
@@ -457,6 +461,7 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_digits_cnn,
             make_data=_digits_images,
+            target=0.1,
         ),
         Task(
             name="digits-ae",
