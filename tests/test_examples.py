@@ -42,7 +42,7 @@ def _result(out: str, label: str) -> dict[str, float]:
 def test_every_example_is_tested():
     tested = {
         "kfac_digits", "mfac_digits", "adafisher_loop", "adahessian_loop",
-        "kfac_timm_resnet", "autoencoder_kfac_vs_adam", "mfac_adam",
+        "kfac_timm_resnet", "autoencoder_kfac_vs_adam", "mfac_adam", "prune_digits",
     }  # fmt: skip
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -107,6 +107,17 @@ def test_kfac_timm_resnet_example_smoke(capsys):
     printed = _result(out, "loss,step")
     assert printed["loss"] == pytest.approx(loss, abs=1e-4) and printed["step"] > 0
     assert out.count("epoch 1 step") == 2
+
+
+def test_prune_digits_example_smoke(capsys):
+    results = _load("prune_digits").main(["--smoke"])
+    printed = _result(
+        capsys.readouterr().out, "mfac accuracy,magnitude accuracy,finetuned accuracy"
+    )
+    assert printed["mfac accuracy"] == pytest.approx(results["mfac"], abs=1e-4)
+    assert results["sparsity"] == pytest.approx(0.9, abs=1e-3)  # still 90% after fine-tuning
+    assert results["mfac"] > results["magnitude"]
+    assert results["finetuned"] > 0.5
 
 
 def test_example_runs_as_a_script():
