@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._host import to_host
 from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers
+from .distributed import Communicator, default_communicator, scale_output_statistics
 from .estimators.base import CurvatureEstimator
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .layers import LayerHelper
@@ -256,11 +257,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         precondition (bool, optional): False switches curvature off entirely: no hooks,
             no statistics, and the optimizer reproduces ``torch.optim.SGD`` / ``Adam`` /
             ``AdamW`` exactly (default: True).
+        distributed (bool, optional): reduce the curvature statistics across the ranks of
+            ``process_group`` and share the refreshes out (:mod:`secondorder.distributed`);
+            the model must be trained data-parallel (DDP), so that every rank has the
+            same averaged gradient. None: when ``torch.distributed`` is initialised with
+            more than one rank (default: None).
+        process_group (ProcessGroup, optional): the ranks to reduce over (default: the
+            whole world).
+        grad_scaler (torch.amp.GradScaler, optional): the scaler of a mixed-precision
+            loop. ``scaler.step(opt)`` hands this optimizer the scale and the overflow
+            flag itself (it supports AMP scaling): it unscales the gradients, skips
+            steps with an overflow (counted in :attr:`skipped_steps`, no warning: the
+            scaler lowers its scale) and divides the statistics the hooks saw by the
+            scale². Needed only when you call ``scaler.unscale_(opt)`` before
+            ``scaler.step(opt)`` (gradient clipping): the statistics are still scaled
+            then, and the scaler is asked for the scale (default: None).
 
     Attributes:
         uncovered_parameters (list[str]): names of parameters trained by the base
             update on their raw gradient (no estimator covers them).
-        skipped_steps (int): steps skipped because of non-finite gradients.
+        skipped_steps (int): steps skipped because of non-finite gradients (AMP
+            overflow steps included).
+        comm (Communicator or None): the ranks the curvature is reduced over.
 
     Example (Monte-Carlo Fisher)::
 
@@ -278,6 +296,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     #: coupled (L2) weight decay is added to the gradient *before* preconditioning (M-FAC's
     #: convention) instead of to the preconditioned direction (K-FAC's)
     l2_before_precondition: ClassVar[bool] = False
+    #: ``torch.amp.GradScaler.step`` hands the scale and overflow flag to ``step``
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -306,6 +326,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         likelihood: str | None = None,
         likelihood_sigma: float | None = None,
         precondition: bool = True,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         name = type(self).__name__
         module, params = self._split_model_and_params(name, model, params)
@@ -386,6 +409,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"hooks; {name} builds its curvature from the gradients themselves: use "
                 "fisher_type='empirical'"
             )
+
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
+        self._stat_scale = 1.0  # loss scale of the statistics of the current step
+        self.comm: Communicator | None = None
+        if self.estimator is not None:
+            self.comm = default_communicator(distributed, process_group)
+            if self.comm is not None:
+                if not self.estimator.supports_distributed:
+                    raise ValueError(
+                        f"{name} does not support distributed training yet; "
+                        "pass distributed=False to train each rank on its own curvature"
+                    )
+                self.estimator.comm = self.comm
+        elif distributed:
+            raise ValueError("distributed=True needs curvature (precondition=True)")
 
         covered = set(self.estimator.params) if self.estimator is not None else set()
         self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
@@ -543,6 +585,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     grads[p] = p.grad
         if self.fisher_type == "mc" and self.capture is not None:
             self._check_fisher_sampled(grads)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # called by torch.amp.GradScaler.step
+            if float(found_inf) > 0:
+                if self.capture is not None:
+                    self.capture.discard()
+                self.skipped_steps += 1
+                return loss
+            grads = self._unscale(grads, getattr(self, "grad_scale", None))
+        else:
+            self._stat_scale = 1.0
         if not self._all_finite(grads):
             self._skip_step(grads)
             return loss
@@ -666,13 +718,44 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "(the empirical Fisher is not used as a fallback)"
             )
 
+    def _unscale(
+        self, grads: dict[Tensor, Tensor], grad_scale: Tensor | None
+    ) -> dict[Tensor, Tensor]:
+        """Under ``GradScaler.step``: divide the gradients by the scale (in place, as the
+        scaler's own unscale does) and note the scale the hooks' statistics carry."""
+        if grad_scale is not None:
+            inv = 1.0 / grad_scale.double()
+            for g in grads.values():
+                g.mul_(inv.to(device=g.device, dtype=g.dtype))
+            stat_scale = float(grad_scale)
+        elif self.grad_scaler is not None:
+            stat_scale = float(self.grad_scaler.get_scale())
+        elif self.capture is not None and self.capture.recording:
+            raise RuntimeError(
+                f"{type(self).__name__}: the gradients were unscaled by scaler.unscale_(opt), "
+                "but the curvature statistics still carry the loss scale: pass the scaler "
+                f"to the optimizer, {type(self).__name__}(model, ..., grad_scaler=scaler)"
+            )
+        else:
+            stat_scale = 1.0
+        # sample_fisher's backward pass does not go through the scaler
+        self._stat_scale = 1.0 if self.fisher_type == "mc" else stat_scale
+        return grads
+
     def _precondition(self, k: int, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
         est = self.estimator
         damping = resolve_schedule("damping", self.damping, k, low_open=True)
         updated = False
         if self.capture is not None:
             stats = self.capture.collect()
-            if stats and is_due("curvature_every", self.curvature_every, k):
+            due = is_due("curvature_every", self.curvature_every, k)
+            if stats and self._stat_scale != 1.0:
+                scale_output_statistics(stats, self._stat_scale**-2)
+            if self.comm is not None and due:
+                # collective: every rank reduces at every curvature step, with or without
+                # local statistics
+                stats = self.comm.reduce_statistics([layer.name for layer in est.layers], stats)
+            if stats and due:
                 est.update(stats)
                 updated = True
         elif is_due("curvature_every", self.curvature_every, k):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def test_every_example_is_tested():
     tested = {
         "kfac_digits", "mfac_digits", "adafisher_loop", "adahessian_loop",
         "kfac_timm_resnet", "autoencoder_kfac_vs_adam", "mfac_adam", "prune_digits",
+        "ddp_kfac",
     }  # fmt: skip
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -129,3 +131,17 @@ def test_example_runs_as_a_script():
     )
     assert done.returncode == 0, done.stderr
     assert _result(done.stdout, "train loss")["train loss"] < 0.8 * CHANCE
+
+
+@pytest.mark.parametrize("opt", ["kfac", "adafisher"])
+def test_ddp_example_under_torchrun(opt):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(EXAMPLES / "ddp_kfac.py"), "--smoke", "--opt", opt]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1  # only rank 0 prints
+    printed = _result(lines[0], "epoch 1: train loss,test accuracy")
+    assert printed["epoch 1: train loss"] < 0.3 * CHANCE
+    assert printed["test accuracy"] > 0.8

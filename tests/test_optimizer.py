@@ -232,7 +232,7 @@ def test_model_without_supported_layer_gives_a_message():
         (dict(inverse_method="svd"), "inverse_method must be one of"),
         (dict(damping_mode="other"), "damping_mode must be one of"),
         (dict(inverse_method="cholesky"), "damping_mode='factored'"),
-        (dict(factor_dtype=torch.float16), "factor_dtype must be"),
+        (dict(factor_dtype=torch.int64), "factor_dtype must be"),
         (dict(base="rmsprop"), "base must be one of"),
         (dict(base="adam", momentum=0.9), "momentum, dampening and nesterov apply to base='sgd'"),
         (dict(betas=(0.9, 0.99)), "betas and eps apply to base='adam'"),

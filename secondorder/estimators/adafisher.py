@@ -78,6 +78,7 @@ from torch import Tensor, nn
 
 from .._host import to_host
 from ..capture import SkipPattern
+from ..distributed import stat_field
 from ..kernels import adafisher_update
 from ..layers import LayerHelper
 from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_number
@@ -136,8 +137,8 @@ class DiagonalStats:
     """Sums accumulated by the capture hooks for a ``"kronecker"`` layer between two
     curvature updates."""
 
-    a_sq_sum: Tensor  # Σ_rows ã², (groups, a_dim)
-    g_sq_sum: Tensor  # Σ_rows g², (groups, g_dim)
+    a_sq_sum: Tensor = field(metadata=stat_field("input"))  # Σ_rows ã², (groups, a_dim)
+    g_sq_sum: Tensor = field(metadata=stat_field("output"))  # Σ_rows g², (groups, g_dim)
     rows: int = 0
     examples: int = 0
 
@@ -146,7 +147,7 @@ class DiagonalStats:
 class BlockDiagonalStats:
     """Sums accumulated for a ``"blocks"`` layer: ``Σ_n d_n²`` per channel, ``(C, k)``."""
 
-    sq_sum: Tensor
+    sq_sum: Tensor = field(metadata=stat_field("output"))
     examples: int = 0
 
 
@@ -477,7 +478,8 @@ class AdaFisher(CurvatureOptimizer):
             (default: all its parameters that require grad). Groups may set ``lr``,
             ``beta`` and ``weight_decay``.
         skip_layers, layer_options, record_in_eval, nonfinite, fisher_type, likelihood,
-            likelihood_sigma, precondition: as for :class:`~secondorder.CurvatureOptimizer`.
+            likelihood_sigma, precondition, distributed, process_group, grad_scaler: as for
+            :class:`~secondorder.CurvatureOptimizer`.
             With ``precondition=False`` every parameter takes the ``F̃ = 1 + λ`` update.
 
     Attributes:
@@ -515,6 +517,9 @@ class AdaFisher(CurvatureOptimizer):
         likelihood: str | None = None,
         likelihood_sigma: float | None = None,
         precondition: bool = True,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         config = AdaFisherConfig(gamma=gamma, factor_dtype=factor_dtype)
         super().__init__(
@@ -540,6 +545,9 @@ class AdaFisher(CurvatureOptimizer):
             likelihood=likelihood,
             likelihood_sigma=likelihood_sigma,
             precondition=precondition,
+            distributed=distributed,
+            process_group=process_group,
+            grad_scaler=grad_scaler,
         )
         self._targets: dict[Tensor, _Target] = {}
         for layer in [] if self.estimator is None else self.estimator.layers:

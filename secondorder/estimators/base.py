@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..layers import LayerHelper
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 
 class CurvatureEstimator(ABC):
@@ -31,6 +34,11 @@ class CurvatureEstimator(ABC):
 
     #: whether the optimizer must attach capture hooks and feed :meth:`accumulate`
     requires_capture: ClassVar[bool] = True
+    #: whether the estimator works data-parallel: its statistics reduce across ranks
+    #: (:mod:`secondorder.distributed`), or it needs none (built from DDP's gradients)
+    supports_distributed: ClassVar[bool] = True
+    #: set by the optimizer in a distributed run: refreshes may share work through it
+    comm: Communicator | None = None
 
     def __init__(self, layers: Sequence[LayerHelper]) -> None:
         self.layers = list(layers)

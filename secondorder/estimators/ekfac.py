@@ -52,13 +52,14 @@ them: exact when the positions share one output gradient, as the helper document
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._host import to_host
+from ..distributed import stat_field
 from ..layers import LayerHelper
 from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_interval, is_due
 from .kfac import KFACConfig, KFACEstimator, KroneckerStats
@@ -102,7 +103,7 @@ class EigenbasisStats:
 
     kfac: KroneckerStats | None = None  # the K-FAC factor sums (factor steps only)
     # Σ_n (Q_Gᵀ ∇̂_n Q_A)² with ∇̂_n = Σ_rows g ãᵀ (scale steps only), (groups, g_dim, a_dim)
-    scale_sum: Tensor | None = None
+    scale_sum: Tensor | None = field(default=None, metadata=stat_field("output"))
     # the Q_A it was projected with: statistics from another basis are dropped
     basis: Tensor | None = None
     examples: int = 0  # set by the capture on collect
@@ -171,7 +172,7 @@ class EKFACEstimator(KFACEstimator):
             acc.kfac = self._accumulate_rows(layer, a, g, acc.kfac)
         n = layer.batch_size(inputs)
         if basis:
-            squares = self._projected_squares(a, g, basis, n).to(self.config.factor_dtype)
+            squares = self._projected_squares(a, g, basis, n).to(self.config.stat_dtype)
             acc.scale_sum = squares if acc.scale_sum is None else acc.scale_sum.add_(squares)
             acc.basis = basis["q_a"]
         acc.examples += n  # the capture's collect() recounts it once per model forward
@@ -210,7 +211,7 @@ class EKFACEstimator(KFACEstimator):
             state = self._state[name]
             if acc.scale_sum is not None and acc.basis is state.inverse.get("q_a"):
                 # mean_n (n ·)² of the unscaled per-example sums: n Σ_n (...)²
-                fresh[name] = acc.scale_sum * acc.examples
+                fresh[name] = (acc.scale_sum * acc.examples).to(self.config.factor_dtype)
         super().update(kfac_stats)
         if not fresh:
             return

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._host import to_host
+from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
 from ..linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
@@ -48,6 +49,7 @@ from .base import CurvatureEstimator
 _INVERSE_METHODS = ("eigen", "cholesky")
 _DAMPING_MODES = ("eigen", "factored")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(kw_only=True)
@@ -59,8 +61,9 @@ class KFACConfig:
         inverse_method (str): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
         damping_mode (str): ``"eigen"`` (λ added to eigenvalue products) or
             ``"factored"`` (Tikhonov split with π) (default: ``"eigen"``).
-        factor_dtype (torch.dtype): dtype of the factors, float32 or float64
-            (default: float32).
+        factor_dtype (torch.dtype): dtype of the statistics and factors: float32 or
+            float64, or bfloat16 / float16 to halve their memory in mixed-precision
+            training (sums then round at every addition) (default: float32).
         inverse_dtype (torch.dtype): dtype of eigendecompositions / inverses and of
             the preconditioning products, float32 or float64 (default: float32).
     """
@@ -70,6 +73,12 @@ class KFACConfig:
     damping_mode: str = "eigen"
     factor_dtype: torch.dtype = torch.float32
     inverse_dtype: torch.dtype = torch.float32
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        """The dtype a step's statistics are summed in: ``factor_dtype``, or float32 when
+        that is a half-precision type."""
+        return torch.float32 if self.factor_dtype in _HALF_DTYPES else self.factor_dtype
 
     def __post_init__(self) -> None:
         if not isinstance(self.factor_decay, (int, float)) or not 0.0 <= self.factor_decay < 1.0:
@@ -87,19 +96,26 @@ class KFACConfig:
                 "damping_mode='eigen' adds damping to eigenvalue products and needs "
                 "inverse_method='eigen'; use damping_mode='factored' with inverse_method='cholesky'"
             )
-        for name in ("factor_dtype", "inverse_dtype"):
-            if getattr(self, name) not in _FACTOR_DTYPES:
-                raise ValueError(
-                    f"{name} must be torch.float32 or torch.float64, got {getattr(self, name)!r}"
-                )
+        if self.factor_dtype not in _FACTOR_DTYPES + _HALF_DTYPES:
+            raise ValueError(
+                "factor_dtype must be torch.float32, torch.float64, torch.bfloat16 or "
+                f"torch.float16, got {self.factor_dtype!r}"
+            )
+        if self.inverse_dtype not in _FACTOR_DTYPES:
+            raise ValueError(
+                "inverse_dtype must be torch.float32 or torch.float64 (inverses are never "
+                f"computed in half precision), got {self.inverse_dtype!r}"
+            )
 
 
 @dataclass
 class KroneckerStats:
     """Sums accumulated by the capture hooks between two curvature updates."""
 
-    a_sum: Tensor  # Σ ã ãᵀ over rows, (groups, a_dim, a_dim)
-    g_sum: Tensor  # Σ g gᵀ over rows, (groups, g_dim, g_dim)
+    # Σ ã ãᵀ over rows, (groups, a_dim, a_dim); Σ ã, (groups, a_dim) for a diagonal A
+    a_sum: Tensor = field(metadata=stat_field("input", symmetric=True))
+    # Σ g gᵀ over rows, (groups, g_dim, g_dim)
+    g_sum: Tensor = field(metadata=stat_field("output", symmetric=True))
     rows: int = 0
     examples: int = 0
 
@@ -110,7 +126,7 @@ class BlockStats:
     outer products ``Σ_n d_n d_nᵀ`` per channel, ``(C, k, k)`` (``(C, k)`` squares in
     diagonal mode)."""
 
-    fisher_sum: Tensor
+    fisher_sum: Tensor = field(metadata=stat_field("output", symmetric=True))
     examples: int = 0
 
 
@@ -154,7 +170,7 @@ class KFACEstimator(CurvatureEstimator):
             return self._accumulate_blocks(layer, inputs, grad_output, acc)
         g = layer.g_rows(grad_output)
         if layer.a_diagonal:
-            dtype = self.config.factor_dtype
+            dtype = self.config.stat_dtype
             a_diag = layer.a_diag_sum(inputs).to(dtype)
             if acc is None:
                 acc = KroneckerStats(
@@ -180,7 +196,7 @@ class KFACEstimator(CurvatureEstimator):
         the examples. Subclasses that need the rows for statistics of their own build
         them once and call this for the factors."""
         if acc is None:
-            dtype = self.config.factor_dtype
+            dtype = self.config.stat_dtype
             acc = KroneckerStats(
                 a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
                 g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
@@ -196,7 +212,7 @@ class KFACEstimator(CurvatureEstimator):
     def _accumulate_blocks(
         self, layer: Any, inputs: Tensor, grad_output: Tensor, acc: BlockStats | None
     ) -> BlockStats:
-        d = layer.per_example_grads(inputs, grad_output).to(self.config.factor_dtype)
+        d = layer.per_example_grads(inputs, grad_output).to(self.config.stat_dtype)
         if layer.block_mode == "full":
             outer = torch.einsum("nci,ncj->cij", d, d)
         else:
@@ -238,6 +254,8 @@ class KFACEstimator(CurvatureEstimator):
                 self.nonfinite_updates += 1
                 continue
             state = self._state[name]
+            a_new = a_new.to(self.config.factor_dtype)
+            g_new = None if g_new is None else g_new.to(self.config.factor_dtype)
             decay = min(1.0 - 1.0 / (state.updates + 1), self.config.factor_decay)
             if state.a_factor is None or decay == 0.0:
                 state.a_factor, state.g_factor = a_new, g_new
@@ -256,9 +274,35 @@ class KFACEstimator(CurvatureEstimator):
 
     # ---- inverses -----------------------------------------------------------------------
     def refresh(self, damping: float) -> None:
-        for state in self._state.values():
-            if state.a_factor is not None:
+        ready = {name: st for name, st in self._state.items() if st.a_factor is not None}
+        if self.comm is None:
+            for state in ready.values():
                 self._compute_inverse(state, state.a_factor, state.g_factor, damping)
+            return
+
+        # Distributed: each layer's decompositions go to one rank (by cost Σ n³), the
+        # results are broadcast, so every rank holds the same inverses.
+        def compute(name: str) -> dict[str, Tensor | None]:
+            state = ready[name]
+            self._compute_inverse(state, state.a_factor, state.g_factor, damping)
+            return state.inverse
+
+        shared = self.comm.share({n: self._refresh_cost(st) for n, st in ready.items()}, compute)
+        for name, state in ready.items():
+            state.inverse = shared[name]
+            state.source = (state.a_factor, state.g_factor)
+            state.refresh_damping = float(damping)
+
+    @staticmethod
+    def _refresh_cost(state: _LayerState) -> float:
+        """The cost model of a layer's refresh: ``Σ groups · n³`` over its matrix factors."""
+        return float(
+            sum(
+                f.shape[0] * f.shape[-1] ** 3
+                for f in (state.a_factor, state.g_factor)
+                if f is not None and f.dim() == 3
+            )
+        )
 
     def _compute_inverse(
         self, state: _LayerState, a: Tensor, g: Tensor | None, damping: float
@@ -452,7 +496,7 @@ class KFAC(CurvatureOptimizer):
         factor_decay (float, optional): EMA decay of the factors (default: 0.95).
         inverse_method (str, optional): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
         damping_mode (str, optional): ``"eigen"`` or ``"factored"`` (default: ``"eigen"``).
-        factor_dtype, inverse_dtype (torch.dtype, optional): float32 or float64
+        factor_dtype, inverse_dtype (torch.dtype, optional): see :class:`KFACConfig`
             (default: float32).
         kl_clip (float, optional): KL clipping κ, None to disable (default: 1e-2).
         **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`

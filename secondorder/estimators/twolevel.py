@@ -96,7 +96,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -154,20 +154,22 @@ class _PassSums:
     grid: tuple[int, ...]  # the positions of one example as a grid (product = positions)
 
 
+@dataclass
 class TwoLevelStats:
     """A coarse-space layer's statistics between two curvature updates: K-FAC's
     (``kfac``) and the row sums of every recorded pass, in order (``passes``).
 
     ``examples`` reads and writes the K-FAC statistic's, so that the capture's count of
     examples (one per model forward pass) reaches K-FAC's ``G``; the value it writes is
-    also kept to check that the layer ran once per forward pass.
+    also kept to check that the layer ran once per forward pass. In a distributed run
+    ``kfac`` is reduced across ranks with the other statistics; the passes stay local
+    and their coarse sums are reduced by the coarse update.
     """
 
-    def __init__(self) -> None:
-        self.kfac: Any = None
-        self.passes: list[_PassSums] = []
-        #: the capture's count of examples (None until it says)
-        self.model_examples: int | None = None
+    kfac: Any = None
+    passes: list[_PassSums] = field(default_factory=list)
+    #: the capture's count of examples (None until it says)
+    model_examples: int | None = None
 
     @property
     def examples(self) -> int:
@@ -279,7 +281,7 @@ class TwoLevelKFACEstimator(KFACEstimator):
         n = layer.batch_size(inputs)
         acc.kfac = self._accumulate_rows(layer, a_rows, g_rows, acc.kfac)
         acc.kfac.examples += n
-        dtype = self.config.factor_dtype
+        dtype = self.config.stat_dtype
         a = torch.sum(a_rows, dim=-1, dtype=dtype)  # (groups, rows)
         g = torch.sum(g_rows, dim=-1, dtype=dtype)
         rows = a.shape[1]
@@ -298,8 +300,8 @@ class TwoLevelKFACEstimator(KFACEstimator):
     def update(self, stats: Mapping[str, Any]) -> None:
         coarse = {name: acc for name, acc in stats.items() if isinstance(acc, TwoLevelStats)}
         super().update({name: acc.kfac if name in coarse else acc for name, acc in stats.items()})
-        if coarse:
-            self._update_coarse(coarse)
+        if coarse or (self.comm is not None and self.coarse_layers):
+            self._update_coarse(coarse)  # collective in a distributed run
 
     def _coarse_candidates(self, coarse: Mapping[str, TwoLevelStats]) -> list[int]:
         """Coarse indices of the layers whose passes can be paired (module docstring)."""
@@ -319,7 +321,23 @@ class TwoLevelKFACEstimator(KFACEstimator):
     def _coarse_statistics(self, coarse: Mapping[str, TwoLevelStats], indices: list[int]) -> Tensor:
         """The coarse matrix ``R_0 F R_0ᵀ`` (float64) of one curvature step over the
         layers ``indices`` (coarse indices, see :attr:`coarse_layers`) from their
-        :class:`TwoLevelStats`: pooled to the common grid of every pass, paired by pass."""
+        :class:`TwoLevelStats`: pooled to the common grid of every pass, paired by pass.
+        In a distributed run the sums behind it are those of every rank."""
+        a_prod, g_prod, rows, examples = self._coarse_sums(coarse, indices)
+        if self.comm is not None:
+            a_prod, g_prod, rows, examples = self.comm.reduce_sums(a_prod, g_prod, rows, examples)
+        units = (a_prod / rows) * (g_prod * examples)  # (1ᵀA_uv 1)(1ᵀG_uv 1) per unit pair
+        # R_0 over units: the indicator of each unit's layer
+        groups = torch.tensor([self.coarse_layers[i].groups for i in indices])
+        layer_of_unit = torch.repeat_interleave(torch.arange(len(indices)), groups)
+        r0 = torch.nn.functional.one_hot(layer_of_unit, len(indices)).to(units)
+        return r0.T @ units @ r0
+
+    def _coarse_sums(
+        self, coarse: Mapping[str, TwoLevelStats], indices: list[int]
+    ) -> tuple[Tensor, Tensor, int, int]:
+        """``(Σ s^a_u s^a_v, Σ s^g_u s^g_v, rows, examples)`` over this process's pooled
+        rows: the additive parts of :meth:`_coarse_statistics`."""
         accs = [coarse[self.coarse_layers[i].name] for i in indices]
         mode = self.config.coarse_pooling
         a_prod = g_prod = None
@@ -342,15 +360,12 @@ class TwoLevelKFACEstimator(KFACEstimator):
             g_prod = g_k if g_prod is None else g_prod + g_k
             rows += a.shape[0] * size
         examples = sum(p.a.shape[0] for p in accs[0].passes)
-        units = (a_prod / rows) * (g_prod * examples)  # (1ᵀA_uv 1)(1ᵀG_uv 1) per unit pair
-        # R_0 over units: the indicator of each unit's layer
-        groups = torch.tensor([acc.passes[0].a.shape[1] for acc in accs])
-        layer_of_unit = torch.repeat_interleave(torch.arange(len(accs)), groups)
-        r0 = torch.nn.functional.one_hot(layer_of_unit, len(accs)).to(units)
-        return r0.T @ units @ r0
+        return a_prod, g_prod, rows, examples
 
     def _update_coarse(self, coarse: Mapping[str, TwoLevelStats]) -> None:
         indices = self._coarse_candidates(coarse)
+        if self.comm is not None:  # the layers that fit on every rank
+            indices = self.comm.common_indices(indices, len(self.coarse_layers))
         if not indices:
             return
         fresh = self._coarse_statistics(coarse, indices)
