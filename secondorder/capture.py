@@ -207,6 +207,8 @@ class ModelCapture:
         self.accept: Callable[[], bool] | None = None
         self._acc: dict[str, Any] = {}
         self._pass = 0  # forward passes of the model seen so far
+        self._expected = 0  # ... of them to be recorded, since the last collect
+        self._hook_calls = 0  # layer forward-hook calls since the last collect
         self._examples: dict[str, dict[int, int]] = {}
         self._handles = [
             member.module.register_forward_hook(self._forward_hook(layer, member))
@@ -218,9 +220,26 @@ class ModelCapture:
 
     def _count_pass(self, module: nn.Module, args: tuple) -> None:
         self._pass += 1
+        if self.recording and torch.is_grad_enabled() and (module.training or self.record_in_eval):
+            self._expected += 1  # a pass the layer hooks should see
+
+    def _check_hooks_ran(self) -> None:
+        """Forward passes of the model that should have been recorded, and not one call of
+        a layer hook: code compiled by ``torch.compile`` before the hooks existed runs
+        without them (Dynamo does not guard on module hooks)."""
+        expected, self._expected, ran, self._hook_calls = self._expected, 0, self._hook_calls, 0
+        if expected and not ran:
+            raise RuntimeError(
+                f"the model ran {expected} forward pass(es) to be recorded, but none of its "
+                "covered layers' hooks did: it was probably compiled (torch.compile) and "
+                "called before the optimizer attached its hooks, and the compiled code runs "
+                "without them. Build the optimizer before the compiled model's first call, "
+                "or call torch._dynamo.reset() after building it"
+            )
 
     def _forward_hook(self, layer: LayerHelper, member: LayerHelper) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._hook_calls += 1
             if not (self.recording and torch.is_grad_enabled()):
                 return
             if not (module.training or self.record_in_eval):
@@ -251,6 +270,7 @@ class ModelCapture:
         examples they saw: the sum over model forward passes of the batch size (a layer
         run twice in one forward, or tied modules, count the batch once).
         """
+        self._check_hooks_ran()
         acc, self._acc = self._acc, {}
         examples, self._examples = self._examples, {}
         for name, stat in acc.items():
@@ -262,6 +282,7 @@ class ModelCapture:
         """Drop whatever was accumulated (a skipped step)."""
         self._acc = {}
         self._examples = {}
+        self._expected = self._hook_calls = 0
 
     def remove(self) -> None:
         """Detach every hook from the model."""

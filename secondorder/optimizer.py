@@ -872,13 +872,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "state_dict and optimizer disagree on whether curvature is used "
                 "(precondition=True/False)"
             )
-        super().load_state_dict(state_dict)
+        # All or nothing: torch checks the parameter counts, the estimator checks the
+        # curvature against the model; a rejected state leaves this optimizer as it was.
+        base_before = (self.state, self.param_groups)
+        estimator_before = None if self.estimator is None else self.estimator.state_dict()
+        try:
+            super().load_state_dict(state_dict)
+            if self.estimator is not None:
+                self.estimator.load_state_dict(curvature["estimator"])
+        except Exception:
+            self.state, self.param_groups = base_before
+            if estimator_before is not None:
+                self.estimator.load_state_dict(estimator_before)
+            raise
         self._step = int(curvature["step"])
         self._updates = int(curvature["updates"])
         self._refreshes = int(curvature["refreshes"])
         self.skipped_steps = int(curvature["skipped_steps"])
-        if self.estimator is not None:
-            self.estimator.load_state_dict(curvature["estimator"])
         if self.capture is not None:
             self.capture.discard()
             self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)

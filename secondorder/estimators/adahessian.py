@@ -227,7 +227,7 @@ class AdaHessian(torch.optim.Optimizer):
         lr (float, optional): learning rate (default: 0.15, the paper's).
         betas (tuple[float, float], optional): decay of the gradient moment ``m`` and of the
             squared-Hessian moment ``v`` (default: (0.9, 0.999)).
-        eps (float, optional): added to the denominator (default: 1e-4).
+        eps (float, optional): added to the denominator, > 0 (default: 1e-4).
         weight_decay (float, optional): decoupled weight decay, AdamW-style (default: 0).
         hessian_power (float, optional): ``k`` in ``[0, 1]``: the denominator is
             ``(√v̂)^k + eps``; 0 leaves bias-corrected momentum SGD, ``lr·m̂/(1 + eps)``
@@ -243,8 +243,9 @@ class AdaHessian(torch.optim.Optimizer):
             :meth:`state_dict`. None draws a seed from PyTorch's global generator
             (default: 0).
         nonfinite (str, optional): a step whose gradient or Hessian estimate has a NaN/Inf:
-            ``"skip"`` leaves parameters, moments, the last ``D`` and the step count
-            untouched (counted in :attr:`skipped_steps`, with a warning); ``"raise"``
+            ``"skip"`` leaves parameters, moments, the last ``D``, the step count and
+            the probe generator untouched (counted in :attr:`skipped_steps`, with a
+            warning), so the run goes on as if the step had not been tried; ``"raise"``
             raises ``FloatingPointError`` naming the parameters (default: ``"skip"``).
 
     ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``hessian_power`` may differ per param
@@ -323,7 +324,9 @@ class AdaHessian(torch.optim.Optimizer):
             check_number(f"betas[{i}]", beta)
             if beta >= 1.0:
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-        check_number("eps", group["eps"])
+        # > 0: with eps = 0 a coordinate without gradient and curvature (an input that is
+        # always 0, an unused output) would take the step 0/0 = NaN
+        check_number("eps", group["eps"], low_open=True)
         check_number("weight_decay", group["weight_decay"])
         check_number("hessian_power", group["hessian_power"], high=1.0)
         for p in group["params"]:
@@ -420,6 +423,9 @@ class AdaHessian(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("AdaHessian does not support sparse gradients")
                     params.append(p)
+        # A skipped step must not consume probes either: the generator is rewound on a skip,
+        # so that the run goes on exactly as if the step had never been attempted.
+        generator_state = self.generator.get_state()
         try:
             estimate = self._estimate(params)
         finally:
@@ -435,6 +441,7 @@ class AdaHessian(torch.optim.Optimizer):
                 diag = diag.abs()
                 hessians[p] = average_spatial_dims(diag) if self.spatial_average else diag
         if not self._all_finite([p.grad for p in params] + list(hessians.values())):
+            self.generator.set_state(generator_state)
             self._skip_step(params, hessians)
             return loss
 
@@ -547,6 +554,7 @@ class AdaHessian(torch.optim.Optimizer):
             raise ValueError(
                 "this state_dict has no 'adahessian' entry: it was not saved by an AdaHessian"
             )
+        self._check_saved_shapes(state_dict, extra)
         super().load_state_dict(state_dict)
         self._step = int(extra["step"])
         self.skipped_steps = int(extra["skipped_steps"])
@@ -556,3 +564,48 @@ class AdaHessian(torch.optim.Optimizer):
             params[int(i)]: d.to(device=params[int(i)].device, dtype=params[int(i)].dtype)
             for i, d in extra["given"].items()
         }
+
+    def _check_saved_shapes(self, state_dict: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        """``ValueError`` naming the parameter when a saved moment, Hessian estimate or given
+        diagonal does not fit this optimizer's parameter (a state saved from another model:
+        ``torch.optim.Optimizer.load_state_dict`` checks only the number of parameters).
+        Mismatched group sizes are left to it (its message names them)."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"])
+            for saved, group in zip(groups, self.param_groups, strict=True)
+        ):
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in groups for i in g["params"]]
+        saved_state = state_dict.get("state", {})
+
+        def fits(value: Tensor, p: Tensor, broadcast: bool) -> bool:
+            if not broadcast:
+                return tuple(value.shape) == tuple(p.shape)
+            # a spatially averaged estimate keeps size-1 dims
+            return value.dim() == p.dim() and all(
+                v in (1, s) for v, s in zip(value.shape, p.shape, strict=True)
+            )
+
+        def fail(p: Tensor, what: str, value: Tensor) -> None:
+            raise ValueError(
+                f"AdaHessian state has {what} of shape {tuple(value.shape)} for parameter "
+                f"{self._names[p]} of shape {tuple(p.shape)}; was it saved from a different "
+                "model?"
+            )
+
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor):
+                    if not fits(value, p, broadcast=key == "hessian_diag"):
+                        fail(p, f"{key!r}", value)
+        for i, diag in extra.get("given", {}).items():
+            i = int(i)
+            if not 0 <= i < len(params):
+                raise ValueError(
+                    f"AdaHessian state has a given Hessian diagonal for parameter index {i}; "
+                    f"this optimizer has {len(params)} parameters"
+                )
+            if not fits(diag, params[i], broadcast=False):
+                fail(params[i], "a given Hessian diagonal", diag)

@@ -77,6 +77,13 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _round_up(value: float) -> float:
+    """``value`` rounded *up* to one significant digit (a damping named in an error must be
+    at least the bound, and ``f"{value:.1g}"`` can round down)."""
+    exponent = math.floor(math.log10(value))
+    return math.ceil(value / 10.0**exponent) * 10.0**exponent
+
+
 class MFACEstimator(CurvatureEstimator):
     """The dynamic M-FAC window, dot-product matrix and inverse-Fisher products.
 
@@ -195,11 +202,31 @@ class MFACEstimator(CurvatureEstimator):
             return
         if self._chol is not None and self._chol_damping == float(damping):
             return  # neither the window nor the damping changed since the last factorisation
+        self._check_representable(damping)
         chol = mfac_coefficients(self.gram, self.count, damping)
         if not bool(torch.isfinite(chol[..., -1, -1]).all()):
             chol = self._factor_in_float64(damping)  # kept in float64: the solve follows
         self._chol = chol
         self._chol_damping = float(damping)
+
+    def _check_representable(self, damping: float) -> None:
+        """``FloatingPointError`` when ``1/λ`` or ``1/λ²`` (Woodbury's ``x/λ − Wᵀc/λ²``) may
+        overflow the arithmetic: the product's dtype (float32 unless the window is float64)
+        or the parameters' (the direction is cast to it; float32 unless all are float64).
+        No factorisation could help then: the product would fail with an overflow error,
+        divide by zero, or write Inf/NaN into the parameters. The bound is
+        ``10 / sqrt(finfo.max)`` (6e-19 in float32, 8e-154 in float64), with no host sync."""
+        wide = self.config.window_dtype == torch.float64 and all(
+            p.dtype == torch.float64 for p in self._params
+        )
+        dtype = torch.float64 if wide else torch.float32
+        floor = 10.0 * torch.finfo(dtype).max ** -0.5
+        if float(damping) < floor:
+            hint = "" if wide else " (float64 needs a float64 window and float64 parameters)"
+            raise FloatingPointError(
+                f"M-FAC: damping={damping:g} is too small for {str(dtype)[6:]} arithmetic: "
+                f"1/damping² overflows it; use damping >= {_round_up(floor):.1g}{hint}"
+            )
 
     def _factor_in_float64(self, damping: float) -> Tensor:
         """Fallback when ``mI + GGᵀ/λ`` was not numerically positive definite (a float32
@@ -223,7 +250,8 @@ class MFACEstimator(CurvatureEstimator):
             floor = 1e4 * torch.finfo(torch.float64).eps * largest / k
             raise FloatingPointError(
                 f"M-FAC: mI + GGᵀ/λ is not positive definite even in float64 with "
-                f"damping={damping:g} (largest |g|² = {largest:.3g}); use damping >= {floor:.1g}"
+                f"damping={damping:g} (largest |g|² = {largest:.3g}); "
+                f"use damping >= {_round_up(floor):.1g}"
             )
         return chol
 
