@@ -235,6 +235,26 @@ class Communicator:
         counts = mask.tolist()
         return [i for i in range(size) if round(counts[i]) == self.world_size]
 
+    def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Means over ranks of ``tensors`` (new tensors; one collective per dtype)."""
+        sums = self._all_reduce(list(tensors), [False] * len(tensors))
+        return [t / self.world_size for t in sums]
+
+    def same_everywhere(self, values: Tensor) -> bool:
+        """Whether every rank holds the same ``values`` (a small float64 tensor); the same
+        answer on every rank."""
+        flat = values.reshape(-1).to(torch.float64)
+        both = torch.cat([flat, flat.square()]).to(self.device)
+        dist.all_reduce(both, group=self.group)
+        total, squares = both.cpu().split(flat.numel())
+        return bool(torch.allclose(total.square(), squares * self.world_size, rtol=0, atol=1e-9))
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        box = [int(value)]
+        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        return int(box[0])
+
     def _all_reduce(self, tensors: Sequence[Tensor], packed: Sequence[bool]) -> list[Tensor]:
         """Sums over ranks of ``tensors`` (new tensors), one collective per dtype/device;
         ``packed`` ones travel as their upper triangle."""

@@ -18,6 +18,7 @@ OPTIMIZERS = {
     ),
     "adafisher": lambda m, **kw: so.AdaFisher(m, lr=1e-2, curvature_every=1, **kw),
     "mfac": lambda m, **kw: so.MFAC(m, lr=0.05, ngrads=4, damping=0.1, **kw),
+    "adahessian": lambda m, **kw: so.AdaHessian(m, lr=0.05, **kw),
 }
 
 
@@ -50,13 +51,14 @@ def _run(
             continue
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
+        graph = name == "adahessian"  # Hutchinson's Hessian-vector products
         if scaler is None:
-            loss.backward()
+            loss.backward(create_graph=graph)
             if clip:
                 nn.utils.clip_grad_norm_(model.parameters(), 0.5)
             opt.step()
             continue
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward(create_graph=graph)
         if step == overflow_at:
             model[3].weight.grad[0, 0] = float("inf")
         if clip:
@@ -98,12 +100,13 @@ def test_overflow_step_is_skipped_without_leftovers(name: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_unscale_before_step_needs_the_scaler() -> None:
+@pytest.mark.parametrize("name", ["kfac", "adahessian"])
+def test_unscale_before_step_needs_the_scaler(name: str) -> None:
     with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
-        _run("kfac", _scaler(), clip=True)
-    plain, _ = _run("kfac", None, clip=True)
+        _run(name, _scaler(), clip=True)
+    plain, _ = _run(name, None, clip=True)
     scaler = _scaler()
-    clipped, _opt = _run("kfac", scaler, clip=True, pass_scaler=True)
+    clipped, _opt = _run(name, scaler, clip=True, pass_scaler=True)
     for a, b in zip(plain.parameters(), clipped.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._host import to_host
+from ..distributed import Communicator, default_communicator
 from ..optimizer import (
     CurvatureOptimizer,
     Interval,
@@ -247,6 +248,21 @@ class AdaHessian(torch.optim.Optimizer):
             the probe generator untouched (counted in :attr:`skipped_steps`, with a
             warning), so the run goes on as if the step had not been tried; ``"raise"``
             raises ``FloatingPointError`` naming the parameters (default: ``"skip"``).
+        distributed (bool, optional): data-parallel without DDP (which cannot run the
+            double backward): every rank back-propagates its own batch with
+            ``create_graph=True`` and :meth:`step` averages the gradients and the signed
+            Hessian estimates across the ranks of ``process_group``, with the same probes
+            on every rank (the seed is rank 0's), so every rank takes the update of the
+            concatenated batch. Do not wrap the model in ``DistributedDataParallel``.
+            None: when ``torch.distributed`` is initialised with more than one rank
+            (default: None).
+        process_group (ProcessGroup, optional): the ranks to average over (default: all).
+        grad_scaler (torch.amp.GradScaler, optional): only needed when you call
+            ``scaler.unscale_(opt)`` before ``scaler.step(opt)``: AdaHessian supports AMP
+            scaling itself (``scaler.step`` hands it the scale; it unscales the gradients
+            and the Hessian-vector products and skips overflow steps, counted in
+            :attr:`skipped_steps` without a warning), but after ``unscale_`` the
+            gradients' graph still carries the scale (default: None).
 
     ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``hessian_power`` may differ per param
     group.
@@ -278,6 +294,9 @@ class AdaHessian(torch.optim.Optimizer):
         spatial_average: bool = True,
         seed: int | None = 0,
         nonfinite: str = "skip",
+        distributed: bool | None = None,
+        process_group: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if isinstance(model_or_params, nn.Module):
             module: nn.Module | None = model_or_params
@@ -307,12 +326,24 @@ class AdaHessian(torch.optim.Optimizer):
         elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
 
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
+        self.comm: Communicator | None = default_communicator(distributed, process_group)
+        if self.comm is not None:
+            seed = self.comm.broadcast_int(int(seed))  # the same probes on every rank
+
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._names = CurvatureOptimizer._param_names(module, all_params)
         self.generator = torch.Generator(device=all_params[0].device).manual_seed(int(seed))
         self.skipped_steps = 0
         self._step = 0
         self._given: dict[Tensor, Tensor] = {}  # set_hessian_diagonal, for the next step
+
+    #: ``torch.amp.GradScaler.step`` hands the scale and overflow flag to ``step``
+    _step_supports_amp_scaling = True
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
@@ -423,6 +454,14 @@ class AdaHessian(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("AdaHessian does not support sparse gradients")
                     params.append(p)
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        if found_inf is not None and float(found_inf) > 0:
+            for p in params:  # an overflow step: release the graph, take no step
+                if p.grad.requires_grad:
+                    p.grad = p.grad.detach()
+            self.skipped_steps += 1
+            return loss
+        scale = self._loss_scale(found_inf is not None)
         # A skipped step must not consume probes either: the generator is rewound on a skip,
         # so that the run goes on exactly as if the step had never been attempted.
         generator_state = self.generator.get_state()
@@ -433,6 +472,15 @@ class AdaHessian(torch.optim.Optimizer):
             for p in params:
                 if p.grad.requires_grad:
                     p.grad = p.grad.detach()
+        if found_inf is not None:
+            grad_scale = getattr(self, "grad_scale", None)
+            for p in params:
+                if grad_scale is not None:
+                    p.grad.mul_(1.0 / grad_scale.to(device=p.grad.device, dtype=p.grad.dtype))
+                if p in estimate and p not in self._given:
+                    estimate[p] = estimate[p] / scale
+        if self.comm is not None:
+            self._average_across_ranks(params, estimate)
 
         hessians: dict[Tensor, Tensor] = {}
         for p in params:
@@ -477,6 +525,38 @@ class AdaHessian(torch.optim.Optimizer):
         self._given.clear()
         self._step += 1
         return loss
+
+    def _loss_scale(self, scaled: bool) -> float:
+        """The loss scale the gradients' graph carries (1 outside a GradScaler step)."""
+        if not scaled:
+            return 1.0
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            return float(grad_scale)
+        if self.grad_scaler is None:
+            raise RuntimeError(
+                "AdaHessian: the gradients were unscaled by scaler.unscale_(opt), but their "
+                "graph (the Hessian-vector products) still carries the loss scale: pass the "
+                "scaler to the optimizer, AdaHessian(model, ..., grad_scaler=scaler)"
+            )
+        return float(self.grad_scaler.get_scale())
+
+    def _average_across_ranks(self, params: list[Tensor], estimate: dict[Tensor, Tensor]) -> None:
+        """Average the gradients and the signed estimates over the ranks, in place."""
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        layout = torch.zeros(2, len(index), dtype=torch.float64)
+        for p in params:
+            layout[0, index[p]] = 1.0
+            layout[1, index[p]] = float(p in estimate)
+        if not self.comm.same_everywhere(layout):
+            raise RuntimeError(
+                "AdaHessian (distributed): the ranks disagree on which parameters have a "
+                "gradient or a Hessian estimate at this step; every rank must run the same "
+                "model on its own batch"
+            )
+        values = [p.grad for p in params] + [estimate[p] for p in params if p in estimate]
+        for tensor, mean in zip(values, self.comm.average(values), strict=True):
+            tensor.copy_(mean)
 
     def _estimate(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
         """The signed diagonal estimates this step uses: the given ones, and Hutchinson's

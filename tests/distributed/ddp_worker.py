@@ -74,6 +74,8 @@ def make_optimizer(name: str, model: nn.Module):
         return so.AdaFisher(model, lr=1e-2, **wide)
     if name == "adafisherw":
         return so.AdaFisherW(model, lr=1e-2, **wide)
+    if name == "adahessian":  # averages gradients and Hessian estimates itself (no DDP)
+        return so.AdaHessian(model, lr=0.05)
     if name == "mfac":
         return so.MFAC(model.parameters(), lr=0.1, ngrads=4, damping=0.1)
     raise ValueError(name)
@@ -111,7 +113,7 @@ def train(name: str, rank: int, world_size: int) -> tuple[nn.Module, object]:
         torch.cuda.set_device(device)
     model = model.to(device)
     net: nn.Module = model
-    if world_size > 1:
+    if world_size > 1 and name != "adahessian":  # DDP cannot run a double backward
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=partial)
     opt = make_optimizer("kfac" if partial else name, model)
     per_rank = GLOBAL_BATCH // world_size
@@ -135,7 +137,7 @@ def train(name: str, rank: int, world_size: int) -> tuple[nn.Module, object]:
         else:
             xs = x[rank * per_rank : (rank + 1) * per_rank]
             ys = y[rank * per_rank : (rank + 1) * per_rank]
-            F.cross_entropy(net(xs), ys).backward()
+            F.cross_entropy(net(xs), ys).backward(create_graph=name == "adahessian")
         opt.step()
     return model, opt
 

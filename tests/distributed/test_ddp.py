@@ -23,6 +23,7 @@ OPTS = [
     "adafisher",
     "adafisherw",
     "mfac",
+    "adahessian",
     "kfac-partial",
 ]
 
