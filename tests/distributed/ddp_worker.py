@@ -102,8 +102,12 @@ def train(name: str, rank: int, world_size: int) -> tuple[nn.Module, object]:
 
     ``kfac-partial``: at odd steps rank 0 runs head ``a`` and the others head ``b``, so
     each head's layer is recorded on some ranks only (in one process: both heads, each on
-    half of the batch)."""
+    half of the batch). ``kfac-amp``: K-FAC in a GradScaler loop (a power-of-two scale,
+    exact), which must give K-FAC's parameters."""
     partial = name == "kfac-partial"
+    scaler = None
+    if name == "kfac-amp":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
     model = TwoHeads() if partial else make_model()
     if os.environ.get("DDP_FLOAT64"):
         model = model.double()
@@ -115,7 +119,7 @@ def train(name: str, rank: int, world_size: int) -> tuple[nn.Module, object]:
     net: nn.Module = model
     if world_size > 1 and name != "adahessian":  # DDP cannot run a double backward
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=partial)
-    opt = make_optimizer("kfac" if partial else name, model)
+    opt = make_optimizer("kfac" if partial or scaler else name, model)
     per_rank = GLOBAL_BATCH // world_size
     dtype = next(model.parameters()).dtype
     for step, (x, y) in enumerate(batches()):
@@ -137,7 +141,13 @@ def train(name: str, rank: int, world_size: int) -> tuple[nn.Module, object]:
         else:
             xs = x[rank * per_rank : (rank + 1) * per_rank]
             ys = y[rank * per_rank : (rank + 1) * per_rank]
-            F.cross_entropy(net(xs), ys).backward(create_graph=name == "adahessian")
+            loss = F.cross_entropy(net(xs), ys)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                continue
+            loss.backward(create_graph=name == "adahessian")
         opt.step()
     return model, opt
 
