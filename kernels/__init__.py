@@ -7,6 +7,11 @@ forces the references everywhere.
 
 from ._triton import HAS_TRITON
 from .adafisher import adafisher_update, adafisher_update_reference, adafisher_update_triton
+from .conv_factor import (
+    conv2d_factor_update,
+    conv2d_factor_update_reference,
+    conv2d_factor_update_triton,
+)
 from .factor import (
     symmetric_factor_update,
     symmetric_factor_update_reference,
@@ -29,6 +34,9 @@ __all__ = [
     "adafisher_update",
     "adafisher_update_reference",
     "adafisher_update_triton",
+    "conv2d_factor_update",
+    "conv2d_factor_update_reference",
+    "conv2d_factor_update_triton",
     "mfac_coefficients",
     "mfac_coefficients_reference",
     "mfac_coefficients_triton",

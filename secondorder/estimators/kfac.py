@@ -183,6 +183,20 @@ class KFACEstimator(CurvatureEstimator):
                 beta = 1.0
             symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
             acc.rows += layer.rows_count(inputs)
+        elif hasattr(layer, "a_factor_update"):
+            # convolutions: A without the patch matrix of the whole input
+            if acc is None:
+                dtype = self.config.stat_dtype
+                acc = KroneckerStats(
+                    a_sum=g.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
+                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+                )
+                beta = 0.0
+            else:
+                beta = 1.0
+            layer.a_factor_update(inputs, acc.a_sum, beta=beta)
+            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+            acc.rows += g.shape[1]  # one output-gradient row per patch
         else:
             acc = self._accumulate_rows(layer, layer.a_rows(inputs), g, acc)
         acc.examples += layer.batch_size(inputs)

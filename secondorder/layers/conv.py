@@ -15,9 +15,12 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import symmetric_factor_update
+from ..kernels.conv_factor import CHUNK_ELEMENTS, conv2d_factor_update
 from .base import LayerHelper
 
 
@@ -74,6 +77,41 @@ class _ConvNdHelper(LayerHelper):
         length = math.prod(x.shape[1 : 1 + n])
         patches = x.reshape(b * length, m.groups, self._patch_size)
         return self.append_ones(patches.transpose(0, 1))
+
+    def a_factor_update(self, inputs: Tensor, a: Tensor, *, beta: float) -> None:
+        """``a <- beta a + Σ_rows ã ãᵀ`` (``a`` is ``(groups, a_dim, a_dim)``) without the
+        patch matrix of the whole input: Conv1d/Conv2d go through
+        :func:`~secondorder.kernels.conv_factor.conv2d_factor_update` (the implicit-im2col
+        Triton kernel on GPU, patches of a few examples at a time on the CPU), after
+        applying non-zero padding modes and asymmetric ('same') padding to the input;
+        Conv3d folds in the patches of a chunk of examples at a time."""
+        m = self.module
+        x = self._batched(inputs)
+        if self.spatial_dims == 3 or self.zero_bias_column:
+            per_example = math.prod(x.shape[2:]) * self.a_dim * m.groups
+            step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+            for start in range(0, x.shape[0], step):
+                rows = self.a_rows(x[start : start + step])
+                symmetric_factor_update(a, rows, beta=beta if start == 0 else 1.0)
+            if x.shape[0] == 0:  # no rows: only the decay
+                a.copy_(a * beta if beta else torch.zeros_like(a))
+            return
+        pad = list(m._reversed_padding_repeated_twice)  # (last dim left, right, ...)
+        if m.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
+            padding = tuple(pad[::-2])  # implicit: masked loads, no padded copy
+        else:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+            padding = (0,) * self.spatial_dims
+        kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
+        if self.spatial_dims == 1:  # a 1 x k convolution over a height of 1
+            x = x.unsqueeze(2)
+            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+            padding = (0, *padding)
+        conv2d_factor_update(
+            a, x, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
+            groups=m.groups, bias=self.has_bias, beta=beta,
+        )  # fmt: skip
 
     def g_rows(self, grad_output: Tensor) -> Tensor:
         g = self._batched(grad_output)
