@@ -5,7 +5,9 @@ Times per step (the factorisation of the ``m x m`` system is redone every step, 
 estimator does when the window changes):
 
 * ``kernels``: ``mfac_coefficients`` (Cholesky of ``mI + GGᵀ/λ``) + ``mfac_ihvp`` (two
-  passes over ``G``); also ``ihvp`` alone and the bandwidth its two window passes reach;
+  passes over ``G``); also ``ihvp`` alone and the bandwidth its two window passes reach,
+  against the *roofline*: the bandwidth of one streaming read of the window on the same
+  device (``window.sum()``), so ``roofline`` is the fraction of it the IHVP achieves;
 * ``dense``: ``torch.linalg.solve(λI + GᵀG/m, x)``, forming the ``d x d`` matrix (O(d³):
   skipped above ``--dense-max-d``);
 * ``recursion``: the paper's reference scheme, written here from its description in
@@ -124,6 +126,10 @@ def _row(m: int, d: int, args: argparse.Namespace, check: bool) -> str:
     t_ihvp = _time(ihvp, device, args.repeats, args.budget)
     t_kernels = _time(kernels, device, args.repeats, args.budget)
     gbs = 2 * window.numel() * window.element_size() / (t_ihvp * 1e-3) / 1e9
+    # the roofline: what one streaming read of the window achieves on this device (a sum
+    # reduction reads every byte once and computes almost nothing)
+    t_read = _time(lambda: window.sum(dtype=torch.float32), device, args.repeats, args.budget)
+    read_gbs = window.numel() * window.element_size() / (t_read * 1e-3) / 1e9
     dense = "-"
     if d <= args.dense_max_d:
         dense = f"{_time(dense_solve, device, 3, args.budget):.2f}"
@@ -132,7 +138,7 @@ def _row(m: int, d: int, args: argparse.Namespace, check: bool) -> str:
         rec = f"{_time(recursion, device, 3, args.budget):.2f}"
     return (
         f"{m:>5} {d:>7} {t_coeff:9.3f} {t_ihvp:9.3f} {t_kernels:10.3f} {gbs:9.1f} "
-        f"{dense:>9} {rec:>12}"
+        f"{read_gbs:9.1f} {100 * gbs / read_gbs:9.0f}% {dense:>9} {rec:>12}"
     )
 
 
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'m':>5} {'d':>7} {'coeff ms':>9} {'ihvp ms':>9} {'kernels ms':>10} "
-        f"{'ihvp GB/s':>9} {'dense ms':>9} {'recursion ms':>12}"
+        f"{'ihvp GB/s':>9} {'read GB/s':>9} {'roofline':>10} {'dense ms':>9} "
+        f"{'recursion ms':>12}"
     )
     sizes = [(int(m), int(d)) for m in args.m.split(",") for d in args.d.split(",")]
     for i, (m, d) in enumerate(sizes):
