@@ -152,7 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (median shown)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker")
+    parser.add_argument(
+        "--layers",
+        default="stem,layer1,layer2,layer3,layer4",
+        help="comma-separated subset of stem, layer1..layer4",
+    )
     args = parser.parse_args(argv)
+    known = {name.split()[0]: (name, *rest) for name, *rest in LAYERS}
+    chosen = args.layers.split(",")
+    if not chosen or any(c not in known for c in chosen):
+        raise SystemExit(f"--layers: choose from {', '.join(known)}, got {args.layers!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     if args.batch < 1 or args.repeats < 1:
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| layer | input MiB | method | ms | peak MiB | peak vs unfold |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, c, hw, k, s in LAYERS:
+        for name, c, hw, k, s in (known[c] for c in chosen):
             results = {}
             for method in methods:
                 spec = {

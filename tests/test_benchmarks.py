@@ -1,0 +1,44 @@
+"""The benchmark scripts on tiny settings: they check their own methods against each other
+(and exit non-zero when they disagree), and print the table the README and RESULTS quote."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_conv_factor_methods_agree_and_report_memory():
+    out = _run("bench_conv_factor.py", "--batch", "4", "--layers", "stem,layer4",
+               "--repeats", "1", "--threads", "1")  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| stem") or "layer4" in line]
+    assert [r.split("|")[3].strip() for r in rows] == ["unfold", "rows", "lean"] * 2
+    for row in rows:
+        ms, peak = (float(v) for v in row.split("|")[4:6])
+        assert ms > 0 and peak >= 0
+
+
+def test_conv_factor_rejects_unknown_layers():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_conv_factor.py"), "--layers", "layer9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--layers: choose from" in proc.stderr
+
+
+def test_mfac_bandwidth_against_the_roofline():
+    out = _run("bench_mfac.py", "--m", "32", "--d", "2000", "--repeats", "2", "--budget", "0.5")
+    line = out.strip().splitlines()[-1].split()
+    ihvp_gbs, read_gbs, roofline = float(line[5]), float(line[6]), float(line[7].rstrip("%"))
+    assert ihvp_gbs > 0 and read_gbs > 0
+    assert abs(roofline - 100 * ihvp_gbs / read_gbs) < 1
