@@ -227,6 +227,8 @@ class AdaFisherEstimator(CurvatureEstimator):
         if layer.a_diagonal:
             a_sq = layer.a_diag_sum(inputs).to(dtype)  # one-hot rows: ã² = ã
             rows = layer.rows_count(inputs)
+        elif hasattr(layer, "a_square_sum"):  # convolutions: no patch matrix
+            a_sq, rows = layer.a_square_sum(inputs.to(dtype))
         else:
             a = layer.a_rows(inputs)
             rows = a.shape[1]

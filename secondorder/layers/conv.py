@@ -12,6 +12,7 @@ independent blocks.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import ClassVar
 
@@ -112,6 +113,38 @@ class _ConvNdHelper(LayerHelper):
             a, x, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
             groups=m.groups, bias=self.has_bias, beta=beta,
         )  # fmt: skip
+
+    def a_square_sum(self, inputs: Tensor) -> tuple[Tensor, int]:
+        """``(Σ_rows ã², rows)``: the diagonal of ``A``'s sum, ``(groups, a_dim)``, and the
+        number of rows, without building the patches: for each kernel offset one strided
+        sum of the squared (padded) input over the examples and output positions."""
+        m = self.module
+        x = self._batched(inputs)
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        sq = x.square()
+        spatial = x.shape[2:]
+        out = [
+            (size - dil * (k - 1) - 1) // s + 1
+            for size, k, s, dil in zip(spatial, m.kernel_size, m.stride, m.dilation, strict=True)
+        ]
+        sums = []
+        for offset in itertools.product(*(range(k) for k in m.kernel_size)):
+            cuts = [
+                slice(o * dil, o * dil + s * (n - 1) + 1, s)
+                for o, s, dil, n in zip(offset, m.stride, m.dilation, out, strict=True)
+            ]
+            window = sq[(slice(None), slice(None), *cuts)]
+            sums.append(window.sum(dim=(0, *range(2, window.dim()))))
+        # (C, offsets) -> (groups, C/groups * offsets): channel-major, as the weight
+        diag = torch.stack(sums, dim=1).reshape(m.groups, -1)
+        rows = x.shape[0] * math.prod(out)
+        if self.has_bias:
+            bias = diag.new_full((m.groups, 1), 0.0 if self.zero_bias_column else float(rows))
+            diag = torch.cat([diag, bias], dim=1)
+        return diag, rows
 
     def g_rows(self, grad_output: Tensor) -> Tensor:
         g = self._batched(grad_output)

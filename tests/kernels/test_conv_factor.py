@@ -163,3 +163,15 @@ def test_lean_path_allocates_about_the_input_not_nine_times_it():
     unfold = _biggest_allocation(lambda: layer.a_rows(x))
     assert unfold >= 9 * input_bytes  # the patch matrix: k² times the input
     assert lean <= 1.2 * input_bytes  # one chunk of patches, no bigger than the input
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
+def test_helper_square_sum_equals_its_rows(conv):
+    """AdaFisher's diagonal Σ_rows ã² by strided sums, against the patch rows."""
+    helper = {1: Conv1dHelper, 2: Conv2dHelper, 3: Conv3dHelper}[conv.weight.dim() - 2]
+    layer = helper(conv.double(), "conv")
+    x = torch.randn(3, conv.in_channels, *([7] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    rows = layer.a_rows(x)
+    diag, count = layer.a_square_sum(x)
+    assert count == rows.shape[1]
+    torch.testing.assert_close(diag, rows.square().sum(1), rtol=1e-12, atol=1e-12)
