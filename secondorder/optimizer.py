@@ -39,6 +39,8 @@ from .layers import LayerHelper
 Schedule = float | Callable[[int], float]
 #: an interval in steps, or a function of the step returning one
 Interval = int | Callable[[int], int]
+#: when curvature is used: None (always), a predicate of the step, or (start, stop) step ranges
+UseCurvature = Callable[[int], bool] | Iterable[tuple[int, int | None]] | None
 #: builds the estimator from the covered layers and the optimizer's parameters
 EstimatorFactory = Callable[[list[LayerHelper], list[nn.Parameter]], CurvatureEstimator]
 
@@ -81,6 +83,47 @@ def check_interval(name: str, value: Any) -> Interval:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int or a callable of the step, got {value!r}")
     return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_use_curvature(
+    value: Any,
+) -> Callable[[int], bool] | tuple[tuple[int, int | None], ...] | None:
+    """Accept None, a callable of the step, or ``(start, stop)`` step ranges (stop
+    exclusive, None for an open end); ranges come back as a tuple of int pairs."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(
+            "use_curvature must be None, a callable of the step returning a bool, or a list "
+            f"of (start, stop) step ranges, got {type(value).__name__}"
+        )
+    ranges = []
+    for item in value:
+        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"use_curvature: each range must be a (start, stop) pair, got {item!r}")
+        start, stop = item
+        if not _is_int(start) or (stop is not None and not _is_int(stop)):
+            raise TypeError(
+                f"use_curvature: start must be an int and stop an int or None, got {item!r}"
+            )
+        if start < 0:
+            raise ValueError(f"use_curvature: start must be >= 0, got {item!r}")
+        if stop is not None and stop <= start:
+            raise ValueError(
+                f"use_curvature: stop must be > start (stop is exclusive; None for an open "
+                f"end), got {item!r}"
+            )
+        ranges.append((int(start), None if stop is None else int(stop)))
+    if not ranges:
+        raise ValueError(
+            "use_curvature: an empty list of ranges never uses curvature; "
+            "use precondition=False for a plain base optimizer"
+        )
+    return tuple(ranges)
 
 
 def resolve_schedule(name: str, value: Schedule, step: int, *, low_open: bool = False) -> float:
@@ -257,6 +300,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         precondition (bool, optional): False switches curvature off entirely: no hooks,
             no statistics, and the optimizer reproduces ``torch.optim.SGD`` / ``Adam`` /
             ``AdamW`` exactly (default: True).
+        use_curvature (None, callable or list of pairs, optional): when the curvature is
+            used, by step (0-based, skipped steps not counted): None, always; a callable
+            ``step -> bool`` (a pure function of the step: it is also asked about the
+            step before); or ``(start, stop)`` step ranges, ``stop`` exclusive and None
+            for an open end (LBANN's ``kfac_use_interval``). At a step where it is off,
+            nothing is recorded, updated or refreshed, and the step is the plain base
+            update on the raw gradient (for the K-FAC family and M-FAC exactly
+            ``torch.optim.SGD`` / ``Adam`` / ``AdamW``'s arithmetic; AdaFisher takes its
+            ``precondition=False`` update, ``F̃ = 1 + λ``). At the first step of a range
+            that follows an off step, the curvature resumes: with no statistics yet, that
+            step records and absorbs them whatever ``curvature_every`` says, then refreshes;
+            otherwise the inverses are refreshed (current damping) before they precondition
+            it. The other schedules keep counting the global step. Also settable later as
+            :attr:`use_curvature` (default: None).
         distributed (bool, optional): reduce the curvature statistics across the ranks of
             ``process_group`` and share the refreshes out (:mod:`secondorder.distributed`);
             the model must be trained data-parallel (DDP), so that every rank has the
@@ -326,6 +383,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         likelihood: str | None = None,
         likelihood_sigma: float | None = None,
         precondition: bool = True,
+        use_curvature: UseCurvature = None,
         distributed: bool | None = None,
         process_group: Any = None,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -354,6 +412,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.likelihood_sigma = 1.0 if likelihood_sigma is None else float(likelihood_sigma)
         if not isinstance(precondition, bool):
             raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
+        self._use_curvature = check_use_curvature(use_curvature)
 
         self.skipped_steps = 0
         self._step = 0
@@ -397,7 +456,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.capture = ModelCapture(
                     layers, self.estimator.accumulate, record_in_eval=record_in_eval, model=module
                 )
-                self.capture.recording = is_due("curvature_every", self.curvature_every, 0)
+                self.capture.recording = self._records_at(0)
                 if fisher_type == "mc":
                     # only sample_fisher's pass feeds the statistics, not the user's backward
                     self.capture.accept = self._accepting_sampled_gradients
@@ -428,6 +487,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.estimator.comm = self.comm
         elif distributed:
             raise ValueError("distributed=True needs curvature (precondition=True)")
+        if self.estimator is None and self._use_curvature is not None:
+            raise ValueError("use_curvature needs curvature (precondition=True)")
 
         covered = set(self.estimator.params) if self.estimator is not None else set()
         self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
@@ -562,6 +623,58 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Number of steps taken (skipped steps excluded)."""
         return self._step
 
+    @property
+    def use_curvature(self) -> UseCurvature:
+        """When the curvature is used (see the constructor's ``use_curvature``); ranges
+        read back as a tuple of ``(start, stop)`` pairs. Assigning a new schedule between
+        steps takes effect at the next step."""
+        return self._use_curvature
+
+    @use_curvature.setter
+    def use_curvature(self, value: UseCurvature) -> None:
+        checked = check_use_curvature(value)
+        if self.estimator is None and checked is not None:
+            raise ValueError("use_curvature needs curvature (precondition=True)")
+        previous, self._use_curvature = self._use_curvature, checked
+        try:
+            recording = self._records_at(self._step)  # a callable is checked here
+        except Exception:
+            self._use_curvature = previous
+            raise
+        if self.capture is not None:
+            self.capture.recording = recording
+
+    def curvature_on(self, step: int | None = None) -> bool:
+        """Whether :attr:`use_curvature` switches the curvature on at ``step`` (default:
+        the coming step); True at every step without a schedule."""
+        step = self._step if step is None else step
+        schedule = self._use_curvature
+        if schedule is None:
+            return True
+        if callable(schedule):
+            on = schedule(step)
+            if not isinstance(on, bool):
+                raise TypeError(f"use_curvature({step}) must return a bool, got {on!r}")
+            return on
+        return any(start <= step and (stop is None or step < stop) for start, stop in schedule)
+
+    def _resumes_at(self, step: int) -> bool:
+        """``step`` is the first of an on-range that follows an off step."""
+        return (
+            self._use_curvature is not None
+            and step > 0
+            and self.curvature_on(step)
+            and not self.curvature_on(step - 1)
+        )
+
+    def _records_at(self, step: int) -> bool:
+        """Whether the passes before ``step`` must be recorded."""
+        if not self.curvature_on(step):
+            return False
+        return is_due("curvature_every", self.curvature_every, step) or (
+            self._updates == 0 and self._resumes_at(step)
+        )
+
     def current_damping(self) -> float:
         """The damping the next step will use."""
         return resolve_schedule("damping", self.damping, self._step, low_open=True)
@@ -600,11 +713,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
 
         k = self._step
-        l2_first = (
-            self.l2_before_precondition
-            and self.estimator is not None
-            and not self.decoupled_weight_decay
-        )
+        curvature = self.estimator is not None and self.curvature_on(k)
+        l2_first = self.l2_before_precondition and curvature and not self.decoupled_weight_decay
         if l2_first:
             for group in self.param_groups:
                 if group["weight_decay"] != 0:
@@ -612,15 +722,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         if p in grads:
                             grads[p] = grads[p].add(p, alpha=group["weight_decay"])
         directions: Mapping[Tensor, Tensor] = grads
-        if self.estimator is not None:
+        if curvature:
             directions = self._precondition(k, grads)
+        elif self.capture is not None:
+            self.capture.discard()  # curvature off (use_curvature): nothing is absorbed
 
         for group in self.param_groups:
             self._base_step(group, directions, skip_l2=l2_first)
 
         self._step += 1
         if self.capture is not None:
-            self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)
+            self.capture.recording = self._records_at(self._step)
         return loss
 
     # ---- Monte-Carlo Fisher ---------------------------------------------------------------
@@ -746,9 +858,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         est = self.estimator
         damping = resolve_schedule("damping", self.damping, k, low_open=True)
         updated = False
+        # use_curvature: the first step after an off stretch records the first statistics
+        # if there are none yet, and refreshes the inverses before they are used
+        resumed = self._resumes_at(k)
+        first = resumed and self._updates == 0
         if self.capture is not None:
             stats = self.capture.collect()
-            due = is_due("curvature_every", self.curvature_every, k)
+            due = is_due("curvature_every", self.curvature_every, k) or first
             if stats and self._stat_scale != 1.0:
                 scale_output_statistics(stats, self._stat_scale**-2)
             if self.comm is not None and due:
@@ -758,13 +874,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if stats and due:
                 est.update(stats)
                 updated = True
-        elif is_due("curvature_every", self.curvature_every, k):
+        elif is_due("curvature_every", self.curvature_every, k) or first:
             est.update(grads)
             updated = True
         self._updates += updated
         # Refresh on schedule, and right after the first update whenever it comes (the
         # first recorded pass may be late: a model in eval mode at first, say).
-        if is_due("inverse_every", self.inverse_every, k) or (updated and self._refreshes == 0):
+        if (
+            is_due("inverse_every", self.inverse_every, k)
+            or (updated and self._refreshes == 0)
+            or resumed
+        ):
             est.refresh(damping)
             self._refreshes += self._updates > 0
         pre = est.precondition(grads, damping)
@@ -891,7 +1011,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(curvature["skipped_steps"])
         if self.capture is not None:
             self.capture.discard()
-            self.capture.recording = is_due("curvature_every", self.curvature_every, self._step)
+            self.capture.recording = self._records_at(self._step)
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model (the optimizer then only preconditions

@@ -37,10 +37,13 @@ from typing import Any
 
 import torch
 
+from ..optimizer import check_use_curvature
 from .optimizers import OPTIMIZERS, OptimizerSpec
 from .report import add_overheads, add_targets, format_table, machine_info, write_results
 from .runner import (
     RunConfig,
+    load_initial_weights,
+    parse_epoch_ranges,
     preflight,
     resolve_optimizers,
     resolve_task,
@@ -66,6 +69,20 @@ def _positive(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _epoch_ranges(
+    value: str | Sequence[tuple[int, int | None]],
+) -> tuple[tuple[int, int | None], ...]:
+    if isinstance(value, str):
+        return parse_epoch_ranges(value)
+    try:
+        ranges = check_use_curvature(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc).replace("use_curvature", "curvature_epochs")) from None
+    if not isinstance(ranges, tuple):
+        raise ValueError("curvature_epochs must be epoch ranges, not a callable")
+    return ranges
+
+
 def run_bench(
     opts: str | Sequence[str],
     task: str = DEFAULT_TASK,
@@ -81,6 +98,9 @@ def run_bench(
     isolate: bool = True,
     target: float | None = None,
     plots: bool = True,
+    init: str | os.PathLike[str] | None = None,
+    curvature_epochs: str | Sequence[tuple[int, int | None]] | None = None,
+    record_every: int | None = None,
 ) -> dict[str, Any]:
     """Train ``task``'s model with each optimizer in ``opts`` and return the measurements.
 
@@ -104,6 +124,16 @@ def run_bench(
             ``target``; None where the task has none).
         plots: write ``loss_vs_step.png`` and ``loss_vs_time.png`` into ``out`` (needs
             matplotlib; skipped with a warning without it).
+        init: start every run from the weights of this checkpoint (a ``torch.save``'d
+            ``state_dict`` of the task's model, or a :func:`secondorder.prune.save_checkpoint`
+            file) instead of the seeded initial weights.
+        curvature_epochs: epoch ranges in which the optimizers with curvature use it, as
+            ``"0:2,5:"`` or ``[(0, 2), (5, None)]`` (0-based, stop exclusive, None / empty for
+            an open end); outside them they take their base update (see
+            ``CurvatureOptimizer.use_curvature``). Optimizers without curvature ignore it.
+        record_every: record every run's flattened weights every this many steps (and before
+            the first and after the last step) as ``results[name]["trajectory"]``, saved to
+            ``trajectories.pt`` in ``out`` (not to ``results.json``); None: not recorded.
 
     Returns:
         ``{"config": {...}, "results": {name: {"hparams", "summary", "curves", "steps"}}}``,
@@ -113,15 +143,27 @@ def run_bench(
         the others still run.
 
     Raises:
-        ValueError: an unknown task or optimizer, a non-positive epochs / batch size / threads,
+        ValueError: an unknown task or optimizer, a non-positive epochs / batch size / threads /
+            record_every, a checkpoint that does not fit the task's model, bad epoch ranges
+            or epoch ranges with no optimizer that has curvature,
             a target that is not a finite number, an override for an optimizer not in ``opts``,
             an unusable device, or an optimizer
             that cannot be built with its hyperparameters (checked before anything trains).
     """
     names = resolve_optimizers(opts)
     the_task: Task = resolve_task(task)
-    for arg, value in (("epochs", epochs), ("batch_size", batch_size), ("threads", threads)):
+    for arg, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("threads", threads),
+        ("record_every", record_every),
+    ):
         _positive(arg, value)
+    if init is not None:
+        init = os.fspath(init)
+        load_initial_weights(the_task.build_model(seed), init)  # fails here, not mid-run
+    if curvature_epochs is not None:
+        curvature_epochs = _epoch_ranges(curvature_epochs)
     if target is None:
         target = the_task.target
     elif (
@@ -154,9 +196,20 @@ def run_bench(
         device=str(dev),
         threads=threads,
         quiet=quiet,
+        init=init,
+        curvature_epochs=curvature_epochs,
+        record_every=record_every,
     )
     hparams = {name: task_hparams(the_task, name, overrides.get(name)) for name in names}
     preflight(the_task, hparams)
+    if curvature_epochs is not None and not any(
+        getattr(OPTIMIZERS[name].build(the_task.build_model(0), **hparams[name]), "estimator", None)
+        is not None
+        for name in names
+    ):
+        raise ValueError(
+            f"curvature epochs given, but none of {', '.join(names)} has curvature to switch"
+        )
 
     started = time.perf_counter()
     runs: dict[str, Any] = {}
@@ -190,6 +243,11 @@ def run_bench(
             "device": config.device,
             "threads": threads,
             "isolate": isolate,
+            "init": init,
+            "curvature_epochs": None
+            if curvature_epochs is None
+            else [list(r) for r in curvature_epochs],
+            "record_every": record_every,
             "optimizers": names,
             "hparams": hparams,
             "torch_version": torch.__version__,

@@ -15,7 +15,7 @@ from . import run_bench
 from .config import format_grid_table, load_experiment, run_experiment
 from .optimizers import OPTIMIZERS, parse_override
 from .report import format_table
-from .runner import resolve_optimizers, resolve_task
+from .runner import parse_epoch_ranges, resolve_optimizers, resolve_task
 from .tasks import DEFAULT_TASK, TASKS, set_data_dir
 
 
@@ -75,6 +75,7 @@ def _catalogue() -> str:
         "  python -m secondorder.bench --opt sgd,kfac --task digits-cnn --epochs 10\n"
         "  python -m secondorder.bench --opt kfac --set kfac.damping=1e-2 --set kfac.lr=0.1\n"
         "  python -m secondorder.bench --config configs/mfac_window_grid.yaml --epochs 1\n"
+        "  python -m secondorder.bench --opt sgd,kfac --curvature-epochs 5: --init ckpt.pt\n"
     )
 
 
@@ -171,6 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
         "does not take reaches its constructor, which rejects it; NAME must be among --opt",
     )
     parser.add_argument(
+        "--init",
+        type=Path,
+        metavar="CKPT",
+        help="start every run from the weights in this checkpoint instead of the seeded initial "
+        "weights: a torch.save'd state_dict of the task's model, or a secondorder.prune "
+        "checkpoint ({'model': state_dict, 'masks': ...}; the masks are not applied). A "
+        "checkpoint that does not fit the model is an error naming the keys and shapes",
+    )
+    parser.add_argument(
+        "--curvature-epochs",
+        type=_as_type(parse_epoch_ranges),
+        metavar="RANGES",
+        help="epochs in which the optimizers with curvature (kfac, ekfac, twolevel, mfac, "
+        "adam-mfac, adafisher, adafisherw) use it, as comma-separated START:STOP ranges, 0-based "
+        "with STOP exclusive like Python slices, either end may be empty: '0:5' the first five "
+        "epochs, '5:' from the sixth on, '0:2,6:' two ranges. Outside them they take their "
+        "first-order base update on the raw gradient (AdaFisher: F̃ = 1 + λ) "
+        "and record no statistics (CurvatureOptimizer.use_curvature, in steps: epoch e is "
+        "steps [e*S, (e+1)*S) with S steps per epoch). Default: every epoch",
+    )
+    parser.add_argument(
+        "--record-every",
+        type=_as_type(_positive_int),
+        metavar="K",
+        help="record each run's flattened weights before training, every K steps and after the "
+        "last step, saved to trajectories.pt (for loss-landscape pictures, see python -m "
+        "secondorder.analysis); costs 4 bytes x parameters per record (default: off)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
@@ -236,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             quiet=args.quiet,
             isolate=args.isolate,
+            init=args.init,
+            curvature_epochs=args.curvature_epochs,
+            record_every=args.record_every,
         )
     except ValueError as exc:
         parser.error(" ".join(str(exc).split()))
@@ -256,6 +289,9 @@ def _main_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             ("--opt", args.opt),
             ("--set", args.overrides or None),
             ("--seed", args.seed),
+            ("--init", args.init),
+            ("--curvature-epochs", args.curvature_epochs),
+            ("--record-every", args.record_every),
         )
         if value is not None
     ]

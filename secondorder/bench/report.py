@@ -221,13 +221,26 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``results.json`` (everything), ``results.csv`` (one summary row per optimizer)
     and, if ``plots`` and matplotlib is installed, ``loss_vs_step.png`` and
-    ``loss_vs_time.png`` (see :func:`~secondorder.bench.plots.plot_losses`).
+    ``loss_vs_time.png`` (see :func:`~secondorder.bench.plots.plot_losses`). Runs that
+    recorded their weights (``"trajectory"``) have them saved to ``trajectories.pt``
+    (``torch.save`` of ``{name: {"step": [...], "weights": Tensor}}``) instead of the JSON.
 
     Creates ``out_dir`` if needed and returns ``{"json": path, "csv": path}`` plus
-    ``"loss_vs_step"`` and ``"loss_vs_time"`` for the plots written.
+    ``"trajectories"``, ``"loss_vs_step"`` and ``"loss_vs_time"`` for the files written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Recorded weights (RunConfig.record_every) are tensors: trajectories.pt, not the JSON.
+    runs = results["results"]
+    trajectories = {name: run["trajectory"] for name, run in runs.items() if "trajectory" in run}
+    if trajectories:
+        results = {
+            **results,
+            "results": {
+                name: {k: v for k, v in run.items() if k != "trajectory"}
+                for name, run in runs.items()
+            },
+        }
     json_path = out / "results.json"
     with open(json_path, "w") as f:
         json.dump(_json_safe(results), f, indent=1, allow_nan=False)
@@ -244,6 +257,9 @@ def write_results(
             row["hparams"] = json.dumps(_json_safe(run.get("hparams", {})), sort_keys=True)
             writer.writerow(row)
     paths = {"json": json_path, "csv": csv_path}
+    if trajectories:
+        paths["trajectories"] = out / "trajectories.pt"
+        torch.save(trajectories, paths["trajectories"])
     if plots:
         from .plots import plot_losses
 

@@ -5,6 +5,12 @@ fresh ``spawn`` subprocess, so that the peak resident memory of one optimizer ne
 the peak of another (Linux's ``VmHWM`` only ever grows within a process, and the allocator keeps
 memory freed by earlier runs). Every run with the same :class:`RunConfig` starts from the same
 initial weights and sees the same mini-batches in the same order, whatever the optimizer.
+
+Opt-ins of :class:`RunConfig`: ``init`` starts from the weights of a checkpoint
+(:func:`load_initial_weights`), ``curvature_epochs`` switches the curvature of the optimizers
+that have one on for some epochs only (:func:`epoch_ranges_to_steps`), and ``record_every``
+records the flattened weights along the way (``result["trajectory"]``, for loss-landscape
+pictures: :mod:`secondorder.analysis`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -22,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from .optimizers import OPTIMIZERS
@@ -29,7 +37,10 @@ from .tasks import TASKS, Task
 
 __all__ = [
     "RunConfig",
+    "epoch_ranges_to_steps",
+    "load_initial_weights",
     "optimizer_state_mb",
+    "parse_epoch_ranges",
     "preflight",
     "resolve_optimizers",
     "resolve_task",
@@ -53,6 +64,16 @@ class RunConfig:
         device: ``"cpu"`` or a CUDA device.
         threads: ``torch.set_num_threads`` for the run, or None to leave torch's default.
         quiet: no progress bar.
+        init: path of a checkpoint whose weights replace the seeded initial weights
+            (:func:`load_initial_weights`); None: the seeded weights.
+        curvature_epochs: ``(start, stop)`` epoch ranges (0-based, stop exclusive, None for an
+            open end) in which optimizers with curvature use it; outside them they take their
+            base update (``CurvatureOptimizer.use_curvature``, the ranges converted to steps by
+            :func:`epoch_ranges_to_steps`). None: curvature at every step. Optimizers without
+            curvature (sgd, adam, adamw, adahessian) ignore it.
+        record_every: record the model's parameters, flattened, before the first step, every
+            ``record_every`` steps and after the last step (``result["trajectory"]``); None:
+            nothing recorded (it costs ``4 · parameters`` bytes per record).
     """
 
     task: str
@@ -62,6 +83,106 @@ class RunConfig:
     device: str = "cpu"
     threads: int | None = None
     quiet: bool = False
+    init: str | None = None
+    curvature_epochs: tuple[tuple[int, int | None], ...] | None = None
+    record_every: int | None = None
+
+
+def parse_epoch_ranges(text: str) -> tuple[tuple[int, int | None], ...]:
+    """Read ``"0:2,5:"`` as ``((0, 2), (5, None))``: comma-separated ``start:stop`` epoch ranges,
+    0-based with ``stop`` exclusive (as Python slices); an empty ``start`` is 0, an empty
+    ``stop`` an open end.
+
+    Raises:
+        ValueError: a malformed range, a negative start or ``stop <= start`` (the message
+            quotes the range and shows the form).
+    """
+    ranges = []
+    for item in text.split(","):
+        start_text, colon, stop_text = item.strip().partition(":")
+        try:
+            if not colon:
+                raise ValueError
+            start = int(start_text) if start_text.strip() else 0
+            stop = int(stop_text) if stop_text.strip() else None
+        except ValueError:
+            raise ValueError(
+                f"malformed epoch range {item.strip()!r}: expected START:STOP (0-based, STOP "
+                "exclusive, either may be empty), e.g. 0:2,5:"
+            ) from None
+        if start < 0 or (stop is not None and stop <= start):
+            raise ValueError(
+                f"epoch range {item.strip()!r} needs 0 <= START < STOP (STOP exclusive)"
+            )
+        ranges.append((start, stop))
+    return tuple(ranges)
+
+
+def epoch_ranges_to_steps(
+    ranges: Iterable[tuple[int, int | None]], steps_per_epoch: int
+) -> tuple[tuple[int, int | None], ...]:
+    """Epoch ranges as step ranges: epoch ``e`` is steps ``[e·s, (e + 1)·s)`` with ``s`` steps
+    per epoch, so ``(start, stop)`` becomes ``(start·s, stop·s)`` (None stays an open end), the
+    form ``CurvatureOptimizer(use_curvature=...)`` takes."""
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
+        raise TypeError(f"steps_per_epoch must be an int, got {steps_per_epoch!r}")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return tuple(
+        (start * steps_per_epoch, None if stop is None else stop * steps_per_epoch)
+        for start, stop in ranges
+    )
+
+
+def load_initial_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load the weights of checkpoint ``path`` into ``model``.
+
+    ``path`` holds what ``torch.save(model.state_dict(), path)`` writes, or a
+    :func:`secondorder.prune.save_checkpoint` file (``{"model": state_dict, "masks": ...,
+    ...}``: its weights are loaded, its masks are not applied). Read with
+    ``weights_only=True``.
+
+    Raises:
+        ValueError: the file is missing or unreadable, or its state does not fit ``model``
+            (the message names the missing and unexpected keys and the shape mismatches).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist") from None
+    except Exception as exc:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} cannot be read: {type(exc).__name__}: {exc}"
+        ) from None
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]  # secondorder.prune.save_checkpoint's format
+    if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} is not a model state_dict (name -> tensor) nor a "
+            "secondorder.prune checkpoint ({'model': state_dict, ...})"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} where the model has {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        problems = [
+            f"{label} {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches:", shapes),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} does not fit the model: {'; '.join(problems)}"
+        )
+    model.load_state_dict(state)
 
 
 def resolve_task(name: str) -> Task:
@@ -247,13 +368,17 @@ def train(
             then be trusted even where it cannot be reset).
 
     Returns:
-        ``{"hparams", "summary", "curves", "steps"}``: ``summary`` holds the final train loss,
+        ``{"hparams", "summary", "curves", "steps"}`` (and ``"trajectory"`` with
+        ``config.record_every``: ``{"step": [0, k, 2k, ..., last], "weights": Tensor of shape
+        (records, parameters)}``, the flattened ``model.parameters()`` in float32 on the CPU
+        after that many steps): ``summary`` holds the final train loss,
         the final test metric, mean/median ``step()`` and iteration times in ms, the steps run
         (``steps``, ``steps_per_epoch``), training time,
         peak memory and optimizer state in MB; ``curves`` holds per-epoch train loss, test loss,
         test metric and cumulative training time (epoch 0 = before training); ``steps`` holds the
         per-step mini-batch loss and times. A non-finite loss stops the run early with
-        ``summary["diverged"] = True``.
+        ``summary["diverged"] = True``. ``summary["curvature_steps"]`` holds the step ranges
+        ``config.curvature_epochs`` became for this optimizer (None: not switched).
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -275,8 +400,15 @@ def train(
     spec.build(task.build_model(config.seed).to(device), **hparams)
     gc.collect()
     memory = _PeakMemory(device, fresh_process)
-    model = task.build_model(config.seed).to(device)
+    model = task.build_model(config.seed)
+    if config.init is not None:
+        load_initial_weights(model, config.init)
+    model = model.to(device)
     optimizer = spec.build(model, **hparams)
+    curvature_steps = None
+    if config.curvature_epochs is not None and getattr(optimizer, "estimator", None) is not None:
+        curvature_steps = epoch_ranges_to_steps(config.curvature_epochs, steps_per_epoch)
+        optimizer.use_curvature = curvature_steps
     mc_fisher = getattr(optimizer, "fisher_type", None) == "mc"
     torch.manual_seed(config.seed)  # for optimizers that draw random numbers (probes, sketches)
     batch_order = torch.Generator().manual_seed(config.seed)
@@ -297,6 +429,16 @@ def train(
 
     record_epoch()
     diverged = False
+    every = config.record_every
+    records: list[Tensor] = []
+    record_steps: list[int] = []
+
+    def record_weights() -> None:
+        records.append(parameters_to_vector(model.parameters()).detach().float().cpu())
+        record_steps.append(len(iter_s))
+
+    if every is not None:
+        record_weights()
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
         desc=f"{task.name} {opt_name}",
@@ -329,6 +471,8 @@ def train(
                 iter_s.append(t2 - t0)
                 step_loss.append(loss.item())
                 bar.update()
+                if every is not None and len(iter_s) % every == 0:
+                    record_weights()
                 if not math.isfinite(step_loss[-1]):
                     diverged = True
                     break
@@ -339,6 +483,8 @@ def train(
             if diverged:
                 break
 
+    if every is not None and record_steps[-1] != len(iter_s):
+        record_weights()
     summary = {
         "final_train_loss": train_loss[-1],
         metric: test_metric[-1],
@@ -356,9 +502,10 @@ def train(
         "state_mb": optimizer_state_mb(optimizer),
         "threads": torch.get_num_threads(),
         "isolated": fresh_process,
+        "curvature_steps": None if curvature_steps is None else [list(r) for r in curvature_steps],
         "error": None,
     }
-    return {
+    result = {
         "hparams": dict(hparams),
         "summary": summary,
         "curves": {
@@ -374,6 +521,9 @@ def train(
             "iter_ms": [1e3 * s for s in iter_s],
         },
     }
+    if every is not None:
+        result["trajectory"] = {"step": record_steps, "weights": torch.stack(records)}
+    return result
 
 
 def _train_in_child(opt_name: str, hparams: dict[str, Any], config: RunConfig) -> dict[str, Any]:

@@ -480,8 +480,8 @@ class AdaFisher(CurvatureOptimizer):
             (default: all its parameters that require grad). Groups may set ``lr``,
             ``beta`` and ``weight_decay``.
         skip_layers, layer_options, record_in_eval, nonfinite, fisher_type, likelihood,
-            likelihood_sigma, precondition, distributed, process_group, grad_scaler: as for
-            :class:`~secondorder.CurvatureOptimizer`.
+            likelihood_sigma, precondition, use_curvature, distributed, process_group,
+            grad_scaler: as for :class:`~secondorder.CurvatureOptimizer`.
             With ``precondition=False`` every parameter takes the ``F̃ = 1 + λ`` update.
 
     Attributes:
@@ -519,6 +519,7 @@ class AdaFisher(CurvatureOptimizer):
         likelihood: str | None = None,
         likelihood_sigma: float | None = None,
         precondition: bool = True,
+        use_curvature: Any = None,
         distributed: bool | None = None,
         process_group: Any = None,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -547,6 +548,7 @@ class AdaFisher(CurvatureOptimizer):
             likelihood=likelihood,
             likelihood_sigma=likelihood_sigma,
             precondition=precondition,
+            use_curvature=use_curvature,
             distributed=distributed,
             process_group=process_group,
             grad_scaler=grad_scaler,
@@ -604,7 +606,7 @@ class AdaFisher(CurvatureOptimizer):
     def _diagonals(self, p: Tensor, target: _Target | None) -> tuple[Any, Tensor, Tensor]:
         """``(layout, s_diag, h_diag)`` of parameter ``p`` for the fused update."""
         one = self._one(p.device)
-        if target is None:  # uncovered: F̃ = 1·1 + λ
+        if target is None or not self.curvature_on():  # uncovered or off: F̃ = 1·1 + λ
             return _Column((p.numel(), 1)), one.expand(p.numel()), one
         first, second = self.estimator.diagonals(target.layer)
         if second is None:  # a normalisation layer: F̃ = D[:, column]·1 + λ
