@@ -36,7 +36,7 @@ def one_thread():
 def test_csv_has_every_stage_and_accounts_for_the_iteration(
     step_breakdown, one_thread, tmp_path: Path, capsys
 ) -> None:
-    methods = ["sgd", "kfac", "mfac", "adahessian"]
+    methods = ["sgd", "adam", "kfac", "mfac", "adahessian"]
     out = tmp_path / "breakdown.csv"
     results = step_breakdown.main(
         [
@@ -85,13 +85,28 @@ def test_csv_has_every_stage_and_accounts_for_the_iteration(
         assert float(by_stage["iteration"]["share"]) == pytest.approx(1.0)
         shares = sum(float(by_stage[s]["share"]) for s in step_breakdown.STAGES)
         assert shares == pytest.approx(accounted / ms["iteration"], abs=1e-3)
-        ratios = {row["iteration_vs_sgd"] for row in by_stage.values()}
-        assert len(ratios) == 1, (method, ratios)
-        assert float(ratios.pop()) == pytest.approx(
-            ms["iteration"] / results["sgd"]["iteration"], rel=1e-3
-        )
+        for base in ("sgd", "adam"):
+            ratios = {row[f"iteration_vs_{base}"] for row in by_stage.values()}
+            assert len(ratios) == 1, (method, base, ratios)
+            assert float(ratios.pop()) == pytest.approx(
+                ms["iteration"] / results[base]["iteration"], rel=1e-3
+            )
         assert results[method]["iteration"] == pytest.approx(ms["iteration"], rel=1e-3)
     assert float(by_method["sgd"]["iteration"]["iteration_vs_sgd"]) == 1.0
+    assert float(by_method["adam"]["iteration"]["iteration_vs_adam"]) == 1.0
+    header = next(line for line in printed.splitlines() if line.startswith("method"))
+    assert header.split()[-4:] == ["vs", "sgd", "vs", "adam"]
+    # the bench's K-FAC refreshes every 10 steps: none among measured steps 2..4, so one
+    # was timed after the run and amortised over 10
+    kfac = by_method["kfac"]["refresh"]
+    assert kfac["refresh_timing"] == "separate"
+    assert kfac["refresh_amortised_over"] == "10"
+    assert float(kfac["ms_per_step"]) == pytest.approx(
+        float(kfac["refresh_ms_each"]) / 10, rel=1e-3
+    )
+    assert "kfac: one refresh" in printed and "inverse_every=10" in printed
+    for method in ("sgd", "adam", "mfac", "adahessian"):  # no inverse_every
+        assert by_method[method]["refresh"]["refresh_amortised_over"] == "", method
     # each method's own stages were timed; the others read zero
     assert all(float(by_method["sgd"][s]["ms_per_step"]) == 0 for s in ("capture", "update"))
     assert float(by_method["kfac"]["capture"]["ms_per_step"]) > 0
@@ -119,3 +134,115 @@ def test_nested_sections_are_exclusive(step_breakdown, monkeypatch) -> None:
 def test_unknown_method_is_refused(step_breakdown) -> None:
     with pytest.raises(SystemExit):
         step_breakdown.main(["--opt", "sgd,lbfgs", "--steps", "1"])
+
+
+def test_steady_state_weights_curvature_steps_and_amortises_the_refresh(step_breakdown) -> None:
+    """Curvature steps count 1/k, the others 1 - 1/k, and the window's refreshes are
+    replaced by one refresh / inverse_every, whatever the window."""
+
+    def rec(iteration: float, update: float = 0.0, refresh: float = 0.0) -> dict[str, float]:
+        stages = dict.fromkeys(step_breakdown.STAGES, 0.0)
+        stages.update(forward=1.0, update=update, refresh=refresh)
+        return {**stages, "iteration": iteration}
+
+    # steps 7..13 with curvature_every 5: steps 10 is a curvature step (update 4 s), and it
+    # also ran a 30 s refresh; the others take 2 s
+    records = [rec(2.0) for _ in range(7)]
+    records[3] = rec(2.0 + 4.0 + 30.0, update=4.0, refresh=30.0)
+    means, notes = step_breakdown.steady_state(
+        records, first_step=7, curvature_every=5, refresh_each=30.0, inverse_every=100
+    )
+    assert notes == []
+    assert means["iteration"] == pytest.approx((6.0 / 5 + 2.0 * 4 / 5 + 30.0 / 100) * 1e3)
+    assert means["update"] == pytest.approx(4.0 / 5 * 1e3)
+    assert means["refresh"] == pytest.approx(0.3 * 1e3)
+    assert means["forward"] == pytest.approx(1e3)
+    # a plain mean of the same window would have been (6*2 + 36) / 7 s
+    assert means["iteration"] != pytest.approx((6 * 2 + 36) / 7 * 1e3, rel=0.05)
+
+    # a window that is a whole number of periods gives the plain mean
+    window = [rec(2.0 if j % 5 else 6.0, update=0.0 if j % 5 else 4.0) for j in range(10)]
+    means, _ = step_breakdown.steady_state(window, first_step=0, curvature_every=5)
+    assert means["iteration"] == pytest.approx(sum(r["iteration"] for r in window) / 10 * 1e3)
+
+    # a window without a curvature step says so
+    _, notes = step_breakdown.steady_state(window[1:5], first_step=1, curvature_every=5)
+    assert len(notes) == 1 and "no curvature step" in notes[0]
+
+
+def test_refresh_inside_the_window_is_used_and_set_overrides(
+    step_breakdown, one_thread, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "b.csv"
+    results = step_breakdown.main(
+        [
+            "--opt",
+            "sgd,kfac,ekfac",
+            "--steps",
+            "8",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--curvature-every",
+            "2",
+            "--inverse-every",
+            "50",
+            "--set",
+            "kfac.inverse_every=4",  # wins over --inverse-every for kfac only
+            "--csv",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    with out.open(newline="") as fh:
+        rows = {(r["method"], r["stage"]): r for r in csv.DictReader(fh)}
+    kfac = rows[("kfac", "refresh")]
+    assert kfac["refresh_timing"] == "in-loop"  # steps 4 and 8 refreshed
+    assert kfac["refresh_amortised_over"] == "4"
+    assert results["kfac"]["refresh"] == pytest.approx(results["kfac"]["refresh_ms_each"] / 4)
+    ekfac = rows[("ekfac", "refresh")]
+    assert ekfac["refresh_timing"] == "separate" and ekfac["refresh_amortised_over"] == "50"
+    assert "mean of the refreshes in the measured window" in printed
+    assert "timed separately" in printed
+
+
+def test_bad_override_is_refused(step_breakdown, capsys) -> None:
+    for bad, message in (("kfac.lr", "malformed override"), ("lbfgs.lr=1", "allowed: sgd")):
+        with pytest.raises(SystemExit) as exc:
+            step_breakdown.main(["--opt", "sgd", "--steps", "1", "--set", bad])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, bad
+
+
+def test_resnet18_is_the_cifar_variant(step_breakdown) -> None:
+    pytest.importorskip("timm")
+    model, x, classes = step_breakdown.make_task("resnet18", 2, "cpu")
+    assert x.shape == (2, 3, 32, 32) and classes == 10
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    stem = model.conv1
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    old, _, _ = step_breakdown.make_task("resnet18-imagenet-stem", 2, "cpu")
+    assert old.conv1.kernel_size == (7, 7)
+
+
+def test_rounds_keep_each_methods_fastest_round(step_breakdown, monkeypatch, capsys) -> None:
+    """--rounds R runs the methods R times in turn and keeps each one's fastest round."""
+    times = {"sgd": iter([5.0, 3.0]), "adam": iter([4.0, 6.0])}
+    calls: list[str] = []
+
+    def fake_measure(name, model, pool, **kwargs):
+        calls.append(name)
+        means = dict.fromkeys(step_breakdown.STAGES, 0.0)
+        means.update(iteration=next(times[name]), refresh_ms_each=0.0)
+        means.update(refresh_amortised_over=0.0, refresh_timing=0.0)
+        return means
+
+    monkeypatch.setattr(step_breakdown, "measure", fake_measure)
+    results = step_breakdown.main(["--opt", "sgd,adam", "--steps", "1", "--rounds", "2"])
+    assert calls == ["sgd", "adam", "sgd", "adam"]  # in turn, not one method twice
+    assert results["sgd"]["iteration"] == 3.0 and results["adam"]["iteration"] == 4.0
+    printed = capsys.readouterr().out
+    assert "fastest of 2 rounds" in printed and "load average" in printed
+    assert "adam (round 2): 6.000 ms" in printed
