@@ -17,7 +17,8 @@ averaged gradient but only its own examples' layer statistics. A
   :attr:`Communicator.dropped_layer_updates`), so that the ranks never diverge;
 * **shares out the refreshes**: each eigendecomposition / Cholesky job (one per layer)
   goes to a rank by a greedy longest-job-first assignment on its cost ``Σ n³``, each
-  rank computes its own, and the results are broadcast, so that every rank holds
+  rank computes its own (batched: one decomposition per factor size), and the results
+  are broadcast, so that every rank holds
   bit-identical inverses and applies the same update.
 
 Two-level K-FAC reduces its coarse sums the same way (:meth:`Communicator.reduce_sums`).
@@ -291,14 +292,39 @@ class Communicator:
         return out  # type: ignore[return-value]
 
     # ---- refreshes --------------------------------------------------------------------
-    def share(self, jobs: Mapping[str, float], compute: Any) -> dict[str, dict[str, Tensor | None]]:
-        """Run ``compute(name) -> {key: Tensor | None}`` for the jobs this rank owns
-        (``jobs`` maps each name to its cost, the same on every rank) and return every
-        job's result, broadcast from its owner."""
+    def share(
+        self,
+        jobs: Mapping[str, float],
+        compute: Any = None,
+        *,
+        compute_many: Any = None,
+    ) -> dict[str, dict[str, Tensor | None]]:
+        """Run the jobs this rank owns and return every job's result, broadcast from its
+        owner (``jobs`` maps each name to its cost, the same on every rank; each job goes
+        to a rank by :func:`assign_by_cost`).
+
+        Args:
+            jobs: name -> cost.
+            compute: ``compute(name) -> {key: Tensor | None}``, one job at a time.
+            compute_many: instead of ``compute``, ``compute_many(names) -> {name: {key:
+                Tensor | None}}``, called once with all of this rank's jobs (in the order
+                of ``jobs``; not called when the rank owns none), so that it can batch
+                them (K-FAC's refresh decomposes its same-sized factors together).
+        """
+        if (compute is None) == (compute_many is None):
+            raise TypeError("share takes exactly one of compute and compute_many")
         names = list(jobs)
         owners = assign_by_cost([jobs[n] for n in names], self.world_size)
         self.last_assignment = dict(zip(names, owners, strict=True))
-        mine = {n: compute(n) for n, r in zip(names, owners, strict=True) if r == self.rank}
+        owned = [n for n, r in zip(names, owners, strict=True) if r == self.rank]
+        if compute is not None:
+            mine = {n: compute(n) for n in owned}
+        else:
+            got = compute_many(owned) if owned else {}
+            missing = [n for n in owned if n not in got]
+            if missing:
+                raise KeyError(f"compute_many returned no result for jobs {missing}")
+            mine = {n: got[n] for n in owned}
         layout = {
             n: [
                 (k, None if v is None else (tuple(v.shape), v.dtype, v.device.type))

@@ -42,7 +42,13 @@ from .._host import to_host
 from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
-from ..linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
+from ..linalg import (
+    damped_inverse_cholesky,
+    damped_inverse_cholesky_many,
+    factored_damping,
+    symmetric_eigh,
+    symmetric_eigh_many,
+)
 from ..optimizer import CurvatureOptimizer, Interval, Schedule
 from .base import CurvatureEstimator
 
@@ -287,21 +293,30 @@ class KFACEstimator(CurvatureEstimator):
         return None if state.a_factor is None else (state.a_factor, state.g_factor)
 
     # ---- inverses -----------------------------------------------------------------------
+    #: refresh all layers together, one batched decomposition per factor size (False: one
+    #: layer at a time, by :meth:`_compute_inverse`; kept as the reference for the tests)
+    _batched_refresh: bool = True
+
     def refresh(self, damping: float) -> None:
         ready = {name: st for name, st in self._state.items() if st.a_factor is not None}
         if self.comm is None:
-            for state in ready.values():
-                self._compute_inverse(state, state.a_factor, state.g_factor, damping)
+            self._refresh_layers(
+                [(name, st, st.a_factor, st.g_factor, damping) for name, st in ready.items()]
+            )
             return
 
-        # Distributed: each layer's decompositions go to one rank (by cost Σ n³), the
-        # results are broadcast, so every rank holds the same inverses.
-        def compute(name: str) -> dict[str, Tensor | None]:
-            state = ready[name]
-            self._compute_inverse(state, state.a_factor, state.g_factor, damping)
-            return state.inverse
+        # Distributed: each layer's decompositions go to one rank (by cost Σ n³), each rank
+        # batches the layers it owns, the results are broadcast, so every rank holds the
+        # same inverses.
+        def compute_many(names: Sequence[str]) -> dict[str, dict[str, Tensor | None]]:
+            self._refresh_layers(
+                [(n, ready[n], ready[n].a_factor, ready[n].g_factor, damping) for n in names]
+            )
+            return {n: ready[n].inverse for n in names}
 
-        shared = self.comm.share({n: self._refresh_cost(st) for n, st in ready.items()}, compute)
+        shared = self.comm.share(
+            {n: self._refresh_cost(st) for n, st in ready.items()}, compute_many=compute_many
+        )
         for name, state in ready.items():
             state.inverse = shared[name]
             state.source = (state.a_factor, state.g_factor)
@@ -318,12 +333,93 @@ class KFACEstimator(CurvatureEstimator):
             )
         )
 
+    def _refresh_layers(
+        self, items: Sequence[tuple[str, _LayerState, Tensor, Tensor | None, float]]
+    ) -> None:
+        """Fill the inverses of ``(name, state, a, g, damping)`` items: batched by
+        :meth:`_compute_inverses`, or one layer at a time by :meth:`_compute_inverse`
+        when ``_batched_refresh`` is False."""
+        if self._batched_refresh:
+            self._compute_inverses(items)
+            return
+        for _, state, a, g, damping in items:
+            self._compute_inverse(state, a, g, damping)
+
+    def _compute_inverses(
+        self, items: Sequence[tuple[str, _LayerState, Tensor, Tensor | None, float]]
+    ) -> None:
+        """:meth:`_compute_inverse` for every ``(name, state, a, g, damping)`` item, with
+        one batched eigendecomposition (or Cholesky factorisation) per factor size: the
+        A and G factors of all layers and the blocks of the normalisation layers are
+        grouped by ``(n, dtype, device)`` (each possibly a ``(groups, n, n)`` batch
+        itself), decomposed together in ``inverse_dtype`` and split back. The results
+        are those of :meth:`_compute_inverse` (bit for bit on the CPU, where LAPACK
+        decomposes each member of a batch alone), fallbacks and jitter included, which
+        stay per matrix. Nothing is stored unless every decomposition succeeds."""
+        cfg = self.config
+        dtype = cfg.inverse_dtype
+        eigen = cfg.inverse_method == "eigen"
+        inverses: list[dict[str, Tensor | None]] = [{} for _ in items]
+        # jobs: (matrix, label, item index, key(s) of the result); the keys are inserted
+        # now, in the per-layer path's order, and filled once the solvers have run
+        eig_jobs: list[tuple[Tensor, str, int, str, str]] = []
+        chol_jobs: list[tuple[Tensor, float | Tensor, int, str]] = []
+        for i, (name, _, a, g, damping) in enumerate(items):
+            inv = inverses[i]
+            if g is None:  # blocks layer: the (C, k, k) Fisher blocks, (C, k) diagonal
+                if a.dim() == 2:
+                    inv["block_diag"] = a.to(dtype).clamp_min(0)
+                elif eigen:
+                    inv.update(block_d=None, block_q=None)
+                    eig_jobs.append((a, f"{name} (blocks)", i, "block_d", "block_q"))
+                else:
+                    inv["block_inv"] = None
+                    chol_jobs.append((a, damping, i, "block_inv"))
+            elif eigen:
+                if a.dim() < g.dim():
+                    inv.update(d_a=a.clamp_min(0).to(dtype), q_a=None)
+                else:
+                    inv.update(d_a=None, q_a=None)
+                    eig_jobs.append((a, f"{name} (A)", i, "d_a", "q_a"))
+                inv.update(d_g=None, q_g=None)
+                eig_jobs.append((g, f"{name} (G)", i, "d_g", "q_g"))
+                if cfg.damping_mode == "factored":
+                    # π depends only on the factors: keep it, apply the current λ per step.
+                    a_damp, _ = factored_damping(a, g, 1.0)
+                    inv["pi"] = a_damp.to(dtype)
+            else:
+                a_damp, g_damp = factored_damping(a, g, damping)
+                if a.dim() < g.dim():
+                    inv["a_inv_diag"] = 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])
+                else:
+                    inv["a_inv"] = None
+                    chol_jobs.append((a, a_damp, i, "a_inv"))
+                inv["g_inv"] = None
+                chol_jobs.append((g, g_damp, i, "g_inv"))
+        if eig_jobs:
+            decomposed = symmetric_eigh_many(
+                [job[0] for job in eig_jobs], dtype, names=[job[1] for job in eig_jobs]
+            )
+            for (_, _, i, key_d, key_q), (d, q) in zip(eig_jobs, decomposed, strict=True):
+                inverses[i][key_d], inverses[i][key_q] = d, q
+        if chol_jobs:
+            inverted = damped_inverse_cholesky_many(
+                [job[0] for job in chol_jobs], [job[1] for job in chol_jobs], dtype
+            )
+            for (_, _, i, key), inv in zip(chol_jobs, inverted, strict=True):
+                inverses[i][key] = inv
+        for (_, state, a, g, damping), inv in zip(items, inverses, strict=True):
+            state.inverse = inv  # type: ignore[assignment]
+            state.source = (a, g)
+            state.refresh_damping = float(damping)
+
     def _compute_inverse(
         self, state: _LayerState, a: Tensor, g: Tensor | None, damping: float
     ) -> None:
         """Fill ``state.inverse`` from factors ``a`` and ``g`` (``g`` None: a blocks layer
         whose Fisher blocks are ``a``). A diagonal ``A`` (``a`` one dimension short of
-        ``g``) has the identity as eigenbasis: ``q_a`` is None."""
+        ``g``) has the identity as eigenbasis: ``q_a`` is None. One layer at a time: the
+        reference :meth:`_compute_inverses` (the batched refresh) is tested against."""
         cfg = self.config
         dtype = cfg.inverse_dtype
         if g is None:
@@ -437,6 +533,7 @@ class KFACEstimator(CurvatureEstimator):
                 f"(its layers: {sorted(self._state)}); was it saved from a different model?"
             )
         new_states = {}
+        pending = []  # the inverses to recompute, all together once every entry is checked
         for name, entry in layers.items():
             layer = self._by_name[name]
             a_shape, g_shape = self._factor_shapes(layer)
@@ -446,8 +543,9 @@ class KFACEstimator(CurvatureEstimator):
             if "refresh_damping" in entry:
                 a_src = self._checked(layer, entry.get("source_a_factor", a), a_shape)
                 g_src = self._checked(layer, entry.get("source_g_factor", g), g_shape)
-                self._compute_inverse(st, a_src, g_src, entry["refresh_damping"])
+                pending.append((name, st, a_src, g_src, entry["refresh_damping"]))
             new_states[name] = st
+        self._refresh_layers(pending)
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
