@@ -37,7 +37,7 @@ def test_conv_factor_rejects_unknown_layers():
 
 
 def test_mfac_bandwidth_against_the_roofline():
-    out = _run("bench_mfac.py", "--m", "32", "--d", "2000", "--repeats", "2", "--budget", "0.5")
+    out = _run("bench_mfac.py", "--m", "64", "--d", "20000", "--repeats", "2", "--budget", "0.5")
     line = out.strip().splitlines()[-1].split()
     ihvp_gbs, read_gbs, roofline = float(line[5]), float(line[6]), float(line[7].rstrip("%"))
     assert ihvp_gbs > 0 and read_gbs > 0
