@@ -52,6 +52,10 @@ def _launch(out: Path, float64: bool, backend: str = "gloo") -> None:
         str(out),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # gloo's background thread can abort a rank at process teardown on a heavily loaded
+        # machine (seen once in CI, after every result was written): launch once more
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
