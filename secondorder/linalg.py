@@ -246,7 +246,7 @@ def _label(names: Sequence[str] | None, i: int, m: Tensor) -> str:
 #: already decomposed, which must be decomposed again; above this size a call's overhead
 #: is nothing next to its O(n³) work, so nothing is gained by stacking and that loss is
 #: avoided. (ResNet-18's 2304- and 4608-wide conv factors need the fallbacks at most
-#: refreshes: stacked, the refresh took 67 s on a 2-core CPU against 55 s one by one.)
+#: refreshes: stacking them made its refresh up to 20 % slower on a 2-core CPU.)
 EIGH_BATCH_MAX_SIZE = 1024
 
 
