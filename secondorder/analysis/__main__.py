@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 import time
@@ -13,44 +12,11 @@ from typing import Any
 
 import torch
 
+from .._cli import as_type, positive_float, positive_int
 from ..bench.optimizers import OPTIMIZERS, parse_override
 from ..bench.runner import resolve_optimizers, resolve_task
 from ..bench.tasks import TASKS, set_data_dir
 from .pipeline import DEFAULT_OPTIMIZERS, DEFAULT_TASK, DIRECTIONS, run_analysis
-
-
-def _as_type(check: Any) -> Any:
-    """A validator that raises ValueError as an argparse ``type`` (one-line error, exit 2)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return check(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = getattr(check, "__name__", "value")
-    return convert
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be a finite number > 0, got {text!r}")
-    return value
-
 
 _DESCRIPTION = (
     "Train a bench task's model with several optimizers from the same initial weights on the "
@@ -85,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--task",
-        type=_as_type(lambda name: resolve_task(name).name),
+        type=as_type(lambda name: resolve_task(name).name),
         default=DEFAULT_TASK,
         metavar="NAME",
         help=f"a bench task: {', '.join(TASKS)} (default: {DEFAULT_TASK})",
     )
     parser.add_argument(
         "--opt",
-        type=_as_type(resolve_optimizers),
+        type=as_type(resolve_optimizers),
         default=list(DEFAULT_OPTIMIZERS),
         metavar="NAMES",
         help=f"comma-separated bench optimizers, any of {', '.join(OPTIMIZERS)}, with the "
@@ -101,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         dest="overrides",
-        type=_as_type(parse_override),
+        type=as_type(parse_override),
         action="append",
         default=[],
         metavar="NAME.KEY=VALUE",
@@ -110,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--epochs",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="N",
         help="training epochs of every run (default: the task's, 20 for the digits tasks)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="B",
         help="mini-batch size of training and of the factor batches (default: the task's, 64)",
     )
@@ -135,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--record-every",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=5,
         metavar="K",
         help="record the weights every K steps for the trajectories (default: 5)",
     )
     parser.add_argument(
         "--factor-batches",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=8,
         metavar="N",
         help="batches of the fresh factor passes: a fixed seeded draw of N batches of the "
@@ -150,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-dim",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=1024,
         metavar="D",
         help="leave factors larger than D x D out of the figures and pictures, listed as "
@@ -172,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grid",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=25,
         metavar="N",
         help="landscape grid points per axis, >= 2 (default: 25)",
     )
     parser.add_argument(
         "--span",
-        type=_as_type(_positive_float),
+        type=as_type(positive_float),
         default=1.0,
         metavar="S",
         help="random directions: the grid covers [-S, S]^2; pca: the extent of the projected "
@@ -187,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--landscape-examples",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=2048,
         metavar="N",
         help="training examples the landscape's loss averages over, the first N (default: 2048)",
@@ -200,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dpi",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=80,
         help="resolution of the PNGs (default: 80)",
     )
@@ -219,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         default=1,
         metavar="T",
         help="torch threads (default: 1: the digits models are small, and on a 2-core machine "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 import time
@@ -11,45 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._cli import as_type, finite_float, positive_int
 from . import run_bench
 from .config import format_grid_table, load_experiment, run_experiment
 from .optimizers import OPTIMIZERS, parse_override
 from .report import format_table
 from .runner import parse_epoch_ranges, resolve_optimizers, resolve_task
 from .tasks import DEFAULT_TASK, TASKS, set_data_dir
-
-
-def _as_type(check: Any) -> Any:
-    """Wrap a validator that raises ValueError as an argparse ``type`` (one-line error, exit 2)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return check(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = getattr(check, "__name__", "value")
-    return convert
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def _catalogue() -> str:
@@ -99,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--opt",
-        type=_as_type(resolve_optimizers),
+        type=as_type(resolve_optimizers),
         default=None,
         metavar="NAMES",
         help=f"comma-separated optimizers to run, in order (default: {','.join(OPTIMIZERS)})",
     )
     parser.add_argument(
         "--task",
-        type=_as_type(lambda name: resolve_task(name).name),
+        type=as_type(lambda name: resolve_task(name).name),
         default=None,
         metavar="NAME",
         help=f"one of {', '.join(TASKS)} (default: the --config file's, else {DEFAULT_TASK}: "
@@ -123,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--epochs",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="N",
         help=f"passes over the training set (default: the --config file's, else the task's; "
         f"{default_task.epochs} for {DEFAULT_TASK})",
     )
     parser.add_argument(
         "--batch-size",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="B",
         help=f"mini-batch size (default: the --config file's, else the task's; "
         f"{default_task.batch_size} for {DEFAULT_TASK})",
@@ -144,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        type=_as_type(_finite_float),
+        type=as_type(finite_float),
         metavar="LOSS",
         help="train loss whose first step and epoch are reported in the 'to target' column "
         f"(default: the --config file's, else the task's; {default_task.target} for "
@@ -163,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         dest="overrides",
-        type=_as_type(parse_override),
+        type=as_type(parse_override),
         action="append",
         default=[],
         metavar="NAME.KEY=VALUE",
@@ -182,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--curvature-epochs",
-        type=_as_type(parse_epoch_ranges),
+        type=as_type(parse_epoch_ranges),
         metavar="RANGES",
         help="epochs in which the optimizers with curvature (kfac, ekfac, twolevel, mfac, "
         "adam-mfac, adafisher, adafisherw) use it, as comma-separated START:STOP ranges, 0-based "
@@ -194,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--record-every",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="K",
         help="record each run's flattened weights before training, every K steps and after the "
         "last step, saved to trajectories.pt (for loss-landscape pictures, see python -m "
@@ -210,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_as_type(_positive_int),
+        type=as_type(positive_int),
         metavar="T",
         help="torch.set_num_threads for every run (default: torch's own choice)",
     )
