@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import HAS_TRITON, interpreting, tl, triton, use_triton
-from .factor import _PRECISIONS, _block_d, _tile_pairs
+from ._triton import HAS_TRITON, tl, triton, use_triton
+from .factor import _block_d, _check_launch, _tile_pairs
 
 Pair = tuple[int, int]
 _A_DTYPES = (torch.float32, torch.float64)
@@ -162,6 +162,7 @@ def conv2d_factor_update_reference(
 
 
 if HAS_TRITON:
+    from .factor import _store_symmetric_tile
 
     @triton.jit
     def _conv_factor_kernel(
@@ -253,21 +254,10 @@ if HAS_TRITON:
                 one = (row_ok[:, None] & (cols_j == patch)[None, :]).to(xj.dtype)
                 xj = xj + one
             acc += tl.dot(tl.trans(xi), xj, input_precision=PRECISION)
-        if bi == bj:
-            acc = (acc + tl.trans(acc)) * 0.5  # exactly symmetric diagonal tiles
-        out = acc * alpha
-        a_base = a_ptr + group * stride_ag
-        ok_r = cols_i < dim
-        ok_c = cols_j < dim
-        mask = ok_r[:, None] & ok_c[None, :]
-        if USE_BETA:
-            r = tl.minimum(cols_i[:, None], cols_j[None, :])
-            c = tl.maximum(cols_i[:, None], cols_j[None, :])
-            out += beta * tl.load(a_base + r * stride_ar + c * stride_ac, mask=mask, other=0.0)
-        tl.store(a_base + cols_i[:, None] * stride_ar + cols_j[None, :] * stride_ac, out, mask)
-        if bi != bj:
-            mirror = a_base + cols_j[:, None] * stride_ar + cols_i[None, :] * stride_ac
-            tl.store(mirror, tl.trans(out), mask=ok_c[:, None] & ok_r[None, :])
+        _store_symmetric_tile(
+            acc, a_ptr + group * stride_ag, cols_i, cols_j, bi, bj, dim, stride_ar, stride_ac,
+            beta, alpha, USE_BETA,
+        )  # fmt: skip
 
 
 def conv2d_factor_update_triton(
@@ -312,18 +302,7 @@ def conv2d_factor_update_triton(
             a, x, kernel_size=k, stride=s, padding=p, dilation=d, groups=groups, bias=bias,
             beta=beta, alpha=alpha,
         )  # fmt: skip
-    if block_d is not None and (block_d < 16 or block_d & (block_d - 1)):
-        raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {input_precision!r}")
-    interpret = interpreting()
-    if not a.is_cuda and not interpret:
-        raise ValueError(
-            f"a and x must be CUDA tensors (got {a.device}); CPU tensors run only under "
-            "TRITON_INTERPRET=1 -- use conv2d_factor_update for automatic dispatch"
-        )
+    interpret = _check_launch(a, block_d, block_n, input_precision, "conv2d_factor_update")
     if x.dtype == torch.float64:
         x = x.to(torch.float32)
     b, c, h, w = x.shape

@@ -75,6 +75,34 @@ def symmetric_factor_update_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _store_symmetric_tile(
+        acc, a_base, cols_i, cols_j, bi, bj, d, stride_ar, stride_ac, beta, alpha,
+        USE_BETA: tl.constexpr,
+    ):  # fmt: skip
+        """Write tile ``(bi, bj)`` (``bi <= bj``) of ``a <- beta a + alpha acc`` and its
+        mirror: the epilogue of every kernel that fills one triangle of a symmetric ``a``."""
+        if bi == bj:
+            # x_i^T x_i need not come out of tl.dot exactly symmetric (the MMA may sum in
+            # any order); averaging with the transpose makes it so, bit for bit.
+            acc = (acc + tl.trans(acc)) * 0.5
+        out = acc * alpha
+        ok_i = cols_i < d
+        ok_j = cols_j < d
+        mask_ij = ok_i[:, None] & ok_j[None, :]
+        if USE_BETA:
+            # Read a's upper triangle only: off the diagonal (bi < bj) min/max change
+            # nothing; on a diagonal tile they fold the lower half onto the upper, so the
+            # output is exactly symmetric even when a is symmetric only up to round-off.
+            # beta == 0 compiles without this load: a may hold NaN garbage then.
+            r = tl.minimum(cols_i[:, None], cols_j[None, :])
+            c = tl.maximum(cols_i[:, None], cols_j[None, :])
+            out += beta * tl.load(a_base + r * stride_ar + c * stride_ac, mask=mask_ij, other=0.0)
+        tl.store(a_base + cols_i[:, None] * stride_ar + cols_j[None, :] * stride_ac, out, mask_ij)
+        if bi != bj:
+            ji = a_base + cols_j[:, None] * stride_ar + cols_i[None, :] * stride_ac
+            tl.store(ji, tl.trans(out), mask=ok_j[:, None] & ok_i[None, :])
+
+    @triton.jit
     def _symmetric_update_kernel(
         a_ptr,
         x_ptr,
@@ -124,27 +152,10 @@ if HAS_TRITON:
                 xi = xi.to(tl.float32)
                 xj = xj.to(tl.float32)
             acc += tl.dot(tl.trans(xi), xj, input_precision=PRECISION)
-        if bi == bj:
-            # x_i^T x_i need not come out of tl.dot exactly symmetric (the MMA may sum in
-            # any order); averaging with the transpose makes it so, bit for bit.
-            acc = (acc + tl.trans(acc)) * 0.5
-        out = acc * alpha
-        a_base = a_ptr + batch * stride_ab
-        ok_i = cols_i < d
-        ok_j = cols_j < d
-        mask_ij = ok_i[:, None] & ok_j[None, :]
-        if USE_BETA:
-            # Read a's upper triangle only: off the diagonal (bi < bj) min/max change
-            # nothing; on a diagonal tile they fold the lower half onto the upper, so the
-            # output is exactly symmetric even when a is symmetric only up to round-off.
-            # beta == 0 compiles without this load: a may hold NaN garbage then.
-            r = tl.minimum(cols_i[:, None], cols_j[None, :])
-            c = tl.maximum(cols_i[:, None], cols_j[None, :])
-            out += beta * tl.load(a_base + r * stride_ar + c * stride_ac, mask=mask_ij, other=0.0)
-        tl.store(a_base + cols_i[:, None] * stride_ar + cols_j[None, :] * stride_ac, out, mask_ij)
-        if bi != bj:
-            ji = a_base + cols_j[:, None] * stride_ar + cols_i[None, :] * stride_ac
-            tl.store(ji, tl.trans(out), mask=ok_j[:, None] & ok_i[None, :])
+        _store_symmetric_tile(
+            acc, a_ptr + batch * stride_ab, cols_i, cols_j, bi, bj, d, stride_ar, stride_ac,
+            beta, alpha, USE_BETA,
+        )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,6 +167,26 @@ def _tile_pairs(tiles: int, device: torch.device) -> Tensor:
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_launch(
+    a: Tensor, block_d: int | None, block_n: int, input_precision: str, dispatcher: str
+) -> bool:
+    """Check a tiled symmetric kernel's launch options and device; returns whether the
+    Triton interpreter runs it."""
+    if block_d is not None and (block_d < 16 or block_d & (block_d - 1)):
+        raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {input_precision!r}")
+    interpret = interpreting()
+    if not a.is_cuda and not interpret:
+        raise ValueError(
+            f"a and x must be CUDA tensors (got {a.device}); CPU tensors run only under "
+            f"TRITON_INTERPRET=1 -- use {dispatcher} for automatic dispatch"
+        )
+    return interpret
 
 
 def _block_d(d: int) -> int:
@@ -206,18 +237,7 @@ def symmetric_factor_update_triton(
     _check(a, x)
     if a.dtype == torch.float64:
         return symmetric_factor_update_reference(a, x, beta=beta, alpha=alpha)
-    if block_d is not None and (block_d < 16 or block_d & (block_d - 1)):
-        raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {input_precision!r}")
-    interpret = interpreting()
-    if not a.is_cuda and not interpret:
-        raise ValueError(
-            f"a and x must be CUDA tensors (got {a.device}); CPU tensors run only under "
-            "TRITON_INTERPRET=1 -- use symmetric_factor_update for automatic dispatch"
-        )
+    interpret = _check_launch(a, block_d, block_n, input_precision, "symmetric_factor_update")
     if x.dtype == torch.float64:
         x = x.to(torch.float32)
     a3 = a if a.dim() == 3 else a.unsqueeze(0)
