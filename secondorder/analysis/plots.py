@@ -47,6 +47,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(fig: Any, path: str | os.PathLike[str], title: str, dpi: int) -> Path:
+    """Title, lay out and save a figure (every picture ends this way)."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
     """Save as a PNG with a 256-colour palette (a third of the size of a true-colour PNG of
     these pictures, no visible difference)."""
@@ -100,10 +108,7 @@ def plot_factor_heatmaps(
                 ax.tick_params(labelsize=6)
                 cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
                 cbar.ax.tick_params(labelsize=6)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        return _save(fig, path, dpi)
+        return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
 
@@ -141,10 +146,7 @@ def plot_spectra(
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        return _save(fig, path, dpi)
+        return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
 
@@ -195,10 +197,7 @@ def plot_gershgorin(
                     fontsize=7,
                 )
                 ax.tick_params(labelsize=6)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        return _save(fig, path, dpi)
+        return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
 
@@ -235,10 +234,7 @@ def plot_frequency_fields(
                 ax.tick_params(labelsize=6)
                 cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
                 cbar.ax.tick_params(labelsize=6)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        return _save(fig, path, dpi)
+        return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
 
@@ -272,10 +268,7 @@ def plot_dominance(
             ax.grid(True, axis="y", alpha=0.3)
         axes[0, 0].set_ylabel("‖diag M‖² / ‖M‖²", fontsize=8)
         axes[0, 1].legend(fontsize=7)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        return _save(fig, path, dpi)
+        return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
 
