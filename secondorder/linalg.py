@@ -28,8 +28,8 @@ def symmetric_eigh(matrix: Tensor, dtype: torch.dtype = torch.float32) -> tuple[
     the member its error names is set aside and the others are decomposed again at that
     attempt, in batches around it (see :func:`_eigh_members`); a member whose eigenvalues
     or eigenvectors are not finite failed too. Every member's result is what a call on
-    that member alone gives (bit for bit where the batched solver decomposes each member
-    on its own, as LAPACK on the CPU does).
+    that member alone gives, up to the solver's round-off (a batched and a single call may
+    sum in another order) and the sign of each eigenvector.
 
     Returns:
         ``(eigenvalues, eigenvectors)`` in ``dtype``.

@@ -1,6 +1,27 @@
-"""Dense float64 references and tiny models shared by the tests.
+"""Dense float64 references, tolerances and tiny models shared by the tests.
 
 Nothing here imports the library's internals: these are independent oracles.
+
+The tolerance rule (``tolerance`` / ``assert_close``): a result computed in a dtype with
+machine epsilon ``eps`` is compared with a float64 reference, or with another code path in
+the same dtype, at ``rtol = safety · eps · n · cond`` and ``atol = rtol · scale``, where
+
+- ``n`` is the number of rounded operations that accumulate into one entry (the inner
+  dimension of a product, the size of a factorised matrix, the number of steps of a
+  recurrence): the worst-case bound of a length-``n`` sum is ``n·eps`` (Higham's ``γ_n``);
+  the order in which a CPU's kernels add (vector width, blocking, threads) moves the result
+  anywhere inside it;
+- ``cond`` is the condition number of the problem (a solve or an inverse multiplies the
+  relative error of its input by it; 1 for products and sums);
+- ``scale`` is the size of the reference as a whole (its largest entry by default): the
+  error of an entry of a product is bounded by ``eps·n·|A||B|``, not by the entry itself,
+  so entries near zero are judged against the whole result.
+
+Bit-equality (``torch.equal``) is kept only where the same code path runs twice on the
+same inputs: a resumed run against an uninterrupted one, curvature switched off against
+``torch.optim``, the same function called twice. Two different solver calls (a batched and
+a one-by-one eigendecomposition, a Triton kernel and its reference, one rank and one
+process) never agree bit for bit on every CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +31,43 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def tolerance(dtype: torch.dtype, *, n: int = 1, cond: float = 1.0, safety: float = 8.0) -> float:
+    """Relative tolerance ``safety · eps(dtype) · n · cond`` (the module docstring gives the
+    model). ``dtype`` is the lowest precision the compared computation used."""
+    if n < 1 or cond < 1.0:
+        raise ValueError(f"tolerance needs n >= 1 and cond >= 1, got n={n}, cond={cond}")
+    return safety * torch.finfo(dtype).eps * n * cond
+
+
+def assert_close(
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    n: int = 1,
+    cond: float = 1.0,
+    safety: float = 8.0,
+    scale: float | None = None,
+    msg: str | None = None,
+) -> None:
+    """``torch.testing.assert_close`` at the tolerance of ``tolerance(dtype, n, cond)``:
+    ``rtol`` from it, ``atol = rtol · scale`` (``scale`` defaults to ``max |expected|``).
+
+    ``dtype`` defaults to the lower precision of the two tensors; pass the dtype the
+    computation ran in when both were cast (a float32 path compared in float64). The
+    values are compared in float64, so dtypes may differ.
+    """
+    if dtype is None:
+        dtype = min(actual.dtype, expected.dtype, key=lambda d: torch.finfo(d).bits)
+    rtol = tolerance(dtype, n=n, cond=cond, safety=safety)
+    want = expected.detach().double()
+    if scale is None:
+        scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(
+        actual.detach().double(), want, rtol=rtol, atol=rtol * scale, msg=msg
+    )
 
 
 def with_ones(rows: Tensor) -> Tensor:

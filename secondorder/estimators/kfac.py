@@ -353,9 +353,11 @@ class KFACEstimator(CurvatureEstimator):
         A and G factors of all layers and the blocks of the normalisation layers are
         grouped by ``(n, dtype, device)`` (each possibly a ``(groups, n, n)`` batch
         itself), decomposed together in ``inverse_dtype`` and split back. The results
-        are those of :meth:`_compute_inverse` (bit for bit on the CPU, where LAPACK
-        decomposes each member of a batch alone), fallbacks and jitter included, which
-        stay per matrix. Nothing is stored unless every decomposition succeeds."""
+        are those of :meth:`_compute_inverse` up to the solver's round-off (a batched
+        and a single call need not sum in the same order; eigenvectors may differ in
+        sign, or by a rotation inside a cluster of equal eigenvalues, which changes no
+        preconditioned direction), fallbacks and jitter included, which stay per matrix.
+        Nothing is stored unless every decomposition succeeds."""
         cfg = self.config
         dtype = cfg.inverse_dtype
         eigen = cfg.inverse_method == "eigen"
