@@ -16,20 +16,30 @@ from .._cli import as_type, positive_float, positive_int
 from ..bench.optimizers import OPTIMIZERS, parse_override
 from ..bench.runner import resolve_optimizers, resolve_task
 from ..bench.tasks import TASKS, set_data_dir
-from .pipeline import DEFAULT_OPTIMIZERS, DEFAULT_TASK, DIRECTIONS, run_analysis
+from .pipeline import DEFAULT_GRID, DEFAULT_OPTIMIZERS, DEFAULT_TASK, DIRECTIONS, run_analysis
+
+#: CPU seconds (user + system) of the default run on one thread, measured on a 2-core AMD
+#: EPYC with torch 2.14.1: 41.4 and 39.3 s, wall 63 and 57 s at a load average of 4 (the
+#: float32 version before it, run in turns with these: 45.7 and 43.1 s, wall 68 and 63 s).
+#: That is the wall time on an idle machine; a busy one stretches it (the float32 version took
+#: 134 s at a load average of 6 to 8).
+DEFAULT_RUN_CPU_S = 40
 
 _DESCRIPTION = (
     "Train a bench task's model with several optimizers from the same initial weights on the "
-    "same mini-batches (recording the weights), then at each run's final weights (and at the "
-    "initial weights) compute the K-FAC factors A and G of every layer by a fresh factor pass "
-    "over a few fixed batches (float64 statistics, no training, no moving average) and report "
-    "their eigenvalue range, condition number, Gershgorin disc interval, diagonal dominance "
-    "||diag M||^2/||M||^2 (1 for a diagonal matrix: the premise of AdaFisher's diagonal "
-    "Fisher) and FFT magnitude; check that AdaFisher's diagonals of the same batches are the "
-    "factors' diagonals; and draw the loss on a plane around one run's final weights with "
-    "every trajectory on it. Writes summary.json and PNGs (per run: <opt>_heatmaps, "
-    "<opt>_spectra, <opt>_gershgorin, <opt>_frequency; dominance.png, landscape.png) into "
-    "--out. The defaults take about half a minute on a 2-core CPU."
+    "same mini-batches, in float64 so that the figures are the same on every CPU (recording the "
+    "weights), then at each run's final weights (and at the initial weights) compute the K-FAC "
+    "factors A and G of every layer by a fresh factor pass over a few fixed batches (float64 "
+    "statistics, no training, no moving average) and report their eigenvalue range, condition "
+    "number, Gershgorin disc interval, diagonal dominance ||diag M||^2/||M||^2 (1 for a "
+    "diagonal matrix: the premise of AdaFisher's diagonal Fisher) and FFT magnitude; check "
+    "that AdaFisher's diagonals of the same batches are the factors' diagonals; and draw the "
+    "loss on a plane around one run's final weights with every trajectory on it. Writes "
+    "summary.json and PNGs (per run: <opt>_heatmaps, <opt>_spectra, <opt>_gershgorin, "
+    "<opt>_frequency; dominance.png, landscape.png) into "
+    f"--out. The defaults take about {DEFAULT_RUN_CPU_S} s of CPU time on one thread (a 2-core "
+    "AMD EPYC): that long on an idle machine, longer beside other jobs (60 s at a load average "
+    "of 4 on 2 cores)."
 )
 
 _EPILOG = """\
@@ -139,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grid",
         type=as_type(positive_int),
-        default=25,
+        default=DEFAULT_GRID,
         metavar="N",
-        help="landscape grid points per axis, >= 2 (default: 25)",
+        help=f"landscape grid points per axis, >= 2 (default: {DEFAULT_GRID})",
     )
     parser.add_argument(
         "--span",
@@ -189,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="T",
         help="torch threads (default: 1: the digits models are small, and on a 2-core machine "
-        "shared with other jobs the default run took 442 s with 2 threads, 30 s with 1)",
+        "shared with other jobs the default run took 247 s with 2 threads at a load average of "
+        "6, 57-63 s with 1 at a load of 4; the numbers printed are the same)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -203,6 +214,16 @@ def _default_out() -> Path:
     return out
 
 
+def _condition_cell(figures: dict[str, Any]) -> str:
+    """The condition number to three digits, or ``singular`` where the factor's numerical rank
+    (eigenvalues above ``dim · eps · λ_max``) is below its size: its ``λ_min`` is rounding
+    noise, and so would be the digits of ``λ_max / λ_min``."""
+    cond = figures["condition_number"]
+    if cond is None or figures["rank"] < figures["dim"]:
+        return f"{'singular':>9}"
+    return f"{cond:9.3g}"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     runs = summary["runs"]
     print("diagonal dominance ||diag M||^2/||M||^2 and condition number of A and G per layer")
@@ -212,8 +233,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     for run, entry in runs.items():
         for layer, figures in entry["layers"].items():
-            cond = [figures[k]["condition_number"] for k in ("A", "G")]
-            cells = [f"{c:9.3g}" if c is not None else f"{'inf':>9}" for c in cond]
+            cells = [_condition_cell(figures[k]) for k in ("A", "G")]
             print(
                 f"{run:<12} {layer:<8} {figures['A']['diagonal_dominance']:7.3f} "
                 f"{figures['G']['diagonal_dominance']:7.3f} {figures['kron_dominance']:8.3f} "

@@ -45,7 +45,7 @@ __all__ = [
 
 
 def flat_weights(model: nn.Module) -> Tensor:
-    """``model.parameters()`` flattened into one vector (a detached copy, float32 as stored)."""
+    """``model.parameters()`` flattened into one vector (a detached copy, in their dtype)."""
     return parameters_to_vector(model.parameters()).detach().clone()
 
 

@@ -1,15 +1,26 @@
 """The analysis of ``python -m secondorder.analysis`` as a function: :func:`run_analysis`.
 
-For each optimizer: train the task's model with the bench runner from the same initial
-weights on the same mini-batches, recording the weights; then, at its final weights, a fresh
-K-FAC factor pass and a fresh AdaFisher diagonal pass over the same fixed batches
+For each optimizer: train the task's model from the same initial weights on the same
+mini-batches, recording the weights; then, at its final weights, a fresh K-FAC factor pass and a
+fresh AdaFisher diagonal pass over the same fixed batches
 (:mod:`secondorder.analysis.factors`), their figures (:func:`analyze_factors`,
 :func:`compare_diagonals`) and pictures; the same figures at the initial weights; finally the
 loss landscape around one run's final weights with every trajectory drawn on it.
+
+**Everything runs in float64**, the training included: the model, the data, and every float32
+dtype option of the optimizers (K-FAC's ``factor_dtype`` and ``inverse_dtype``, ...). The
+figures are taken at the end of a training run, and a float32 run is not reproducible across
+CPUs: the last-bit differences between CPU kernels (vector width, FMA, summation order) grow
+through K-FAC's preconditioned steps until the final weights differ in their second digit (the
+diagonal dominance of the last layer's ``G`` after K-FAC: 0.662 on one machine, 0.629 on
+another). In float64 they start about 1e-16 and the default run's final weights (after 460
+steps) agree to about 1e-8, its figures to 1e-7 or better: the printed digits are the same on
+every CPU and thread count (``tests/analysis/test_reproducible.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -19,32 +30,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.nn.utils import vector_to_parameters
 from tqdm.auto import tqdm
 
+from ..bench.optimizers import OPTIMIZERS, OptimizerSpec
 from ..bench.report import machine_info
 from ..bench.runner import (
-    RunConfig,
     load_initial_weights,
     preflight,
     resolve_optimizers,
     resolve_task,
     task_hparams,
-    train,
 )
+from ..bench.tasks import Task, TaskData
 from .factors import (
     analyze_factors,
     compare_diagonals,
     fresh_adafisher_diagonals,
     fresh_kfac_factors,
 )
-from .landscape import loss_surface, pca_directions, project, random_directions
+from .landscape import flat_weights, loss_surface, pca_directions, project, random_directions
 
-__all__ = ["DEFAULT_OPTIMIZERS", "DEFAULT_TASK", "DIRECTIONS", "run_analysis"]
+__all__ = ["DEFAULT_GRID", "DEFAULT_OPTIMIZERS", "DEFAULT_TASK", "DIRECTIONS", "run_analysis"]
 
 DEFAULT_TASK = "digits-cnn"
 DEFAULT_OPTIMIZERS = ("kfac", "adafisher", "sgd")
 DIRECTIONS = ("pca", "random")
+#: landscape grid points per axis by default: the landscape's float64 forward passes (over the
+#: whole digits training set) cost 40 ms per point on one core: 7 s for 13 x 13
+DEFAULT_GRID = 13
+#: examples per forward pass of the landscape and the final evaluation: one float64 pass over
+#: the whole digits training set allocates 26 MB buffers, which glibc maps and unmaps at every
+#: grid point (a third of the landscape's time went to page faults)
+EVAL_BATCH = 256
 #: the PCA plane covers the projected trajectories with this much margin on each side
 PCA_MARGIN = 0.15
 
@@ -77,7 +96,7 @@ def run_analysis(
     factor_batches: int = 8,
     directions: str = "pca",
     center: str | None = None,
-    grid: int = 25,
+    grid: int = DEFAULT_GRID,
     span: float = 1.0,
     landscape_examples: int = 2048,
     max_dim: int = 1024,
@@ -115,7 +134,9 @@ def run_analysis(
         dpi: resolution of the PNGs.
         quiet: no progress bars.
 
-    Everything runs in this process, with torch's current number of threads.
+    Everything runs in this process, in float64 (the module docstring says why), with
+    torch's current number of threads. The initial weights are the task's seeded draw made in
+    float64 (``init``: the checkpoint's weights).
 
     Returns:
         What ``summary.json`` holds: ``config``, ``runs`` (per run: final train loss and test
@@ -158,21 +179,14 @@ def run_analysis(
         load_initial_weights(the_task.build_model(seed), init)
     hparams = {name: task_hparams(the_task, name, overrides.get(name)) for name in names}
     preflight(the_task, hparams)
+    hparams = {name: _float64_options(the_task, name, hp) | hp for name, hp in hparams.items()}
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(
-        task=the_task.name,
-        epochs=epochs or the_task.epochs,
-        batch_size=batch_size or the_task.batch_size,
-        seed=seed,
-        quiet=quiet,
-        init=init,
-        record_every=record_every,
-    )
-    data = the_task.data()
+    epochs = epochs or the_task.epochs
+    bs = batch_size or the_task.batch_size
+    data = _float64_data(the_task.data())
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
-    bs = config.batch_size
     factor_data = [
         (data.x_train[idx], data.y_train[idx]) for idx in order[: factor_batches * bs].split(bs)
     ]
@@ -196,11 +210,9 @@ def run_analysis(
             bar.set_postfix_str(text)
 
         def model_at(flat: torch.Tensor | None) -> torch.nn.Module:
-            model = the_task.build_model(seed)
-            if init is not None:
-                load_initial_weights(model, init)
+            model = _float64_model(the_task, seed, init)
             if flat is not None:
-                vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
+                vector_to_parameters(flat.double(), model.parameters())
             return model.eval()
 
         def analyse(run: str, model: torch.nn.Module) -> dict[str, Any]:
@@ -218,17 +230,20 @@ def run_analysis(
 
         for name in names:
             stage(f"training {name}")
-            result = train(name, hparams[name], config)
-            summary = result["summary"]
-            trajectories[name] = result["trajectory"]["weights"]
-            runs[name] = {
-                "hparams": hparams[name],
-                "final_train_loss": summary["final_train_loss"],
-                the_task.metric_name: summary[the_task.metric_name],
-                "steps": summary["steps"],
-                "diverged": summary["diverged"],
-                "recorded_steps": result["trajectory"]["step"],
-            }
+            result = _train(
+                the_task,
+                name,
+                hparams[name],
+                _float64_model(the_task, seed, init),
+                data,
+                epochs=epochs,
+                batch_size=bs,
+                seed=seed,
+                record_every=record_every,
+                quiet=quiet,
+            )
+            trajectories[name] = result.pop("weights")
+            runs[name] = {"hparams": hparams[name], **result}
             bar.update()
         stage("factors at the initial weights")
         initial = model_at(None)
@@ -315,9 +330,10 @@ def run_analysis(
         "config": {
             "task": the_task.name,
             "optimizers": names,
-            "epochs": config.epochs,
+            "epochs": epochs,
             "batch_size": bs,
             "seed": seed,
+            "dtype": "float64",
             "init": init,
             "record_every": record_every,
             "factor_batches": len(factor_data),
@@ -334,6 +350,123 @@ def run_analysis(
     }
     _write_json(summary, out / "summary.json")
     return summary
+
+
+def _float64_model(task: Task, seed: int, init: str | None) -> nn.Module:
+    """The task's model in float64: its seeded initial weights drawn in float64 (a float32 draw
+    differs in the last bit between CPU kernels, a 6e-8 difference that K-FAC's training
+    carries into the second digit of the final weights), or ``init``'s weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = task.build_model(seed)
+    finally:
+        torch.set_default_dtype(previous)
+    if init is not None:
+        load_initial_weights(model, init)
+    return model.double()
+
+
+def _float64_data(data: TaskData) -> TaskData:
+    """``data`` with its floating-point tensors in float64 (token ids and labels as they are)."""
+    tensors = (data.x_train, data.y_train, data.x_test, data.y_test)
+    return TaskData(*(t.double() if t.is_floating_point() else t for t in tensors))
+
+
+def _float64_options(task: Task, name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Optimizer ``name``'s dtype options that default to float32 (K-FAC's ``factor_dtype``
+    and ``inverse_dtype``, AdaFisher's ``factor_dtype``, M-FAC's ``window_dtype``, ...: the
+    constructor's ``*_dtype`` keywords), set to float64; those ``hparams`` sets are left out."""
+    optimizer = OPTIMIZERS[name].build(task.build_model(0), **hparams)
+    keywords = inspect.signature(type(optimizer)).parameters.items()
+    return {
+        key: torch.float64
+        for key, param in keywords
+        if key.endswith("_dtype") and param.default is torch.float32 and key not in hparams
+    }
+
+
+def _train(
+    task: Task,
+    name: str,
+    hparams: Mapping[str, Any],
+    model: nn.Module,
+    data: TaskData,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    record_every: int,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Train ``model`` (in place) with optimizer ``name`` as the bench runner does
+    (:func:`~secondorder.bench.runner.train`: the same batch order and global seed from
+    ``seed``, Monte-Carlo Fisher labels and ``create_graph`` where the optimizer asks, a stop
+    at a non-finite loss), in the model's dtype, without timing; the weights (flattened, in the
+    model's dtype) are recorded before the first step, every ``record_every`` steps and after
+    the last. Returns ``final_train_loss``, the test metric, ``steps``, ``diverged``,
+    ``recorded_steps`` and ``weights`` (``(records, parameters)``)."""
+    spec: OptimizerSpec = OPTIMIZERS[name]
+    optimizer = spec.build(model, **hparams)
+    mc_fisher = getattr(optimizer, "fisher_type", None) == "mc"
+    torch.manual_seed(seed)  # for optimizers that draw random numbers (probes, sketches)
+    batch_order = torch.Generator().manual_seed(seed)
+    x_train, y_train = data.x_train, data.y_train
+    n = len(x_train)
+    records, recorded_steps = [flat_weights(model)], [0]
+    steps, diverged = 0, False
+    bar = tqdm(
+        total=epochs * math.ceil(n / batch_size),
+        desc=f"{task.name} {name}",
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        disable=True if quiet else None,
+    )
+    with bar:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=batch_order)
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                outputs = model(x_train[idx])
+                if mc_fisher:
+                    optimizer.sample_fisher(outputs)
+                loss = task.loss_fn(outputs, y_train[idx])
+                loss.backward(create_graph=getattr(optimizer, "needs_hessian", spec.create_graph))
+                optimizer.step()
+                steps += 1
+                bar.update()
+                if steps % record_every == 0:
+                    records.append(flat_weights(model))
+                    recorded_steps.append(steps)
+                if not math.isfinite(loss.item()):
+                    diverged = True
+                    break
+            if diverged:
+                break
+    if recorded_steps[-1] != steps:
+        records.append(flat_weights(model))
+        recorded_steps.append(steps)
+    model.eval()
+    try:
+        final_train_loss = float(task.loss_fn(_outputs(model, x_train), y_train))
+        metric = task.metric(_outputs(model, data.x_test), data.y_test)
+    finally:
+        model.train()
+    return {
+        "final_train_loss": final_train_loss,
+        task.metric_name: metric,
+        "steps": steps,
+        "diverged": diverged,
+        "recorded_steps": recorded_steps,
+        "weights": torch.stack(records),
+    }
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.cat([model(chunk) for chunk in x.split(EVAL_BATCH)])
 
 
 def _landscape(
@@ -377,6 +510,7 @@ def _landscape(
     alphas = torch.linspace(float(low[0]), float(high[0]), grid, dtype=torch.float64)
     betas = torch.linspace(float(low[1]), float(high[1]), grid, dtype=torch.float64)
     x, y = data.x_train[:examples], data.y_train[:examples]
+    batches = list(zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True))
     with tqdm(
         total=grid * grid,
         desc="landscape",
@@ -386,9 +520,9 @@ def _landscape(
         disable=True if quiet else None,
     ) as bar:
         surface = loss_surface(
-            model, task.loss_fn, (x, y), c, dirs, alphas, betas, progress=bar.update
+            model, task.loss_fn, batches, c, dirs, alphas, betas, progress=bar.update
         )
-    at_center = float(loss_surface(model, task.loss_fn, (x, y), c, dirs, [0.0], [0.0])[0, 0])
+    at_center = float(loss_surface(model, task.loss_fn, batches, c, dirs, [0.0], [0.0])[0, 0])
     return {
         "directions": directions,
         "center": center,
@@ -418,6 +552,8 @@ def _json_safe(obj: Any) -> Any:
         return [_json_safe(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return _json_safe(obj.tolist())
+    if isinstance(obj, torch.dtype):
+        return str(obj)
     return obj
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,16 +49,22 @@ def _pyplot() -> Any:
 
 
 def _finish(fig: Any, path: str | os.PathLike[str], title: str, dpi: int) -> Path:
-    """Title, lay out and save a figure (every picture ends this way)."""
+    """Title, lay out and save a figure (every factor picture ends this way)."""
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return _save(fig, path, dpi)
 
 
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
-    """Save as a PNG with a 256-colour palette (a third of the size of a true-colour PNG of
-    these pictures, no visible difference)."""
+    """Lay out (``tight_layout``) and save as a PNG with a 256-colour palette (a third of the
+    size of a true-colour PNG of these pictures, no visible difference)."""
+    # the layout measures every text at the figure's dpi and the PNG draws it at ``dpi``:
+    # at one dpi, the drawing reuses the layout's text extents and mathtext parses
+    fig.set_dpi(dpi)
+    fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine, for which savefig would draw the whole
+    # figure once more before drawing it for real: the layout is done, drop the engine
+    fig.set_layout_engine(None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -78,6 +85,56 @@ def _grid(plt: Any, rows: int, size: tuple[float, float]) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _colorbar(fig: Any, image: Any, ax: Any, ticks: Sequence[float] | None = None) -> Any:
+    """A slim colour bar beside ``ax``, its tick labels small, without minor ticks (a log
+    scale's eight per decade cost layout time and show nothing without labels)."""
+    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=ticks)
+    cbar.minorticks_off()
+    cbar.ax.tick_params(labelsize=6)
+    return cbar
+
+
+def _symlog_ticks(top: int) -> list[float]:
+    """Colour-bar ticks of a symmetric-log scale whose largest decade is ``10**top`` and whose
+    linear part ends three decades below: 0 and ``±10**top``, ``±10**(top - 2)``: five labels,
+    where a tick per decade crowds the linear part's ``±10**(top - 3)`` onto 0."""
+    return [-(10.0**top), -(10.0 ** (top - 2)), 0.0, 10.0 ** (top - 2), 10.0**top]
+
+
+def _tick_texts(values: Sequence[float]) -> list[str]:
+    """Labels that each carry their whole number: ``%.3g`` where the largest magnitude is in
+    ``[1e-3, 1e4)``, else all in scientific notation (``-8e-5``, ``0``, ``1.6e-4``)."""
+    big = max((abs(v) for v in values), default=0.0)
+    if big == 0 or 1e-3 <= big < 1e4:
+        return [f"{v:.3g}" for v in values]
+    return [
+        "0" if v == 0 else np.format_float_scientific(v, precision=2, trim="-", exp_digits=1)
+        for v in values
+    ]
+
+
+def _plain_numbers(axis: Any, bins: int = 4) -> None:
+    """At most ``bins`` intervals of ticks, each label its own number (:func:`_tick_texts`):
+    no offset or ``1e-6`` multiplier text, which matplotlib puts above a y axis, on the line
+    of the panel's title."""
+    from matplotlib.ticker import Formatter, MaxNLocator
+
+    class WholeNumbers(Formatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return _tick_texts([x])[0]
+
+        def format_ticks(self, values: Sequence[float]) -> list[str]:
+            return _tick_texts(values)
+
+    axis.set_major_locator(MaxNLocator(nbins=bins))
+    axis.set_major_formatter(WholeNumbers())
+
+
+def _eig_text(value: float, floor: float) -> str:
+    """An eigenvalue for a title: ``≈0`` at or below the rounding floor (its digits are noise)."""
+    return "≈0" if abs(value) <= floor else f"{value:.3g}"
+
+
 def plot_factor_heatmaps(
     factors: Mapping[str, FactorPair],
     path: str | os.PathLike[str],
@@ -86,8 +143,8 @@ def plot_factor_heatmaps(
     dpi: int = 80,
 ) -> Path:
     """Heatmaps of every layer's ``A`` and ``G``: a diverging colour map on a symmetric-log
-    scale (linear within 1e-3 of the largest magnitude), so that the diagonal and the
-    off-diagonal entries show on one picture; each panel's title gives the diagonal
+    scale (linear within three decades below the largest magnitude's), so that the diagonal
+    and the off-diagonal entries show on one picture; each panel's title gives the diagonal
     dominance."""
     plt = _pyplot()
     from matplotlib.colors import SymLogNorm
@@ -98,7 +155,8 @@ def plot_factor_heatmaps(
             for col, m in enumerate(pair):
                 ax = axes[row, col]
                 peak = float(m.abs().max()) or 1.0
-                norm = SymLogNorm(linthresh=1e-3 * peak, vmin=-peak, vmax=peak, base=10)
+                top = math.floor(math.log10(peak))
+                norm = SymLogNorm(linthresh=10.0 ** (top - 3), vmin=-peak, vmax=peak, base=10)
                 image = ax.imshow(m.numpy(), cmap="RdBu_r", norm=norm, interpolation="nearest")
                 ax.set_title(
                     f"{name}: {_FACTOR_NAMES[col]} ({m.shape[0]}), "
@@ -106,8 +164,7 @@ def plot_factor_heatmaps(
                     fontsize=8,
                 )
                 ax.tick_params(labelsize=6)
-                cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-                cbar.ax.tick_params(labelsize=6)
+                _colorbar(fig, image, ax, _symlog_ticks(top))
         return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
@@ -160,7 +217,8 @@ def plot_gershgorin(
 ) -> Path:
     """Gershgorin discs (centre ``M_ii``, radius ``Σ_{j≠i} |M_ij|``) of every factor in the
     complex plane, the eigenvalues on the real axis (crosses), the union's extent (dashed) and
-    ``[λ_min, λ_max]`` (solid)."""
+    ``[λ_min, λ_max]`` (solid). The title gives both intervals; an eigenvalue at or below the
+    rounding floor ``dim · eps · λ_max`` is written ``≈0``."""
     plt = _pyplot()
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle
@@ -191,11 +249,15 @@ def plot_gershgorin(
                 ax.set_xlim(low - pad, high + pad)
                 ax.set_ylim(-(reach or pad) * 1.1, (reach or pad) * 1.1)
                 ax.set_aspect("equal", adjustable="box")  # discs as circles
+                floor = len(eigs) * torch.finfo(torch.float64).eps * float(eigs.abs().max())
                 ax.set_title(
                     f"{name}: {_FACTOR_NAMES[col]}  discs [{low:.3g}, {high:.3g}], "
-                    f"eig [{float(eigs[0]):.3g}, {float(eigs[-1]):.3g}]",
+                    f"eig [{_eig_text(float(eigs[0]), floor)}, "
+                    f"{_eig_text(float(eigs[-1]), floor)}]",
                     fontsize=7,
                 )
+                _plain_numbers(ax.xaxis)
+                _plain_numbers(ax.yaxis)
                 ax.tick_params(labelsize=6)
         return _finish(fig, path, title, dpi)
     finally:
@@ -232,8 +294,7 @@ def plot_frequency_fields(
                 )
                 ax.set_title(f"{name}: |FFT2({_FACTOR_NAMES[col]})|", fontsize=8)
                 ax.tick_params(labelsize=6)
-                cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-                cbar.ax.tick_params(labelsize=6)
+                _colorbar(fig, image, ax)
         return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
@@ -267,7 +328,8 @@ def plot_dominance(
             ax.tick_params(labelsize=7)
             ax.grid(True, axis="y", alpha=0.3)
         axes[0, 0].set_ylabel("‖diag M‖² / ‖M‖²", fontsize=8)
-        axes[0, 1].legend(fontsize=7)
+        # outside the panels: inside, it hides the bars of the last layer
+        axes[0, 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         return _finish(fig, path, title, dpi)
     finally:
         plt.close(fig)
@@ -317,7 +379,6 @@ def plot_landscape(
             ax.legend(fontsize=8, loc="best")
         if title:
             ax.set_title(title, fontsize=9)
-        fig.tight_layout()
         return _save(fig, path, dpi)
     finally:
         plt.close(fig)
