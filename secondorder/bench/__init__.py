@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -39,7 +40,14 @@ import torch
 
 from ..optimizer import check_use_curvature
 from .optimizers import OPTIMIZERS, OptimizerSpec
-from .report import add_overheads, add_targets, format_table, machine_info, write_results
+from .report import (
+    BASELINE,
+    add_overheads,
+    add_targets,
+    format_table,
+    machine_info,
+    write_results,
+)
 from .runner import (
     RunConfig,
     load_initial_weights,
@@ -62,6 +70,17 @@ __all__ = [
     "format_table",
     "run_bench",
 ]
+
+BASELINE_STEPS = 200
+"""Steps of the timing-only run of the ``vs sgd`` baseline where sgd is not among the
+optimizers run (fewer where the whole run has fewer)."""
+
+
+def _say(quiet: bool, text: str) -> None:
+    # Progress lines go to stderr (stdout holds the table), flushed: a spawned run is silent
+    # for the seconds its interpreter takes to import torch.
+    if not quiet:
+        print(f"secondorder.bench: {text}", file=sys.stderr, flush=True)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -101,6 +120,7 @@ def run_bench(
     init: str | os.PathLike[str] | None = None,
     curvature_epochs: str | Sequence[tuple[int, int | None]] | None = None,
     record_every: int | None = None,
+    time_baseline: bool = True,
 ) -> dict[str, Any]:
     """Train ``task``'s model with each optimizer in ``opts`` and return the measurements.
 
@@ -116,7 +136,8 @@ def run_bench(
             written if None.
         threads: ``torch.set_num_threads`` for the runs (default: torch's own choice).
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
-        quiet: no progress bars.
+        quiet: no progress output (a line on stderr as each run starts and ends, and each
+            run's bar or per-epoch lines).
         isolate: run each optimizer in its own ``spawn`` subprocess, so that its peak memory is
             its own; False runs them in this process (faster to start, peak RSS less reliable).
         target: the train loss whose first step and epoch are reported as
@@ -134,15 +155,22 @@ def run_bench(
         record_every: record every run's flattened weights every this many steps (and before
             the first and after the last step) as ``results[name]["trajectory"]``, saved to
             ``trajectories.pt`` in ``out`` (not to ``results.json``); None: not recorded.
+        time_baseline: where sgd is not in ``opts``, time it anyway in a short timing-only
+            run (:data:`BASELINE_STEPS` steps at most, nothing evaluated, not a row of the
+            results) so that every run's ``overhead_vs_sgd`` has a value; False: None there.
 
     Returns:
         ``{"config": {...}, "results": {name: {"hparams", "summary", "curves", "steps"}}}``,
         the structure of ``results.json``. ``config`` holds the task, epochs, seed, batch size,
-        device, every optimizer's hyperparameters, torch's version and the machine. A run that
-        raised has only ``hparams`` and ``summary["error"]`` (its traceback goes to stderr) and
-        the others still run.
+        device, every optimizer's hyperparameters, torch's version, the machine and the
+        ``baseline`` the overheads were measured against (``{"optimizer": "sgd", "steps",
+        "mean_iter_ms", "median_iter_ms", "hparams"}`` for a timing-only run, None where sgd
+        is a row or was not timed). A run that raised has only ``hparams`` and
+        ``summary["error"]`` (its traceback goes to stderr) and the others still run.
 
     Raises:
+        DataNotFoundError: the task reads files that are not in the data folder (checked
+            first; the message names the folder layout expected and ``--data``).
         ValueError: an unknown task or optimizer, a non-positive epochs / batch size / threads /
             record_every, a checkpoint that does not fit the task's model, bad epoch ranges
             or epoch ranges with no optimizer that has curvature,
@@ -152,6 +180,7 @@ def run_bench(
     """
     names = resolve_optimizers(opts)
     the_task: Task = resolve_task(task)
+    the_task.check_data()
     for arg, value in (
         ("epochs", epochs),
         ("batch_size", batch_size),
@@ -211,23 +240,62 @@ def run_bench(
             f"curvature epochs given, but none of {', '.join(names)} has curvature to switch"
         )
 
+    jobs = [(name, hparams[name], config) for name in names]
+    if time_baseline and BASELINE not in names:
+        baseline_config = dataclasses.replace(
+            config, timing_steps=BASELINE_STEPS, curvature_epochs=None, record_every=None
+        )
+        jobs.insert(0, (BASELINE, task_hparams(the_task, BASELINE), baseline_config))
+
     started = time.perf_counter()
     runs: dict[str, Any] = {}
+    baseline: dict[str, Any] | None = None
     previous_threads = torch.get_num_threads()
     try:
-        for name in names:
+        for i, (name, hp, run_config) in enumerate(jobs, start=1):
+            timing_only = run_config.timing_steps is not None
+            label = f"[{i}/{len(jobs)}] {name}"
+            what = (
+                f"timing-only baseline of the vs {BASELINE} column (at most "
+                f"{BASELINE_STEPS} steps), "
+                if timing_only
+                else ""
+            )
+            where = "starting a subprocess" if isolate else "starting in this process"
+            _say(quiet, f"{label}: {what}{where}")
+            run_started = time.perf_counter()
             try:
                 if isolate:
-                    runs[name] = train_isolated(name, hparams[name], config)
+                    run = train_isolated(name, hp, run_config)
                 else:
-                    runs[name] = train(name, hparams[name], config)
+                    run = train(name, hp, run_config)
             except Exception as exc:
                 print(f"secondorder.bench: {name} failed:", file=sys.stderr)
                 traceback.print_exc(file=sys.stderr)
-                runs[name] = {
-                    "hparams": hparams[name],
-                    "summary": {"error": f"{type(exc).__name__}: {exc}"},
+                if not timing_only:
+                    runs[name] = {
+                        "hparams": hp,
+                        "summary": {"error": f"{type(exc).__name__}: {exc}"},
+                    }
+                continue
+            summary, seconds = run["summary"], time.perf_counter() - run_started
+            metric = the_task.metric_name
+            if timing_only:
+                baseline = {
+                    "optimizer": name,
+                    "steps": summary["steps"],
+                    "mean_iter_ms": summary["mean_iter_ms"],
+                    "median_iter_ms": summary["median_iter_ms"],
+                    "hparams": hp,
                 }
+                outcome = f"mean iteration {summary['mean_iter_ms']:.3f} ms"
+            else:
+                runs[name] = run
+                outcome = (
+                    f"train loss {summary['final_train_loss']:.4g}, {metric} "
+                    f"{summary[metric]:.4f}" + (", diverged" if summary["diverged"] else "")
+                )
+            _say(quiet, f"{label}: done in {seconds:.1f} s ({outcome})")
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -249,6 +317,7 @@ def run_bench(
             else [list(r) for r in curvature_epochs],
             "record_every": record_every,
             "optimizers": names,
+            "baseline": baseline,
             "hparams": hparams,
             "torch_version": torch.__version__,
             "machine": machine_info(),

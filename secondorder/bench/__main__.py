@@ -16,7 +16,7 @@ from .config import format_grid_table, load_experiment, run_experiment
 from .optimizers import OPTIMIZERS, parse_override
 from .report import format_table
 from .runner import parse_epoch_ranges, resolve_optimizers, resolve_task
-from .tasks import DEFAULT_TASK, TASKS, set_data_dir
+from .tasks import DEFAULT_TASK, TASKS, DataNotFoundError, set_data_dir
 
 
 def _catalogue() -> str:
@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default: cpu)"
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars (the table is still printed)"
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (a line as each optimizer's run starts and ends, and its "
+        "bar, or a line per epoch where stderr is not a terminal); the table is still printed",
     )
     parser.add_argument(
         "--no-isolate",
@@ -206,13 +209,23 @@ def _default_out() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (1 if any optimizer's run failed)."""
+    """Run the CLI; returns the exit code (1 if any optimizer's run failed, 2 if the task's
+    data is missing)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.data is not None:
         set_data_dir(args.data)
-    if args.config is not None:
-        return _main_config(parser, args)
+    try:
+        if args.config is not None:
+            return _main_config(parser, args)
+        return _main_bench(parser, args)
+    except DataNotFoundError as exc:
+        # One line, without the usage: the fix is in the message (where the files go, --data).
+        print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _main_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     for name, key, value in args.overrides:
         overrides.setdefault(name, {})[key] = value
@@ -242,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
 
     print(format_table(results))
-    print(
-        f"\nwall time {wall:.1f} s; wrote {out / 'results.json'}, {out / 'results.csv'} and plots"
-    )
+    plots = [out / f"loss_vs_{x}.png" for x in ("step", "time")]
+    written = [out / "results.json", out / "results.csv", *(p for p in plots if p.exists())]
+    print(f"\nwall time {wall:.1f} s; wrote {', '.join(map(str, written))}")
     failed = [name for name, run in results["results"].items() if run["summary"].get("error")]
     return 1 if failed else 0
 

@@ -340,7 +340,8 @@ def run_experiment(
         out: folder for ``grid.json``, ``grid.csv`` and each run's ``results.json`` under
             ``runs/<row>/seed<seed>/``; nothing is written if None.
         bench_kwargs: passed to :func:`~secondorder.bench.run_bench` (``threads``,
-            ``device``, ``quiet``, ``isolate``).
+            ``device``, ``quiet``, ``isolate``). The grid has no overhead column, so sgd is
+            not timed where it is not a row (``time_baseline=False``).
 
     Returns:
         ``{"config": {...}, "rows": [...]}``, the content of ``grid.json``: one row per
@@ -352,11 +353,13 @@ def run_experiment(
 
     Raises:
         ValueError: as :func:`~secondorder.bench.run_bench` does, before anything trains.
+        DataNotFoundError: the task's data is not in the data folder (before anything trains).
     """
     from . import run_bench
     from .runner import preflight, resolve_task, task_hparams
 
     the_task = resolve_task(task or experiment.task)
+    the_task.check_data()
     settings = experiment.settings()
     for setting in settings:  # a bad hyperparameter fails now, not after hours of runs
         hparams = task_hparams(the_task, setting.optimizer, setting.overrides)
@@ -386,6 +389,7 @@ def run_experiment(
                 out=run_out,
                 target=target,
                 plots=False,
+                time_baseline=False,
                 **bench_kwargs,
             )
             config = results["config"]

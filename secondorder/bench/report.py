@@ -77,10 +77,15 @@ def add_overheads(results: Mapping[str, Any]) -> None:
     """Set ``summary["overhead_vs_sgd"]`` on every run, in place.
 
     The overhead is the run's mean iteration time over sgd's in the same bench (so sgd's is
-    exactly 1.0), or None where sgd was not run or a run has no timings.
+    exactly 1.0): sgd's row, else the timing-only run ``results["config"]["baseline"]`` (see
+    :func:`~secondorder.bench.run_bench`'s ``time_baseline``); None where sgd was timed in
+    neither or a run has no timings.
     """
     runs = results["results"]
-    base = runs.get(BASELINE, {}).get("summary", {}).get("mean_iter_ms")
+    if BASELINE in runs:
+        base = runs[BASELINE].get("summary", {}).get("mean_iter_ms")
+    else:
+        base = (results["config"].get("baseline") or {}).get("mean_iter_ms")
     for run in runs.values():
         mine = run["summary"].get("mean_iter_ms")
         ok = base is not None and mine is not None and base > 0 and math.isfinite(mine)
@@ -188,6 +193,15 @@ def format_table(results: Mapping[str, Any]) -> str:
 
     peak = {"rss_growth": "process RSS peak growth", "cuda_max_allocated": "CUDA peak allocated"}
     kinds = sorted({r["summary"].get("peak_kind", "") for r in results["results"].values()} - {""})
+    baseline = config.get("baseline")
+    vs = f"vs {BASELINE}: iter time over {BASELINE}'s"
+    if baseline is not None and BASELINE not in results["results"]:
+        vs += (
+            f" ({BASELINE} not a row: timed in a separate timing-only run of "
+            f"{baseline['steps']} steps, {baseline['mean_iter_ms']:.3f} ms per iteration)"
+        )
+    elif BASELINE not in results["results"]:
+        vs += f", - where {BASELINE} was not timed"
     target = config.get("target")
     reach = (
         f"to target: first step (epoch) at which the mean mini-batch loss of the last "
@@ -198,7 +212,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     legend = (
         f"{config['task']}, {config['epochs']} epochs, batch {config['batch_size']}, "
         f"seed {config['seed']}, {config['device']}. step ms: mean optimizer.step(); "
-        f"iter ms: mean zero_grad+forward+backward+step; vs sgd: iter time over sgd's; {reach}"
+        f"iter ms: mean zero_grad+forward+backward+step; {vs}; {reach}"
         f"peak MB: {', '.join(peak.get(k, k) for k in kinds) or 'peak'} during the run; "
         "state MB: tensors in optimizer.state_dict()."
     )

@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ class RunConfig:
         seed: seeds the initial weights, the batch order and the global torch RNG.
         device: ``"cpu"`` or a CUDA device.
         threads: ``torch.set_num_threads`` for the run, or None to leave torch's default.
-        quiet: no progress bar.
+        quiet: no progress output: neither the bar (shown where stderr is a terminal) nor the
+            line per epoch written instead where it is not (a log file, a pipe).
         init: path of a checkpoint whose weights replace the seeded initial weights
             (:func:`load_initial_weights`); None: the seeded weights.
         curvature_epochs: ``(start, stop)`` epoch ranges (0-based, stop exclusive, None for an
@@ -74,6 +76,9 @@ class RunConfig:
         record_every: record the model's parameters, flattened, before the first step, every
             ``record_every`` steps and after the last step (``result["trajectory"]``); None:
             nothing recorded (it costs ``4 · parameters`` bytes per record).
+        timing_steps: a timing-only run: stop after this many steps (at most the epochs' steps)
+            and evaluate nothing (the losses and metrics of the summary and the curves are
+            NaN; the per-step losses and times are recorded). None: a full run.
     """
 
     task: str
@@ -86,6 +91,28 @@ class RunConfig:
     init: str | None = None
     curvature_epochs: tuple[tuple[int, int | None], ...] | None = None
     record_every: int | None = None
+    timing_steps: int | None = None
+
+
+# Printed by torch once per process, through the progress bar, at the first
+# backward(create_graph=True) (AdaHessian). The bench owns that graph: zero_grad() sets every
+# .grad to None before the next backward, which breaks the parameter <-> gradient reference
+# cycle the warning is about.
+_CREATE_GRAPH_WARNING = r"Using backward\(\) with create_graph=True"
+
+
+def _write_above_bar(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    # warnings.showwarning while a progress bar is shown: print the warning above the bar
+    # instead of through it.
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    tqdm.write(text.rstrip("\n"), file=sys.stderr)
 
 
 def parse_epoch_ranges(text: str) -> tuple[tuple[int, int | None], ...]:
@@ -379,6 +406,9 @@ def train(
         per-step mini-batch loss and times. A non-finite loss stops the run early with
         ``summary["diverged"] = True``. ``summary["curvature_steps"]`` holds the step ranges
         ``config.curvature_epochs`` became for this optimizer (None: not switched).
+
+    Progress goes to stderr unless ``config.quiet``: a bar where stderr is a terminal, else a
+    line per epoch. Warnings raised while the bar is shown are written above it.
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -420,7 +450,15 @@ def train(
     step_s: list[float] = []
     iter_s: list[float] = []
 
+    total_steps = config.epochs * steps_per_epoch
+    if config.timing_steps is not None:
+        total_steps = min(total_steps, config.timing_steps)
+
     def record_epoch() -> None:
+        if config.timing_steps is not None:  # a timing-only run evaluates nothing
+            for curve in (train_loss, test_loss, test_metric):
+                curve.append(math.nan)
+            return
         tl, _ = _evaluate(model, task, x_train, y_train)
         vl, vm = _evaluate(model, task, data.x_test, data.y_test)
         train_loss.append(tl)
@@ -440,14 +478,20 @@ def train(
     if every is not None:
         record_weights()
     bar = tqdm(
-        total=config.epochs * steps_per_epoch,
+        total=total_steps,
         desc=f"{task.name} {opt_name}",
         unit="step",
         file=sys.stderr,
         leave=False,
         disable=True if config.quiet else None,  # None: off when stderr is not a TTY
     )
-    with bar:
+    # Where the bar is off but progress is wanted (stderr is a log file or a pipe): a line per
+    # epoch, flushed, instead of the bar's carriage returns.
+    epoch_lines = bool(bar.disable) and not config.quiet and config.timing_steps is None
+    with warnings.catch_warnings(), bar:
+        warnings.filterwarnings("ignore", message=_CREATE_GRAPH_WARNING, category=UserWarning)
+        if not bar.disable:
+            warnings.showwarning = _write_above_bar
         for epoch in range(1, config.epochs + 1):
             perm = torch.randperm(n, generator=batch_order).to(device)
             for start in range(0, n, config.batch_size):
@@ -455,7 +499,7 @@ def train(
                 xb, yb = x_train[idx], y_train[idx]
                 sync()
                 t0 = time.perf_counter()
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=True)  # also breaks create_graph's cycle
                 outputs = model(xb)
                 if mc_fisher:  # labels sampled from the model for the curvature statistics
                     optimizer.sample_fisher(outputs)
@@ -476,11 +520,21 @@ def train(
                 if not math.isfinite(step_loss[-1]):
                     diverged = True
                     break
+                if len(iter_s) == total_steps:  # a timing-only run's last step
+                    break
             train_time.append(train_time[-1] + sum(iter_s[(epoch - 1) * steps_per_epoch :]))
             epochs_done.append(epoch)
             record_epoch()
-            bar.set_postfix(loss=f"{train_loss[-1]:.4f}", **{metric: f"{test_metric[-1]:.3f}"})
-            if diverged:
+            if config.timing_steps is None:
+                bar.set_postfix(loss=f"{train_loss[-1]:.4f}", **{metric: f"{test_metric[-1]:.3f}"})
+            if epoch_lines:
+                print(
+                    f"  {opt_name} epoch {epoch}/{config.epochs}: train loss {train_loss[-1]:.4f}, "
+                    f"{metric} {test_metric[-1]:.4f}, {train_time[-1]:.1f} s of training",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if diverged or len(iter_s) == total_steps:
                 break
 
     if every is not None and record_steps[-1] != len(iter_s):

@@ -86,6 +86,9 @@ class Task:
             (means, squared error).
         target: the train loss the bench reports the steps and epochs to reach (``--target``
             overrides it), or None for no target.
+        find_data: raises :class:`DataNotFoundError` when the data folder lacks the task's
+            files, without reading them (None: the task needs no files); see
+            :meth:`check_data`.
     """
 
     name: str
@@ -100,6 +103,17 @@ class Task:
     higher_is_better: bool = True
     likelihood: str = "categorical"
     target: float | None = None
+    find_data: Callable[[], None] | None = None
+
+    def check_data(self) -> None:
+        """Raise :class:`DataNotFoundError` (its message names the expected folder layout and
+        ``--data``) when the task's files are not in the data folder; cheap, reads nothing.
+
+        The bench calls it before any run starts, so a missing dataset is one line, not a
+        traceback from every optimizer's subprocess.
+        """
+        if self.find_data is not None:
+            self.find_data()
 
     def build_model(self, seed: int) -> nn.Module:
         """Build the model with weights drawn from ``seed``; the global RNG is left untouched.
@@ -198,10 +212,11 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV) or _DEFAULT_DATA_DIR).expanduser().resolve()
 
 
-def _missing(task: str, what: str) -> DataNotFoundError:
+def _missing(task: str, what: str, root: Path) -> DataNotFoundError:
+    absent = "" if root.is_dir() else f"the data folder {root} does not exist; "
     return DataNotFoundError(
-        f"{task} needs {what}; this package never downloads data "
-        f"(set the data folder with --data or ${DATA_ENV})"
+        f"{task} needs {what}; {absent}this package never downloads data "
+        f"(set the data folder with --data DIR or ${DATA_ENV})"
     )
 
 
@@ -334,13 +349,22 @@ def _read_cifar(files: list[Path], label_key: bytes) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-@functools.cache
-def _cifar_cached(dataset: str, root: Path, task: str) -> TaskData:
-    folder, train, test, key, what = _CIFAR[dataset]
+def _cifar_files(dataset: str, root: Path, task: str) -> list[Path]:
+    """The train then test files of ``dataset`` under ``root``; raises if any is missing."""
+    folder, train, test, _, what = _CIFAR[dataset]
     base = root / folder
     paths = [base / name for name in (*train, *test)]
     if not all(p.is_file() for p in paths):
-        raise _missing(task, f"{what} in {base} (torchvision layout)")
+        names = ", ".join(train if len(train) < 3 else (train[0], "...", train[-1]))
+        layout = f"{base}/{{{names}, {', '.join(test)}}}"
+        raise _missing(task, f"{what} as {layout} (torchvision's layout)", root)
+    return paths
+
+
+@functools.cache
+def _cifar_cached(dataset: str, root: Path, task: str) -> TaskData:
+    _, train, _, key, _ = _CIFAR[dataset]
+    paths = _cifar_files(dataset, root, task)
     x_tr, y_tr = _read_cifar(paths[: len(train)], key)
     x_te, y_te = _read_cifar(paths[len(train) :], key)
     return TaskData(x_tr, y_tr, x_te, y_te)
@@ -355,6 +379,13 @@ def _cifar_data(dataset: str, task: str) -> Callable[[], TaskData]:
     training augmentation happen in the model's first module (:class:`~.models.CifarInput`).
     """
     return lambda: _cifar_cached(dataset, data_dir(), task)
+
+
+def _find_cifar(dataset: str, task: str) -> Callable[[], None]:
+    def find() -> None:
+        _cifar_files(dataset, data_dir(), task)
+
+    return find
 
 
 def _cifar_model(depth: int, num_classes: int, stats: tuple) -> Callable[[], nn.Module]:
@@ -378,11 +409,17 @@ _MNIST_FILES = (
 )
 
 
-@functools.cache
-def _mnist_cached(root: Path) -> TaskData:
+def _find_mnist(root: Path | None = None) -> None:
+    root = data_dir() if root is None else root
     raw = root / "MNIST" / "raw"
     if not all((raw / name).is_file() for name in _MNIST_FILES):
-        raise _missing("mnist-ae", f"MNIST in {raw} (torchvision layout, uncompressed)")
+        layout = f"{raw}/{{{', '.join(_MNIST_FILES)}}}"
+        raise _missing("mnist-ae", f"MNIST as {layout} (torchvision's layout, uncompressed)", root)
+
+
+@functools.cache
+def _mnist_cached(root: Path) -> TaskData:
+    _find_mnist(root)
     from torchvision.datasets import MNIST
 
     x_tr = MNIST(str(root), train=True, download=False).data.reshape(-1, 784).float() / 255
@@ -406,11 +443,16 @@ _CHAR_CONTEXT = 64
 _CHAR_TEST_FRACTION = 0.1
 
 
+def _find_char(root: Path | None = None) -> None:
+    root = data_dir() if root is None else root
+    if not (root / "input.txt").is_file():
+        raise _missing("char-gpt", f"a text file {root / 'input.txt'}", root)
+
+
 @functools.cache
 def _char_corpus(root: Path) -> tuple[str, Tensor]:
+    _find_char(root)
     path = root / "input.txt"
-    if not path.is_file():
-        raise _missing("char-gpt", f"a text file {path}")
     text = path.read_text(encoding="utf-8")
     vocab = "".join(sorted(set(text)))
     if len(text) < 4 * (_CHAR_CONTEXT + 1):
@@ -508,6 +550,7 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_cifar_model(18, 10, _CIFAR10_STATS),
             make_data=_cifar_data("cifar10", "cifar10-resnet18"),
+            find_data=_find_cifar("cifar10", "cifar10-resnet18"),
             epochs=50,
             batch_size=128,
         ),
@@ -516,6 +559,7 @@ TASKS: dict[str, Task] = {
             description="CIFAR-10 (data folder), ResNet-20 of He et al. 2016 (0.27M), crop + flip",
             make_model=_cifar_model(20, 10, _CIFAR10_STATS),
             make_data=_cifar_data("cifar10", "cifar10-resnet20"),
+            find_data=_find_cifar("cifar10", "cifar10-resnet20"),
             epochs=50,
             batch_size=128,
         ),
@@ -524,6 +568,7 @@ TASKS: dict[str, Task] = {
             description="CIFAR-10 (data folder), ResNet-32 of He et al. 2016 (0.46M), crop + flip",
             make_model=_cifar_model(32, 10, _CIFAR10_STATS),
             make_data=_cifar_data("cifar10", "cifar10-resnet32"),
+            find_data=_find_cifar("cifar10", "cifar10-resnet32"),
             epochs=50,
             batch_size=128,
         ),
@@ -535,6 +580,7 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_cifar_model(18, 100, _CIFAR100_STATS),
             make_data=_cifar_data("cifar100", "cifar100-resnet18"),
+            find_data=_find_cifar("cifar100", "cifar100-resnet18"),
             epochs=50,
             batch_size=128,
         ),
@@ -547,6 +593,7 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_mnist_ae,
             make_data=_mnist_ae_data,
+            find_data=_find_mnist,
             loss_fn=_bce_logits,
             metric=_sigmoid_mse,
             metric_name="test_mse",
@@ -563,6 +610,7 @@ TASKS: dict[str, Task] = {
             ),
             make_model=_char_gpt,
             make_data=_char_data,
+            find_data=_find_char,
             loss_fn=_seq_cross_entropy,
             metric=_seq_nll,
             metric_name="test_nll",
