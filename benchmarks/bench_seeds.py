@@ -456,7 +456,8 @@ def build_ours(name: str, model: nn.Module, hp: dict[str, Any], fisher: str):
         cls = secondorder.AdaFisher if name == "adafisher" else secondorder.AdaFisherW
         return cls(model, **hp)
     if name == "mfac":
-        return secondorder.MFAC(model, **hp)
+        # the reference's window, whatever it costs (it has no budget)
+        return secondorder.MFAC(model, window_memory=None, **hp)
     raise KeyError(name)
 
 

@@ -10,6 +10,11 @@ parameters, or over blocks of ``block_size`` coordinates) and
 ``k x k`` system is factored by Cholesky every refresh (every step by default), and the
 product needs two passes over the window and nothing of size ``m x d``.
 
+The window costs ``m·d`` entries of ``window_dtype`` plus the ``m x m`` dot-product matrix
+(per block): 22 GiB for ResNet-18 (d = 11.7M) at the paper's m = 512 in float32. Unless
+``ngrads`` is given, m is the largest value up to 512 whose window fits ``window_memory``
+(1 GiB by default); an explicit ``ngrads`` over the budget is a ``ValueError``.
+
 Sparse mode keeps the Fisher on the coordinates of a mask (by default, the non-zero
 weights at construction): pruned coordinates get a zero direction, so with any of the
 base updates they stay exactly zero.
@@ -17,7 +22,11 @@ base updates they stay exactly zero.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.mfac import mfac_coefficients, mfac_gram_row, mfac_ihvp
-from ..optimizer import CurvatureOptimizer, Interval, Schedule
+from ..optimizer import CurvatureOptimizer, Interval, Schedule, _caller_stacklevel
 from .base import CurvatureEstimator
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+#: the window size when ``ngrads`` is not given and the budget allows it (the paper's m)
+DEFAULT_NGRADS = 512
+#: the default ``window_memory``: 1 GiB, whatever the device (see :class:`MFACConfig`)
+DEFAULT_WINDOW_MEMORY = 2**30
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -37,7 +53,21 @@ class MFACConfig:
     """Hyperparameters of the M-FAC estimator (checked on construction).
 
     Args:
-        ngrads (int): window size m, any positive int (default: 512).
+        ngrads (int, optional): window size m, any positive int; None: the largest m up to
+            512 (the paper's) whose window fits ``window_memory`` (default: None).
+            An explicit m whose window exceeds ``window_memory`` raises ``ValueError``.
+        window_memory (int or float, optional): the budget of the window and its
+            dot-product matrix, ``blocks·m·(block·s_w + m·s_g)`` bytes for a window of
+            ``block``-wide blocks (``m·d·s_w`` plus ``m²·s_g`` for one block), with ``s_w``
+            and ``s_g`` the item sizes of ``window_dtype`` and ``gram_dtype``. A number
+            >= 1 is bytes; a number in (0, 1) is that fraction of the memory available
+            on the parameters' device when the estimator is built (CUDA: free memory
+            from ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``);
+            None: no limit (default: 1 GiB). A fixed size is the default so that the same
+            model gets the same m, hence the same trajectory and checkpoint shape, on every
+            machine whatever else holds memory; 1 GiB fits next to training on any GPU
+            and keeps m = 512 up to about 0.5M parameters in float32 (the CIFAR ResNets
+            of the paper).
         window_dtype (torch.dtype): float32, bfloat16 (half the memory) or float64
             (default: float32).
         block_size (int, optional): precondition independent blocks of this many
@@ -52,15 +82,26 @@ class MFACConfig:
             it is redone from the window in float64, see :meth:`MFACEstimator.refresh`).
     """
 
-    ngrads: int = 512
+    ngrads: int | None = None
+    window_memory: float | None = DEFAULT_WINDOW_MEMORY
     window_dtype: torch.dtype = torch.float32
     block_size: int | None = None
     min_grads: int = 1
     gram_dtype: torch.dtype = torch.float64
 
     def __post_init__(self) -> None:
-        if not _positive_int(self.ngrads):
-            raise ValueError(f"ngrads must be a positive int, got {self.ngrads!r}")
+        if self.ngrads is not None and not _positive_int(self.ngrads):
+            raise ValueError(f"ngrads must be a positive int or None, got {self.ngrads!r}")
+        if self.window_memory is not None and not (
+            isinstance(self.window_memory, numbers.Real)
+            and not isinstance(self.window_memory, bool)
+            and math.isfinite(self.window_memory)
+            and self.window_memory > 0
+        ):
+            raise ValueError(
+                "window_memory must be None, a number of bytes >= 1 or a fraction in (0, 1) "
+                f"of the available memory, got {self.window_memory!r}"
+            )
         if self.window_dtype not in _WINDOW_DTYPES:
             raise ValueError(
                 f"window_dtype must be one of {_WINDOW_DTYPES}, got {self.window_dtype!r}"
@@ -71,6 +112,58 @@ class MFACConfig:
             raise ValueError(f"min_grads must be a positive int, got {self.min_grads!r}")
         if self.gram_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
+
+
+def window_bytes(
+    ngrads: int, blocks: int, block: int, window_dtype: torch.dtype, gram_dtype: torch.dtype
+) -> int:
+    """Bytes of an M-FAC window of ``ngrads`` gradients in ``blocks`` blocks of ``block``
+    coordinates, with its ``ngrads x ngrads`` dot-product matrix per block."""
+    w = torch.finfo(window_dtype).bits // 8
+    g = torch.finfo(gram_dtype).bits // 8
+    return blocks * ngrads * (block * w + ngrads * g)
+
+
+def largest_window(
+    budget: int,
+    blocks: int,
+    block: int,
+    window_dtype: torch.dtype,
+    gram_dtype: torch.dtype,
+    cap: int = DEFAULT_NGRADS,
+) -> int:
+    """The largest ``m <= cap`` with ``window_bytes(m, ...) <= budget``; 0 if none."""
+    low, high = 0, cap  # window_bytes(low) <= budget is kept true
+    while low < high:
+        mid = (low + high + 1) // 2
+        if window_bytes(mid, blocks, block, window_dtype, gram_dtype) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` for CUDA, ``MemAvailable``
+    of ``/proc/meminfo`` for the CPU; None where it is not known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def _positive_int(value: Any) -> bool:
@@ -118,7 +211,12 @@ class MFACEstimator(CurvatureEstimator):
         block = self.config.block_size or self.dim
         self.block = min(block, self.dim)
         self.blocks = math.ceil(self.dim / self.block)
+        #: the budget in bytes (``window_memory`` resolved; None: no limit)
+        self.window_budget = self._budget_bytes()
+        self.config = dataclasses.replace(self.config, ngrads=self._window_size())
         m = self.config.ngrads
+        #: bytes of the window and its dot-product matrix
+        self.window_bytes = self._bytes(m)
         self.window = torch.zeros(
             self.blocks, m, self.block, dtype=self.config.window_dtype, device=self.device
         )
@@ -127,6 +225,96 @@ class MFACEstimator(CurvatureEstimator):
         self.count = 0  # gradients held (<= m)
         self._chol: Tensor | None = None
         self._chol_damping: float | None = None
+
+    # ---- the window's size --------------------------------------------------------------
+    def _bytes(self, m: int) -> int:
+        return window_bytes(
+            m, self.blocks, self.block, self.config.window_dtype, self.config.gram_dtype
+        )
+
+    def _budget_bytes(self) -> int | None:
+        budget = self.config.window_memory
+        if budget is None or budget >= 1:
+            return None if budget is None else int(budget)
+        free = available_memory(self.device)
+        if free is None:
+            raise ValueError(
+                f"window_memory={budget!r} is a fraction of the available memory, which is "
+                f"not known for device {self.device}; give window_memory in bytes"
+            )
+        return int(budget * free)
+
+    def _describe(self, m: int) -> str:
+        dtype = str(self.config.window_dtype).removeprefix("torch.")
+        return (
+            f"{m} x {self.dim:,} {dtype} coordinates"
+            + (f" in {self.blocks} blocks" if self.blocks > 1 else "")
+            + f" and the {m} x {m} dot-product matrix"
+            + (" of each" if self.blocks > 1 else "")
+        )
+
+    def _budget_text(self) -> str:
+        given = self.config.window_memory
+        if given is not None and given < 1:
+            return (
+                f"window_memory={given!r} of the available memory "
+                f"({_format_bytes(self.window_budget)})"
+            )
+        return f"window_memory={_format_bytes(self.window_budget)}"
+
+    def _window_size(self) -> int:
+        """``ngrads`` if given (``ValueError`` over the budget), else the largest m up to
+        :data:`DEFAULT_NGRADS` that fits it, said in a log line (a warning when the budget
+        cut it below the default)."""
+        m, budget = self.config.ngrads, self.window_budget
+        bf16 = (
+            ""
+            if self.config.window_dtype == torch.bfloat16
+            else ", window_dtype=torch.bfloat16 (2 bytes a coordinate)"
+        )
+        if m is not None:
+            if budget is not None and self._bytes(m) > budget:
+                fits = largest_window(
+                    budget,
+                    self.blocks,
+                    self.block,
+                    self.config.window_dtype,
+                    self.config.gram_dtype,
+                    cap=m,
+                )
+                fewer = f", ngrads={fits} or fewer" if fits else ""
+                raise ValueError(
+                    f"M-FAC: ngrads={m} needs {_format_bytes(self._bytes(m))} "
+                    f"({self._describe(m)}), over the budget {self._budget_text()}; "
+                    f"pass window_memory={self._bytes(m)} (or None: no limit) to allow it"
+                    f"{fewer}{bf16}, or leave ngrads unset for the largest window that fits"
+                )
+            return m
+        if budget is None:
+            return DEFAULT_NGRADS
+        m = largest_window(
+            budget, self.blocks, self.block, self.config.window_dtype, self.config.gram_dtype
+        )
+        if m == 0:
+            raise ValueError(
+                f"M-FAC: the budget {self._budget_text()} holds no gradient: "
+                f"{self._describe(1)} take {_format_bytes(self._bytes(1))}; raise "
+                f"window_memory (None: no limit){bf16}, or "
+                "precondition fewer parameters"
+            )
+        message = (
+            f"M-FAC: window of m={m} gradients ({self._describe(m)}: "
+            f"{_format_bytes(self._bytes(m))}) within {self._budget_text()}"
+        )
+        if m < DEFAULT_NGRADS:
+            message += (
+                f"; m={DEFAULT_NGRADS} would need {_format_bytes(self._bytes(DEFAULT_NGRADS))}:"
+                " pass ngrads= and window_memory= to choose"
+            )
+            warnings.warn(message, stacklevel=_caller_stacklevel())
+        else:
+            _log.info(message)
+        return m
 
     # ---- layout -------------------------------------------------------------------------
     @property
@@ -209,23 +397,58 @@ class MFACEstimator(CurvatureEstimator):
         self._chol = chol
         self._chol_damping = float(damping)
 
+    def _product_dtype(self) -> torch.dtype:
+        """The dtype of Woodbury's product: float64 only for a float64 window and float64
+        parameters (the direction is cast to the parameters' dtype)."""
+        wide = self.config.window_dtype == torch.float64 and all(
+            p.dtype == torch.float64 for p in self._params
+        )
+        return torch.float64 if wide else torch.float32
+
+    def _workable_damping(self, largest: float) -> float:
+        """The smallest damping that an error message may recommend, given the largest
+        squared gradient norm ``largest`` in the window.
+
+        Two floors, the larger wins:
+
+        - ``10 / sqrt(finfo.max)`` of the product's dtype: below it ``1/λ²`` overflows;
+        - ``1e4 · eps · largest / k``: Woodbury's ``x/λ − Wᵀc/λ²`` cancels to a relative
+          error of about ``eps·|g|²/(kλ)`` (the part of ``x`` that round-off puts off the
+          window's span comes back multiplied by ``1/λ``). At the floor that error is 1e-4,
+          far inside the differences in summation order between CPUs and kernels, so the
+          damping works on any machine, not only on the one that raised.
+        """
+        dtype = self._product_dtype()
+        floor = 10.0 * torch.finfo(dtype).max ** -0.5
+        if math.isfinite(largest):
+            floor = max(floor, 1e4 * torch.finfo(dtype).eps * largest / max(self.count, 1))
+        return _round_up(floor)
+
+    def _largest_squared_norm(self) -> float:
+        """The largest ``|g|²`` of the window (the diagonal of the dot matrix)."""
+        k = self.count
+        return float(self.gram[:, :k, :k].diagonal(dim1=1, dim2=2).double().max())
+
     def _check_representable(self, damping: float) -> None:
         """``FloatingPointError`` when ``1/λ`` or ``1/λ²`` (Woodbury's ``x/λ − Wᵀc/λ²``) may
         overflow the arithmetic: the product's dtype (float32 unless the window is float64)
         or the parameters' (the direction is cast to it; float32 unless all are float64).
         No factorisation could help then: the product would fail with an overflow error,
         divide by zero, or write Inf/NaN into the parameters. The bound is
-        ``10 / sqrt(finfo.max)`` (6e-19 in float32, 8e-154 in float64), with no host sync."""
-        wide = self.config.window_dtype == torch.float64 and all(
-            p.dtype == torch.float64 for p in self._params
-        )
-        dtype = torch.float64 if wide else torch.float32
+        ``10 / sqrt(finfo.max)`` (6e-19 in float32, 8e-154 in float64), with no host sync
+        unless it raises; the damping it names is ``_workable_damping``'s."""
+        dtype = self._product_dtype()
         floor = 10.0 * torch.finfo(dtype).max ** -0.5
         if float(damping) < floor:
-            hint = "" if wide else " (float64 needs a float64 window and float64 parameters)"
+            hint = (
+                ""
+                if dtype == torch.float64
+                else " (float64 needs a float64 window and float64 parameters)"
+            )
+            workable = self._workable_damping(self._largest_squared_norm())
             raise FloatingPointError(
                 f"M-FAC: damping={damping:g} is too small for {str(dtype)[6:]} arithmetic: "
-                f"1/damping² overflows it; use damping >= {_round_up(floor):.1g}{hint}"
+                f"1/damping² overflows it; use damping >= {workable:.1g}{hint}"
             )
 
     def _factor_in_float64(self, damping: float) -> Tensor:
@@ -234,9 +457,9 @@ class MFACEstimator(CurvatureEstimator):
 
         The dot products are recomputed from the window in float64, a slice of columns at
         a time (nothing of size m x d is allocated). If even that fails, the damping is
-        too small for Woodbury's ``x/λ − Wᵀc/λ²`` to mean anything in float64 (its
-        cancellation error is about ``eps·|g|²/(mλ)``) and no jitter would rescue it: a
-        ``FloatingPointError`` says which damping would.
+        too small for Woodbury's ``x/λ − Wᵀc/λ²`` to mean anything (its cancellation error
+        is about ``eps·|g|²/(mλ)``) and no jitter would rescue it: a ``FloatingPointError``
+        names ``_workable_damping``.
         """
         k = self.count
         gram = torch.zeros(self.blocks, k, k, dtype=torch.float64, device=self.device)
@@ -247,11 +470,10 @@ class MFACEstimator(CurvatureEstimator):
         chol = mfac_coefficients(gram, k, damping)
         if not bool(torch.isfinite(chol[..., -1, -1]).all()):
             largest = float(gram.diagonal(dim1=1, dim2=2).max())
-            floor = 1e4 * torch.finfo(torch.float64).eps * largest / k
             raise FloatingPointError(
                 f"M-FAC: mI + GGᵀ/λ is not positive definite even in float64 with "
                 f"damping={damping:g} (largest |g|² = {largest:.3g}); "
-                f"use damping >= {_round_up(floor):.1g}"
+                f"use damping >= {self._workable_damping(largest):.1g}"
             )
         return chol
 
@@ -291,8 +513,10 @@ class MFACEstimator(CurvatureEstimator):
             self.gram.shape
         ):
             raise ValueError(
-                f"M-FAC state has a window of shape {tuple(window.shape)} where this optimizer "
-                f"has {tuple(self.window.shape)}; was it saved from a different model or ngrads?"
+                f"M-FAC state has a window of shape {tuple(window.shape)} (blocks, m, block) "
+                f"where this optimizer has {tuple(self.window.shape)}; was it saved from a "
+                f"different model or ngrads? (pass ngrads={window.shape[1]} to resume it; "
+                "without ngrads the window's size follows window_memory)"
             )
         masks = state.get("masks", [])
         if len(masks) != len(self._params) or any(
@@ -329,7 +553,14 @@ class MFAC(CurvatureOptimizer):
         model_or_params (nn.Module or iterable of Parameters): what to optimise (M-FAC
             needs no hooks: all parameters are preconditioned jointly, any layer type).
         lr (float, optional): learning rate (default: 1e-3).
-        ngrads (int, optional): window size m (default: 512).
+        ngrads (int, optional): window size m; None: the largest m up to 512 whose window
+            fits ``window_memory`` (the choice is in ``opt.estimator.config.ngrads``; a
+            warning says when the budget made it smaller than 512) (default: None).
+        window_memory (int or float, optional): bytes the window (``m·d`` entries of
+            ``window_dtype``) and its ``m x m`` dot-product matrix may take, or a fraction
+            in (0, 1) of the device's available memory, or None for no limit; an explicit
+            ``ngrads`` over it raises ``ValueError`` (default: 1 GiB; see
+            :class:`MFACConfig`).
         damping (float or callable, optional): λ (default: 1e-5).
         curvature_every (int or callable, optional): push the gradient into the window
             at steps that are multiples of this (default: 1). The ``k x k`` coefficients
@@ -357,7 +588,8 @@ class MFAC(CurvatureOptimizer):
         model_or_params: nn.Module | Iterable[nn.Parameter],
         lr: float = 1e-3,
         *,
-        ngrads: int = 512,
+        ngrads: int | None = None,
+        window_memory: float | None = DEFAULT_WINDOW_MEMORY,
         damping: Schedule = 1e-5,
         window_dtype: torch.dtype = torch.float32,
         block_size: int | None = None,
@@ -371,6 +603,7 @@ class MFAC(CurvatureOptimizer):
     ) -> None:
         config = MFACConfig(
             ngrads=ngrads,
+            window_memory=window_memory,
             window_dtype=window_dtype,
             block_size=block_size,
             min_grads=min_grads,

@@ -130,7 +130,8 @@ OTHER_SHAPES = {
     "kfac": _FACTOR,
     "ekfac": _FACTOR,
     "twolevel": _FACTOR,
-    "mfac": r"window of shape \(1, 8, 403\) where this optimizer has \(1, 8, 479\)",
+    "mfac": r"window of shape \(1, 8, 403\) \(blocks, m, block\) where this optimizer has "
+    r"\(1, 8, 479\)",
     "adafisher": _DIAGONAL,
     "adafisherw": _DIAGONAL,
     "adahessian": r"'exp_avg' of shape \(10, 32\) for parameter 3.weight of shape \(12, 32\)",

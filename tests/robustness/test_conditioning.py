@@ -154,7 +154,8 @@ def test_mfac_damping_too_small_even_for_float64_names_one_that_works(gram_dtype
         train(model, opt, _same_batch())
     assert float64_retries  # the float64 retry came first
     damping = _named_damping(str(info.value))
-    assert 1e-18 < damping < 1e-3
+    # the product is float32 (float32 window): the cancellation floor 1e4·eps·|g|²/k
+    assert 1e-18 < damping < 1e5 * torch.finfo(torch.float32).eps
 
     model = tiny_model()
     opt = make_optimizer("mfac", model, damping=damping, gram_dtype=gram_dtype, lr=0.0)
@@ -182,7 +183,11 @@ def test_mfac_damping_whose_inverse_square_overflows_names_one_that_works(
         train(model, opt, data)
     assert all_finite(model)
     workable = _named_damping(str(info.value))
-    assert damping < workable < 1e-17
+    # at least the overflow floor 10/sqrt(finfo.max) of the product's dtype, and no more
+    # than the cancellation floor 1e4·eps·|g|²/k asks for (|g|² is about 1.5 here)
+    product_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert 10.0 * torch.finfo(product_dtype).max ** -0.5 < workable
+    assert damping < workable < 1e5 * torch.finfo(product_dtype).eps
     model = tiny_model().to(dtype)
     opt = make_optimizer("mfac", model, damping=workable, window_dtype=window_dtype)
     with warnings.catch_warnings():
