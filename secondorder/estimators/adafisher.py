@@ -442,6 +442,28 @@ class _Target:
     columns: slice | int
 
 
+def _check_beta(beta: Any) -> float:
+    beta = check_number("beta", beta, high=1.0)
+    if beta >= 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    return beta
+
+
+def _check_betas(betas: Any, beta: Any = None) -> None:
+    """``betas`` must be ``(β,)`` (AdaFisher has one decay), equal to ``beta`` if given."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 1):
+        raise ValueError(
+            f"betas must be (beta,): AdaFisher has one decay, that of the first moment; "
+            f"got {betas!r}"
+        )
+    _check_beta(betas[0])
+    if beta is not None and betas[0] != beta:
+        raise ValueError(
+            f"a param group sets beta={beta!r} and betas={tuple(betas)!r}: they are the same "
+            "decay, set one of them"
+        )
+
+
 class AdaFisher(CurvatureOptimizer):
     r"""AdaFisher (Gomes et al., 2024; https://arxiv.org/abs/2405.16397).
 
@@ -478,11 +500,18 @@ class AdaFisher(CurvatureOptimizer):
             (default: float32).
         params (iterable, optional): parameters or param-group dicts of ``model``
             (default: all its parameters that require grad). Groups may set ``lr``,
-            ``beta`` and ``weight_decay``.
+            ``beta`` (or ``betas``) and ``weight_decay``.
         skip_layers, layer_options, record_in_eval, nonfinite, fisher_type, likelihood,
             likelihood_sigma, precondition, use_curvature, distributed, process_group,
             grad_scaler: as for :class:`~secondorder.CurvatureOptimizer`.
             With ``precondition=False`` every parameter takes the ``F̃ = 1 + λ`` update.
+
+    **Schedulers.** Each param group holds β twice: as ``beta`` and as ``betas = (beta,)``,
+    the form that schedulers cycling the momentum of Adam-style optimizers write
+    (``OneCycleLR`` / ``CyclicLR`` with ``cycle_momentum=True`` set ``betas[0]``). Every
+    step reads the group's β afresh: whichever of the two was changed since the last step
+    is copied to the other (changing both to different values raises ``ValueError``).
+    A state dict saved before ``betas`` existed loads (``betas`` is rebuilt from ``beta``).
 
     Attributes:
         uncovered_parameters (list[str]): parameters updated with ``F̃ = 1 + λ``.
@@ -571,18 +600,75 @@ class AdaFisher(CurvatureOptimizer):
         eps: float | None,
         weight_decay: float,
     ) -> dict[str, Any]:
-        return {"lr": lr, "beta": momentum, "weight_decay": weight_decay}
+        return {"lr": lr, "beta": momentum, "betas": (momentum,), "weight_decay": weight_decay}
 
     @staticmethod
     def _check_group(group: dict[str, Any], base: str) -> None:
         check_number("lr", group["lr"])
         check_number("weight_decay", group["weight_decay"])
-        beta = check_number("beta", group["beta"], high=1.0)
-        if beta >= 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        _check_beta(group["beta"])
+        _check_betas(group["betas"], group["beta"])
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``; a group that sets one of ``beta`` and
+        ``betas`` gets the other from it rather than from the defaults."""
+        group = dict(param_group)
+        if "betas" in group and "beta" not in group:
+            _check_betas(group["betas"])
+            group["beta"] = group["betas"][0]
+        elif "beta" in group and "betas" not in group:
+            group["betas"] = (group["beta"],)
+        super().add_param_group(group)
+        self._synced_betas()[id(self.param_groups[-1])] = self.param_groups[-1]["beta"]
+
+    def _synced_betas(self) -> dict[int, Any]:
+        """The β of each param group (by ``id``) as of its creation or its last step."""
+        if "_synced_beta" not in self.__dict__:  # add_param_group runs inside __init__
+            self._synced_beta: dict[int, Any] = {}
+        return self._synced_beta
+
+    def _group_beta(self, group: dict[str, Any]) -> float:
+        """The group's β, with ``beta`` and ``betas[0]`` made equal again: the one that
+        changed since the last step (a scheduler writes ``betas``) wins."""
+        seen = self._synced_betas()
+        beta, betas = group["beta"], group["betas"]
+        _check_betas(betas)
+        if beta != betas[0]:
+            last = seen.get(id(group))
+            if last is not None and beta == last:
+                beta = group["beta"] = betas[0]
+            elif last is not None and betas[0] == last:
+                group["betas"] = (beta, *betas[1:])
+            else:
+                raise ValueError(
+                    f"param group's beta={beta!r} and betas[0]={betas[0]!r} were both changed "
+                    "since the last step; they are the same decay: set one of them"
+                )
+        seen[id(group)] = beta
+        return _check_beta(beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        for group in self.param_groups:  # a scheduler's pending change is saved in both
+            self._group_beta(group)
+        return super().state_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        seen = self._synced_betas()  # kept: a rejected load puts the old groups back
+        for group in self.param_groups:
+            if "betas" not in group:  # saved before AdaFisher had betas
+                group["betas"] = (group["beta"],)
+            _check_betas(group["betas"], group["beta"])
+            seen[id(group)] = group["beta"]
+
+    def _estimator_replaced(self) -> None:
+        # layers left to the base update (hooks that never ran) lose their targets
+        self._targets = {}
+        for layer in self.estimator.layers:
+            self._add_targets(layer)
 
     def _add_targets(self, layer: Any) -> None:
         if layer.kind == "blocks":
@@ -616,7 +702,7 @@ class AdaFisher(CurvatureOptimizer):
     def _base_step(
         self, group: dict[str, Any], directions: Mapping[Tensor, Tensor], skip_l2: bool = False
     ) -> None:
-        lr, beta, weight_decay = group["lr"], group["beta"], group["weight_decay"]
+        lr, beta, weight_decay = group["lr"], self._group_beta(group), group["weight_decay"]
         damping = self.current_damping()
         for p in group["params"]:
             grad = directions.get(p)

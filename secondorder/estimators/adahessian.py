@@ -6,6 +6,12 @@ with Rademacher probes ``v`` (``E[v ⊙ Hv] = diag H``). A Hessian-vector produc
 gradient's own graph, so the backward pass of a step that estimates the Hessian must be
 ``loss.backward(create_graph=True)``; :attr:`AdaHessian.needs_hessian` says which steps do.
 
+Not every PyTorch operation can be differentiated twice. The fused kernels of
+``F.scaled_dot_product_attention`` cannot: :meth:`AdaHessian.hessian_graph` (applied to the
+model's own forward passes automatically) switches attention to the math backend, which can.
+For the others (``nn.Hardsigmoid``, ``nn.EmbeddingBag``, ...) the Hessian-vector product
+raises a ``RuntimeError`` naming the operation and the way out (:func:`hutchinson_diagonal`).
+
 AdaHessian builds on ``torch.optim.Optimizer`` directly rather than on
 :class:`~secondorder.CurvatureOptimizer`: its two moments are of *different* quantities (the
 gradient, and the squared Hessian diagonal), which the base's Adam update over one
@@ -17,13 +23,17 @@ checks, ``nonfinite="skip"``/``"raise"``, :attr:`~AdaHessian.steps`,
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._host import to_host
 from ..distributed import Communicator, default_communicator
@@ -33,12 +43,93 @@ from ..optimizer import (
     _caller_stacklevel,
     check_interval,
     check_number,
+    checked_keywords,
     is_due,
 )
 
 __all__ = ["AdaHessian", "adahessian_update", "hutchinson_diagonal"]
 
 _NONFINITE = ("skip", "raise")
+
+# ---- operations without a second derivative ---------------------------------------------
+# PyTorch's two wordings: "derivative for aten::OP is not implemented" and "the derivative
+# for 'OP' is not implemented."
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"derivative for (?:aten::)?'?(?P<op>[\w.]+?)'? is not implemented"
+)
+_ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
+_MATH_ATTENTION = (
+    "run the forward pass with the math backend, which autograd can differentiate twice: "
+    "AdaHessian(model, ...) does it for the model's own forward passes before a Hessian step "
+    "(math_attention=True, the default when given the model); wrap any other forward pass in "
+    "`with opt.hessian_graph():` (or torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"
+)
+#: (part of PyTorch's operator name, what the user wrote, the way out), checked on torch 2.14
+_KNOWN_OPS = (
+    (
+        "scaled_dot_product",
+        "a fused kernel of F.scaled_dot_product_attention (nn.TransformerEncoderLayer, "
+        "nn.MultiheadAttention with need_weights=False, timm's ViT)",
+        _MATH_ATTENTION,
+    ),
+    (
+        "hardsigmoid",
+        "nn.Hardsigmoid / F.hardsigmoid (e.g. the squeeze-excite gates of timm's MobileNetV3)",
+        "replace it by the same function written with twice-differentiable operations, "
+        "F.relu6(x + 3) / 6 (a module doing this in place of each nn.Hardsigmoid)",
+    ),
+    (
+        "embedding_bag",
+        "nn.EmbeddingBag / F.embedding_bag",
+        "use nn.Embedding followed by the bag's reduction (.sum / .mean / .amax over the bag)",
+    ),
+    (
+        "ctc_loss",
+        "nn.CTCLoss / F.ctc_loss",
+        "PyTorch has no twice-differentiable CTC loss: give those steps the diagonal with "
+        "opt.set_hessian_diagonal(...) or use another optimizer for this loss",
+    ),
+    (
+        "margin_loss",
+        "nn.MultiMarginLoss / nn.MultiLabelMarginLoss",
+        "write the margin with F.relu / clamp (e.g. F.relu(margin - x[y] + x).pow(p)), "
+        "which autograd differentiates twice",
+    ),
+    (
+        "cudnn_rnn",
+        "cuDNN's RNN / LSTM / GRU kernels (CUDA)",
+        "run the forward pass under torch.backends.cudnn.flags(enabled=False)",
+    ),
+)
+
+
+def _explain_missing_second_derivative(err: RuntimeError) -> RuntimeError | None:
+    """A ``RuntimeError`` naming the operation without a double backward and the way out,
+    or None when ``err`` is not PyTorch's "derivative ... is not implemented"."""
+    text = str(err)
+    match = _NO_DOUBLE_BACKWARD.search(text)
+    if match is None and _ONCE_DIFFERENTIABLE not in text:
+        return None
+    if match is None:
+        op = "a torch.autograd.Function marked @once_differentiable"
+        what = op
+    else:
+        op = match.group("op")
+        what = f"PyTorch's {op}"
+    fix = (
+        "write that part of the model with operations autograd can differentiate twice "
+        "(an autograd.Function's backward from differentiable torch operations, without "
+        "@once_differentiable)"
+    )
+    for key, known, way_out in _KNOWN_OPS:
+        if key in op:
+            what, fix = f"{known} (PyTorch's {op})", way_out
+            break
+    return RuntimeError(
+        f"AdaHessian: the Hessian-vector product differentiates the backward pass of {what} "
+        f"again, and PyTorch has no derivative for it. Way out: {fix}. The README's "
+        f"AdaHessian conventions list the known cases. (PyTorch said: {text.splitlines()[0]})"
+    )
 
 
 # ---- the Hutchinson estimate -------------------------------------------------------------
@@ -93,7 +184,10 @@ def hutchinson_diagonal(
         list[Tensor]: the estimate, one tensor per parameter, detached.
 
     Raises:
-        RuntimeError: no gradient carries a graph (``create_graph=True`` was not used).
+        RuntimeError: no gradient carries a graph (``create_graph=True`` was not used); or
+            the graph holds an operation PyTorch cannot differentiate twice (the message
+            names it and the way out; for ``F.scaled_dot_product_attention`` run the
+            forward pass under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``).
     """
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
@@ -111,13 +205,19 @@ def hutchinson_diagonal(
     with torch.enable_grad():
         for probe in range(n_probes):
             vs = [rademacher_like(p, generator) for p in params]
-            hvs = torch.autograd.grad(
-                outputs,
-                params,
-                grad_outputs=[vs[i] for i in linked],
-                retain_graph=retain_graph or probe < n_probes - 1,
-                allow_unused=True,
-            )
+            try:
+                hvs = torch.autograd.grad(
+                    outputs,
+                    params,
+                    grad_outputs=[vs[i] for i in linked],
+                    retain_graph=retain_graph or probe < n_probes - 1,
+                    allow_unused=True,
+                )
+            except RuntimeError as err:
+                explained = _explain_missing_second_derivative(err)
+                if explained is None:
+                    raise
+                raise explained from err
             for total, v, hv in zip(totals, vs, hvs, strict=True):
                 if hv is not None:
                     total.addcmul_(v, hv.detach())
@@ -133,6 +233,31 @@ def average_spatial_dims(diag: Tensor) -> Tensor:
     if diag.dim() < 3:
         return diag
     return diag.mean(dim=tuple(range(2, diag.dim())), keepdim=True)
+
+
+def _hook_math_attention(module: nn.Module, optimizer: weakref.ref) -> list[Any]:
+    """Hooks that run each ``module(...)`` call inside ``optimizer().hessian_graph()``.
+
+    The optimizer is held weakly (the model must not keep a dropped optimizer alive, nor
+    go on using the slow attention for it); the contexts are a stack, so that a module
+    called inside its own forward pass unwinds in order, and the exit hook runs even when
+    the forward pass raises."""
+    entered: list[contextlib.AbstractContextManager] = []
+
+    def enter(_module: nn.Module, _args: Any) -> None:
+        opt = optimizer()
+        context = opt.hessian_graph() if opt is not None else contextlib.nullcontext()
+        context.__enter__()
+        entered.append(context)
+
+    def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    return [
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    ]
 
 
 # ---- the functional core -----------------------------------------------------------------
@@ -257,6 +382,14 @@ class AdaHessian(torch.optim.Optimizer):
             None: when ``torch.distributed`` is initialised with more than one rank
             (default: None).
         process_group (ProcessGroup, optional): the ranks to average over (default: all).
+        math_attention (bool or None, optional): run the model's forward passes (calls of
+            ``model(...)``) with ``F.scaled_dot_product_attention``'s math backend while
+            :attr:`needs_hessian` and gradients are enabled, i.e. exactly the passes whose
+            graph the next step differentiates twice (the fused kernels, flash attention
+            on the CPU, cannot be); other passes keep the fast kernels. A forward pre-hook
+            and a forward hook on the model do it (:meth:`remove_hooks` detaches them);
+            :meth:`hessian_graph` does the same for forward passes that are not
+            ``model(...)``. None: on when given the model (default: None).
         grad_scaler (torch.amp.GradScaler, optional): only needed when you call
             ``scaler.unscale_(opt)`` before ``scaler.step(opt)``: AdaHessian supports AMP
             scaling itself (``scaler.step`` hands it the scale; it unscales the gradients
@@ -280,6 +413,7 @@ class AdaHessian(torch.optim.Optimizer):
             opt.step()
     """
 
+    @checked_keywords
     def __init__(
         self,
         model_or_params: nn.Module | Iterable[Any],
@@ -296,6 +430,7 @@ class AdaHessian(torch.optim.Optimizer):
         nonfinite: str = "skip",
         distributed: bool | None = None,
         process_group: Any = None,
+        math_attention: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if isinstance(model_or_params, nn.Module):
@@ -341,6 +476,19 @@ class AdaHessian(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._step = 0
         self._given: dict[Tensor, Tensor] = {}  # set_hessian_diagonal, for the next step
+        if math_attention is not None and not isinstance(math_attention, bool):
+            raise TypeError(
+                f"math_attention must be a bool or None, got {type(math_attention).__name__}"
+            )
+        if math_attention and module is None:
+            raise ValueError(
+                "math_attention=True needs the model (AdaHessian(model, ...)) to hook its "
+                "forward passes; with parameters, wrap the forward pass in "
+                "`with opt.hessian_graph():`"
+            )
+        self._hooks: list[Any] = []
+        if module is not None and math_attention is not False:
+            self._hooks = _hook_math_attention(module, weakref.ref(self))
 
     #: ``torch.amp.GradScaler.step`` hands the scale and overflow flag to ``step``
     _step_supports_amp_scaling = True
@@ -374,6 +522,30 @@ class AdaHessian(torch.optim.Optimizer):
         if hasattr(self, "_names"):
             for p in self.param_groups[-1]["params"]:
                 self._names.setdefault(p, f"param[{len(self._names)}]")
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def hessian_graph(self) -> contextlib.AbstractContextManager:
+        """A context for a forward pass whose graph the next :meth:`step` may differentiate
+        twice: while :attr:`needs_hessian` and gradients are enabled, it runs
+        ``F.scaled_dot_product_attention`` with the math backend
+        (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``), whose backward autograd can
+        differentiate; otherwise it does nothing and the fused kernels run. Given the
+        model, AdaHessian applies it to every ``model(...)`` call itself
+        (``math_attention``); use it around other forward passes::
+
+            with opt.hessian_graph():
+                loss = F.cross_entropy(model.encoder(x) @ head, y)
+            loss.backward(create_graph=opt.needs_hessian)
+        """
+        if torch.is_grad_enabled() and self.needs_hessian:
+            return sdpa_kernel(SDPBackend.MATH)
+        return contextlib.nullcontext()
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks of ``math_attention`` from the model."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     # ---- the schedule ----------------------------------------------------------------------
     @property
