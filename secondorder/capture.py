@@ -19,17 +19,35 @@ Recording happens only when all of these hold:
 
 Several backward passes before one ``collect()`` (gradient accumulation) all add to
 the same statistic.
+
+Under ``torch.compile`` a tensor hook that updates Python state cannot be traced: it
+breaks the graph at every covered layer, and Dynamo then compiles each layer's forward
+as a frame of its own (recompiled per weight shape until ``recompile_limit``). So while
+Dynamo traces a pass to be recorded, the forward hook routes the output through
+``secondorder::tap``, an identity operator that Dynamo and AOTAutograd treat as opaque:
+its backward, ``secondorder::tap_grad``, hands the output gradient to the same recording
+code at run time, and the model stays one graph (two: the recording switch is the one
+piece of the capture's state that Dynamo guards on).
+
+Layer names are the model's own: the ``_orig_mod`` component that ``torch.compile``'s
+wrapper adds is dropped (:func:`module_name`), so a compiled and an uncompiled model
+have the same names (in ``skip_layers``, in saved state, in messages).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import sys
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._host import to_host
 from .layers import LayerHelper, helper_class_for, registered_helpers, supported_types
 
 #: ``accumulate(layer, inputs, grad_output, acc) -> acc``; ``acc`` is None on the first
@@ -37,6 +55,18 @@ from .layers import LayerHelper, helper_class_for, registered_helpers, supported
 Accumulate = Callable[[LayerHelper, Tensor, Tensor, Any], Any]
 
 SkipPattern = str | re.Pattern
+
+#: the attribute under which ``torch.compile(model)`` keeps the model it wraps
+_COMPILED_WRAPPER_ATTR = "_orig_mod"
+
+
+def module_name(name: str) -> str:
+    """``name`` (from ``named_modules`` / ``named_parameters``) without the ``_orig_mod``
+    components of ``torch.compile``'s wrappers: ``"_orig_mod.fc.weight"`` is ``"fc.weight"``,
+    the name the uncompiled model gives it."""
+    if _COMPILED_WRAPPER_ATTR not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED_WRAPPER_ATTR)
 
 
 def _compile_skip(skip_layers: Iterable[SkipPattern] | None) -> list[re.Pattern]:
@@ -90,6 +120,8 @@ def find_layers(
     grad (and is in ``trainable`` if given), and its qualified name does not fully
     match one of ``skip_layers`` (module names or regular expressions). A pattern
     that matches no module at all raises ``ValueError`` rather than being ignored.
+    Names are those of :func:`module_name` (a pattern may also match the name with the
+    ``_orig_mod`` components of a compiled model).
     ``layer_options`` are passed to the helpers that declare them (an option no
     helper knows is an error).
 
@@ -109,9 +141,10 @@ def find_layers(
     """
     options = _check_layer_options(layer_options)
     patterns = _compile_skip(skip_layers)
-    names = [name for name, _ in model.named_modules()]
+    raw_names = [name for name, _ in model.named_modules()]
+    names = list(dict.fromkeys(module_name(name) for name in raw_names))
     for pattern in patterns:
-        if not any(pattern.fullmatch(name) for name in names):
+        if not any(pattern.fullmatch(name) for name in names + raw_names):
             raise ValueError(
                 f"skip_layers: {pattern.pattern!r} matches no module of the model "
                 f"(module names are e.g. {names[1:6]})"
@@ -120,14 +153,15 @@ def find_layers(
     left_out: list[str] = []
     by_weight: dict[int, LayerHelper] = {}
     mixed: set[int] = set()  # ids of weights tied across incompatible helpers
-    for name, module in model.named_modules(remove_duplicate=False):
+    for raw_name, module in model.named_modules(remove_duplicate=False):
         if any(h.module is module for h in helpers):
             continue  # the same module registered under two names
         helper_cls = helper_class_for(module)
         if helper_cls is None:
             continue
+        name = module_name(raw_name)
         weight = getattr(module, "weight", None)
-        if any(p.fullmatch(name) for p in patterns):
+        if any(p.fullmatch(name) or p.fullmatch(raw_name) for p in patterns):
             left_out.append(f"{name}: in skip_layers")
         elif not isinstance(weight, nn.Parameter) or isinstance(
             weight, nn.parameter.UninitializedParameter
@@ -178,6 +212,110 @@ def _tie_compatible(a: LayerHelper, b: LayerHelper) -> bool:
     return (a.groups, a.a_dim, a.g_dim) == (b.groups, b.a_dim, b.g_dim)
 
 
+# ---- torch.compile: the recording as opaque operators ------------------------------------
+def _is_compiling() -> bool:
+    """Whether Dynamo is tracing the calling code (False on a torch without it)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+#: tap id (one per hooked module) -> its capture, by weak reference: compiled code names
+#: the ids, and must keep neither an optimizer nor a model alive
+_TAPS: dict[int, weakref.ref] = {}
+_tap_ids = itertools.count()
+
+
+def _forget_taps(tap_ids: list[int]) -> None:
+    for tap_id in tap_ids:
+        _TAPS.pop(tap_id, None)
+
+
+def _capture_of(tap_id: int) -> ModelCapture | None:
+    ref = _TAPS.get(tap_id)
+    return None if ref is None else ref()
+
+
+def _tap_impl(inputs: Tensor, output: Tensor, tap_id: int) -> tuple[Tensor, Tensor]:
+    """``secondorder::tap``, run when the compiled forward reaches a hooked layer: notes
+    that the layer's hook ran and returns a copy of ``output`` (operators may not return
+    their inputs) and ``[recorded, pass id]`` for the backward."""
+    capture = _capture_of(tap_id)
+    pass_id = None if capture is None else capture._tapped(tap_id, output)
+    token = torch.tensor([pass_id is not None, pass_id or 0], dtype=torch.long)
+    return output.clone(), token
+
+
+def _tap_grad_impl(inputs: Tensor, grad_output: Tensor, token: Tensor, tap_id: int) -> Tensor:
+    """``secondorder::tap_grad``, the backward of ``tap``: hands the output gradient to the
+    capture as the eager tensor hook does, and passes it on."""
+    recorded, pass_id = token.tolist()
+    capture = _capture_of(tap_id)
+    if recorded and capture is not None and tap_id in capture._taps:
+        layer, member = capture._taps[tap_id]
+        capture._on_grad(layer, member, inputs, pass_id, grad_output)
+    return grad_output.clone()
+
+
+def _define_tap_ops() -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """Register ``secondorder::tap`` and its backward (None on a torch without
+    ``torch.library.custom_op``: the hooks then break the graph instead)."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+    tap = custom_op("secondorder::tap", _tap_impl, mutates_args=())
+    tap_grad = custom_op("secondorder::tap_grad", _tap_grad_impl, mutates_args=())
+
+    @tap.register_fake
+    def _(inputs: Tensor, output: Tensor, tap_id: int) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(output), torch.empty(2, dtype=torch.long)
+
+    @tap_grad.register_fake
+    def _(inputs: Tensor, grad_output: Tensor, token: Tensor, tap_id: int) -> Tensor:
+        return torch.empty_like(grad_output)
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.tap_id = inputs[2]
+        ctx.save_for_backward(inputs[0], output[1])
+
+    def backward(ctx: Any, grad_output: Tensor, _: Any) -> tuple[None, Tensor, None]:
+        inputs, token = ctx.saved_tensors
+        return None, tap_grad(inputs, grad_output, token, ctx.tap_id), None
+
+    tap.register_autograd(backward, setup_context=setup_context)
+    return tap
+
+
+_tap = _define_tap_ops()
+
+
+def _forward_codes(model: nn.Module) -> list[Any]:
+    """The code objects Dynamo compiles when ``model`` (or a module of it) is compiled:
+    each module class's ``forward``, ``Module._call_impl`` (``model.compile()``) and the
+    frame ``torch.compile`` wraps ``torch.nn`` containers in."""
+    codes = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    codes.add(nn.Module._call_impl.__code__)
+    try:
+        from torch._dynamo.external_utils import wrap_inline
+
+        codes.add(wrap_inline(nn.Identity()).__code__)
+    except (ImportError, AttributeError):
+        pass
+    return [code for code in codes if code is not None]
+
+
+def _has_compiled_code(model: nn.Module) -> bool:
+    """Whether Dynamo already holds compiled code for ``model``'s forward (or for another
+    module of the same classes): code compiled before hooks existed runs without them.
+    True when it cannot tell (a torch without the introspection used here)."""
+    if "torch._dynamo" not in sys.modules:
+        return False  # nothing was ever compiled in this process
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return True
+    return any(_debug_get_cache_entry_list(code) for code in _forward_codes(model))
+
+
 class ModelCapture:
     """Hooks that feed per-layer statistics of ``model`` to an estimator.
 
@@ -187,6 +325,9 @@ class ModelCapture:
             acc)`` during backward for every recorded pass; returns the new ``acc``.
         record_in_eval (bool, optional): also record passes of modules in eval mode
             (default: False).
+        model (nn.Module, optional): the whole model: its forward passes are counted, so
+            that :meth:`collect` knows how many examples were seen and whether the layer
+            hooks ran (default: None).
     """
 
     def __init__(
@@ -209,26 +350,42 @@ class ModelCapture:
         self._pass = 0  # forward passes of the model seen so far
         self._expected = 0  # ... of them to be recorded, since the last collect
         self._hook_calls = 0  # layer forward-hook calls since the last collect
+        self._ran: set[str] = set()  # layers whose hook (or a tied module's) ran, ditto
         self._examples: dict[str, dict[int, int]] = {}
-        self._handles = [
-            member.module.register_forward_hook(self._forward_hook(layer, member))
-            for layer in self.layers
-            for member in (layer, *layer.tied)
-        ]
+        self._handles: dict[str, list[Any]] = {}  # layer name -> hook handles
+        self._taps: dict[int, tuple[LayerHelper, LayerHelper]] = {}  # id -> (layer, member)
+        for layer in self.layers:
+            self._handles[layer.name] = []
+            for member in (layer, *layer.tied):
+                tap_id = next(_tap_ids)
+                _TAPS[tap_id] = weakref.ref(self)
+                self._taps[tap_id] = (layer, member)
+                hook = self._forward_hook(layer, member, tap_id)
+                self._handles[layer.name].append(member.module.register_forward_hook(hook))
+        weakref.finalize(self, _forget_taps, list(self._taps))
+        self._model_handles = []
+        #: Dynamo held code for the model before these hooks existed (see _check_hooks_ran)
+        self._compiled_before = False
         if model is not None:
-            self._handles.append(model.register_forward_pre_hook(self._count_pass))
+            self._model_handles.append(model.register_forward_pre_hook(self._count_pass))
+            self._compiled_before = _has_compiled_code(model)
 
     def _count_pass(self, module: nn.Module, args: tuple) -> None:
+        if _is_compiling():
+            # Counted in Python, never traced: a traced counter is a guard on its value,
+            # so a recompilation at every pass. The break is before any computation.
+            torch._dynamo.graph_break()
         self._pass += 1
         if self.recording and torch.is_grad_enabled() and (module.training or self.record_in_eval):
             self._expected += 1  # a pass the layer hooks should see
 
     def _check_hooks_ran(self) -> None:
         """Forward passes of the model that should have been recorded, and not one call of
-        a layer hook: code compiled by ``torch.compile`` before the hooks existed runs
-        without them (Dynamo does not guard on module hooks)."""
+        a layer hook, in a model that Dynamo had compiled code for before the hooks were
+        attached: that code runs without them (Dynamo does not guard on module hooks).
+        Without compiled code the layers are the ones :meth:`unhooked` names."""
         expected, self._expected, ran, self._hook_calls = self._expected, 0, self._hook_calls, 0
-        if expected and not ran:
+        if expected and not ran and self.layers and self._compiled_before:
             raise RuntimeError(
                 f"the model ran {expected} forward pass(es) to be recorded, but none of its "
                 "covered layers' hooks did: it was probably compiled (torch.compile) and "
@@ -237,31 +394,88 @@ class ModelCapture:
                 "or call torch._dynamo.reset() after building it"
             )
 
-    def _forward_hook(self, layer: LayerHelper, member: LayerHelper) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def unhooked(self, grads: Mapping[Tensor, Tensor]) -> list[LayerHelper]:
+        """The layers whose parameters have a nonzero gradient in ``grads`` although no
+        hook of theirs ran in the passes since the last :meth:`collect`: the model uses their
+        weights without calling the modules (``nn.MultiheadAttention.out_proj``,
+        ``F.linear(x, layer.weight)``), so they never get statistics. Empty when no pass
+        was to be recorded, and when no hook ran at all in a model compiled before the
+        hooks existed (:meth:`collect` raises then)."""
+        if not (self._expected and self.layers):
+            return []
+        if not self._hook_calls and self._compiled_before:
+            return []
+        candidates = [
+            (layer, [grads[p] for p in layer.params if p in grads])
+            for layer in self.layers
+            if layer.name not in self._ran
+        ]
+        candidates = [(layer, used) for layer, used in candidates if used]
+        if not candidates:
+            return []
+        # a zero gradient is no evidence of use (zero_grad(set_to_none=False) leaves one
+        # on a layer that sat out the step)
+        nonzero = to_host(
+            [torch.stack([g.ne(0).any() for g in used]).any() for _, used in candidates]
+        )
+        return [layer for (layer, _), used in zip(candidates, nonzero, strict=True) if used]
+
+    def _forward_hook(self, layer: LayerHelper, member: LayerHelper, tap_id: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+            if _is_compiling():
+                if _tap is None:
+                    torch._dynamo.graph_break()  # no custom operators: record in Python
+                # Traced: what Dynamo guards on anyway (grad mode, training, the requires_grad
+                # of tensors) and the recording switch (two variants at most), never counters.
+                if not (self.recording and torch.is_grad_enabled()):
+                    return None
+                if not (module.training or self.record_in_eval):
+                    return None
+                if not (isinstance(output, Tensor) and output.requires_grad) or not args:
+                    return None
+                return _tap(args[0].detach(), output, tap_id)[0]
             self._hook_calls += 1
+            self._ran.add(layer.name)
             if not (self.recording and torch.is_grad_enabled()):
-                return
+                return None
             if not (module.training or self.record_in_eval):
-                return
+                return None
             if not (isinstance(output, Tensor) and output.requires_grad) or not args:
-                return
-            inputs = args[0].detach()
+                return None
             # one model forward pass is one set of examples, however many times (or
             # through however many tied modules) the layer ran in it
             pass_id = self._pass if self._pass else id(output)
-
-            def on_grad(grad_output: Tensor) -> None:
-                if self.accept is not None and not self.accept():
-                    return
-                acc = self._acc.get(layer.name)
-                self._acc[layer.name] = self.accumulate(member, inputs, grad_output.detach(), acc)
-                seen = self._examples.setdefault(layer.name, {})
-                seen[pass_id] = max(seen.get(pass_id, 0), member.batch_size(inputs))
-
-            output.register_hook(on_grad)
+            output.register_hook(partial(self._on_grad, layer, member, args[0].detach(), pass_id))
+            return None
 
         return hook
+
+    def _tapped(self, tap_id: int, output: Tensor) -> int | None:
+        """``secondorder::tap`` ran for one of the hooked modules: the pass id to record it
+        under, or None when this pass is not recorded."""
+        if tap_id not in self._taps:
+            return None  # a layer dropped since the code was compiled
+        layer, _ = self._taps[tap_id]
+        self._hook_calls += 1
+        self._ran.add(layer.name)
+        if not self.recording:
+            return None
+        return self._pass if self._pass else id(output)
+
+    def _on_grad(
+        self,
+        layer: LayerHelper,
+        member: LayerHelper,
+        inputs: Tensor,
+        pass_id: int,
+        grad_output: Tensor,
+    ) -> None:
+        if self.accept is not None and not self.accept():
+            return
+        acc = self._acc.get(layer.name)
+        self._acc[layer.name] = self.accumulate(member, inputs, grad_output.detach(), acc)
+        seen = self._examples.setdefault(layer.name, {})
+        seen[pass_id] = max(seen.get(pass_id, 0), member.batch_size(inputs))
 
     def collect(self) -> dict[str, Any]:
         """The statistics accumulated since the last call (by layer name), then reset.
@@ -271,6 +485,7 @@ class ModelCapture:
         run twice in one forward, or tied modules, count the batch once).
         """
         self._check_hooks_ran()
+        self._ran = set()
         acc, self._acc = self._acc, {}
         examples, self._examples = self._examples, {}
         for name, stat in acc.items():
@@ -283,12 +498,30 @@ class ModelCapture:
         self._acc = {}
         self._examples = {}
         self._expected = self._hook_calls = 0
+        self._ran = set()
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Stop watching the layers ``names``: their hooks are removed and whatever they
+        recorded is forgotten."""
+        names = set(names)
+        self.layers = [layer for layer in self.layers if layer.name not in names]
+        dropped = [tap_id for tap_id, (layer, _) in self._taps.items() if layer.name in names]
+        _forget_taps(dropped)
+        for tap_id in dropped:
+            del self._taps[tap_id]
+        for name in names:
+            for handle in self._handles.pop(name, []):
+                handle.remove()
+            self._acc.pop(name, None)
+            self._examples.pop(name, None)
+            self._ran.discard(name)
 
     def remove(self) -> None:
         """Detach every hook from the model."""
-        for handle in self._handles:
+        self.drop([layer.name for layer in self.layers])
+        for handle in self._model_handles:
             handle.remove()
-        self._handles = []
+        self._model_handles = []
 
 
 def describe_unsupported(model: nn.Module) -> str:

@@ -17,19 +17,22 @@ direction, as in K-FAC reference implementations.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ._host import to_host
-from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers
+from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers, module_name
 from .distributed import Communicator, default_communicator, scale_output_statistics
 from .estimators.base import CurvatureEstimator
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
@@ -143,10 +146,73 @@ def is_due(name: str, interval: Interval, step: int) -> bool:
     return step % every == 0
 
 
+def _takes_any_keyword(init: Callable[..., Any]) -> bool:
+    """Whether ``init`` has a ``**kwargs`` parameter."""
+    params = inspect.signature(inspect.unwrap(init)).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+@functools.cache
+def _keyword_names(cls: type) -> frozenset[str]:
+    """The keyword arguments ``cls(...)`` is known to accept: the parameters of its
+    ``__init__`` and, while an ``__init__`` takes ``**kwargs`` (handed on to
+    ``super().__init__``), those of the next class's."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (torch.optim.Optimizer, object):
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        names.update(
+            p.name
+            for p in inspect.signature(inspect.unwrap(init)).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+        if not _takes_any_keyword(init):
+            break
+    return frozenset(names)
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def checked_keywords(init: _Init) -> _Init:
+    """Decorate an optimizer's ``__init__`` that takes no ``**kwargs``: a keyword argument
+    it does not take raises the ``TypeError`` Python would, but naming the class the user
+    called (``KFAC.__init__()``, not the ``CurvatureOptimizer.__init__()`` that the
+    subclass handed its ``**kwargs`` to), with the closest keyword that class accepts as a
+    suggestion. :class:`CurvatureOptimizer` applies it to every subclass's ``__init__``
+    without ``**kwargs``; one with ``**kwargs`` (which may take some for itself) hands
+    them on unchecked."""
+    accepted = {
+        p.name
+        for p in inspect.signature(init).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in accepted:
+                called = type(self)
+                close = difflib.get_close_matches(key, sorted(_keyword_names(called)), n=1)
+                hint = f". Did you mean {close[0]!r}?" if close else ""
+                raise TypeError(
+                    f"{called.__name__}.__init__() got an unexpected keyword argument {key!r}{hint}"
+                )
+        init(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the user's line: frames of this
-    package and of ``torch.optim`` (the step wrappers) are skipped."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.optim.__file__))
+    package and of torch (the step wrappers of ``torch.optim``, ``torch.no_grad``'s) are
+    skipped."""
+    inside = tuple(
+        os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
+    )
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
@@ -333,6 +399,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     Attributes:
         uncovered_parameters (list[str]): names of parameters trained by the base
             update on their raw gradient (no estimator covers them).
+        left_out_layers (list[str]): one line per supported layer left to the base
+            update, with the reason.
+        unhooked_layers (list[str]): covered layers whose forward hooks never ran in the
+            passes before the first curvature step although their parameters had
+            gradients: the model uses their weights without calling the modules
+            (``nn.MultiheadAttention.out_proj``, ``F.linear(x, layer.weight)``). They are
+            moved to the base update then, with a warning (and listed in the two
+            attributes above); :meth:`state_dict` keeps the list.
         skipped_steps (int): steps skipped because of non-finite gradients (AMP
             overflow steps included).
         comm (Communicator or None): the ranks the curvature is reduced over.
@@ -356,6 +430,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     #: ``torch.amp.GradScaler.step`` hands the scale and overflow flag to ``step``
     _step_supports_amp_scaling: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not _takes_any_keyword(init):
+            cls.__init__ = checked_keywords(init)  # type: ignore[method-assign]
+
+    @checked_keywords
     def __init__(
         self,
         model: nn.Module | Iterable[nn.Parameter],
@@ -421,6 +502,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.estimator: CurvatureEstimator | None = None
         self.capture: ModelCapture | None = None
         self.left_out_layers: list[str] = []
+        self.unhooked_layers: list[str] = []
+        self._estimator_factory = estimator
         self._sampling_fisher = False  # inside sample_fisher's backward pass
         self._fisher_sampled = False  # sample_fisher ran since the last step
 
@@ -614,7 +697,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _param_names(module: nn.Module | None, params: list[Tensor]) -> dict[Tensor, str]:
-        named = {} if module is None else {id(p): n for n, p in module.named_parameters()}
+        """Parameter names as the (uncompiled) model gives them (see ``module_name``)."""
+        named = (
+            {} if module is None else {id(p): module_name(n) for n, p in module.named_parameters()}
+        )
         return {p: named.get(id(p), f"param[{i}]") for i, p in enumerate(params)}
 
     # ---- the step -----------------------------------------------------------------------
@@ -855,6 +941,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return grads
 
     def _precondition(self, k: int, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        if self.capture is not None and self._updates == 0:
+            self._check_coverage(grads)  # may replace the estimator
         est = self.estimator
         damping = resolve_schedule("damping", self.damping, k, low_open=True)
         updated = False
@@ -894,6 +982,60 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if nu < 1.0:
                 pre = {p: u * nu for p, u in pre.items()}
         return {**grads, **pre}
+
+    # ---- layers whose hooks never run ------------------------------------------------------
+    def _check_coverage(self, grads: Mapping[Tensor, Tensor]) -> None:
+        """Before the first curvature update: the covered layers whose parameters have
+        gradients but whose hooks did not run (:meth:`ModelCapture.unhooked`) would never
+        get statistics, so they go to the base update now, with one warning."""
+        names = [layer.name for layer in self.capture.unhooked(grads)]
+        if names:
+            self._leave_to_base(names, self._estimator_without(names))
+
+    def _estimator_without(self, names: Sequence[str]) -> CurvatureEstimator:
+        """A new estimator, built as the constructor built this one, for the covered layers
+        other than ``names``: what ``skip_layers=names`` would have given."""
+        leave = set(names)
+        layers = [layer for layer in self.estimator.layers if layer.name not in leave]
+        params = [p for g in self.param_groups for p in g["params"]]
+        estimator = self._estimator_factory(layers, params)
+        estimator.comm = self.comm
+        return estimator
+
+    def _leave_to_base(
+        self, names: Sequence[str], estimator: CurvatureEstimator, *, loaded: bool = False
+    ) -> None:
+        """Install ``estimator`` (from :meth:`_estimator_without`) in place of the current
+        one: the layers ``names`` lose their hooks and join the base update; one warning
+        names them and their parameters."""
+        was_covered = set(self.estimator.params)
+        self.estimator = estimator
+        self.capture.drop(names)
+        self.capture.accumulate = estimator.accumulate
+        self.unhooked_layers += names
+        self.left_out_layers += [
+            f"{name}: its forward hooks never ran (the model uses its weight without "
+            "calling the module)"
+            for name in names
+        ]
+        covered = set(estimator.params)
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.uncovered_parameters = [self._names[p] for p in params if p not in covered]
+        moved = [self._names[p] for p in params if p in was_covered and p not in covered]
+        self._estimator_replaced()
+        source = "the loaded state says that the" if loaded else "the"
+        warnings.warn(
+            f"{type(self).__name__}: {source} forward hooks of {list(names)} never ran "
+            "although their parameters have gradients: the model uses their weights without "
+            "calling the modules (nn.MultiheadAttention does so with out_proj; so does "
+            "F.linear(x, layer.weight)), so they get no curvature statistics. Their "
+            f"parameters {moved} get the plain {self.base} update",
+            stacklevel=_caller_stacklevel(),
+        )
+
+    def _estimator_replaced(self) -> None:
+        """Called after :attr:`estimator` was replaced by one for fewer layers; subclasses
+        that keep per-layer structures of their own rebuild them here."""
 
     def _base_step(
         self, group: dict[str, Any], directions: Mapping[Tensor, Tensor], skip_l2: bool = False
@@ -966,8 +1108,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ---- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state plus ``"curvature"``: step counters and the
-        estimator's statistics (inverses are recomputed on load)."""
+        """The base optimizer's state plus ``"curvature"``: step counters, the
+        estimator's statistics (inverses are recomputed on load) and the
+        :attr:`unhooked_layers`. Layers are named as in the uncompiled model, so a state
+        saved through ``torch.compile(model)`` loads into an optimizer of ``model`` and
+        the other way round."""
         state = super().state_dict()
         state["curvature"] = {
             "step": self._step,
@@ -975,11 +1120,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "refreshes": self._refreshes,
             "skipped_steps": self.skipped_steps,
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "unhooked_layers": list(self.unhooked_layers),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next step continues the same trajectory."""
+        """Restore :meth:`state_dict`; the next step continues the same trajectory. Layers
+        the saved optimizer had left to the base update because their hooks never ran
+        are left to it here too (with the warning)."""
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", None)
         if curvature is None:
@@ -992,19 +1140,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "state_dict and optimizer disagree on whether curvature is used "
                 "(precondition=True/False)"
             )
+        estimator = self.estimator
+        unhooked = [
+            name
+            for name in curvature.get("unhooked_layers", ())
+            if name not in self.unhooked_layers
+        ]
+        if unhooked and estimator is not None:
+            covered = [layer.name for layer in estimator.layers]
+            unknown = sorted(set(unhooked) - set(covered))
+            if unknown:
+                raise ValueError(
+                    f"state_dict left layers {unknown} to the base update (their hooks never "
+                    f"ran), but this {type(self).__name__} does not cover them (its layers: "
+                    f"{covered}); was it saved from a different model?"
+                )
+            estimator = self._estimator_without(unhooked)  # installed once the state loads
         # All or nothing: torch checks the parameter counts, the estimator checks the
         # curvature against the model; a rejected state leaves this optimizer as it was.
         base_before = (self.state, self.param_groups)
         estimator_before = None if self.estimator is None else self.estimator.state_dict()
         try:
             super().load_state_dict(state_dict)
-            if self.estimator is not None:
-                self.estimator.load_state_dict(curvature["estimator"])
+            if estimator is not None:
+                estimator.load_state_dict(curvature["estimator"])
         except Exception:
             self.state, self.param_groups = base_before
-            if estimator_before is not None:
+            if estimator_before is not None and estimator is self.estimator:
                 self.estimator.load_state_dict(estimator_before)
             raise
+        if estimator is not self.estimator:
+            self._leave_to_base(unhooked, estimator, loaded=True)
         self._step = int(curvature["step"])
         self._updates = int(curvature["updates"])
         self._refreshes = int(curvature["refreshes"])
