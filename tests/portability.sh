@@ -24,7 +24,9 @@ cd "$(dirname "$0")/.."
 # dense references, kernels against their references, batched against per-layer solvers,
 # distributed against local): these are the ones a different CPU can break.
 QUICK_PATHS=(
-    tests/estimators
+    tests/estimators/test_batched_refresh.py
+    tests/estimators/test_kfac.py
+    tests/estimators/test_mfac.py
     tests/kernels
     tests/layers
     tests/distributed/test_communicator.py

@@ -18,6 +18,8 @@ from secondorder.bench.runner import (
 )
 from secondorder.prune import Masks, save_checkpoint
 
+from ..helpers import tolerance
+
 STEPS_PER_EPOCH = math.ceil(1437 / 64)
 
 
@@ -97,7 +99,10 @@ def test_record_init_and_curvature_epochs(tmp_path) -> None:
     with torch.no_grad():
         x, y = task.data().x_train, task.data().y_train
         initial_loss = task.loss_fn(start(x), y).item()
-    assert runs["sgd"]["curves"]["train_loss"][0] == pytest.approx(initial_loss, rel=1e-6)
+    # the bench's evaluation pass against one float32 forward of the whole training set
+    # here: the MLP's 64-, 128- and 64-long products, the 10-class softmax, the mean
+    rel = tolerance(torch.float32, n=64 + 128 + 64 + 10 + len(y))
+    assert runs["sgd"]["curves"]["train_loss"][0] == pytest.approx(initial_loss, rel=rel)
     # curvature off in epoch 0: kfac's first epoch is sgd's, step for step
     kfac, sgd = runs["kfac"], runs["sgd"]
     assert kfac["summary"]["curvature_steps"] == [[STEPS_PER_EPOCH, None]]

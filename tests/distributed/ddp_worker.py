@@ -158,7 +158,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group(os.environ.get("DDP_BACKEND", "gloo"))
+    backend = os.environ.get("DDP_BACKEND", "gloo")
+    if backend == "nccl":
+        # float32 on the GPU as on the CPU reference: no TF32 matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
     for name in args.opts.split(","):

@@ -16,10 +16,12 @@ from secondorder import EKFAC, KFAC, CurvatureOptimizer, EKFACEstimator
 from secondorder.estimators.ekfac import EKFACConfig
 
 from ..helpers import (
+    assert_close,
     kron_precondition,
     layer_grad_matrix,
     mlp,
     small_cnn,
+    tolerance,
     train_digits,
 )
 
@@ -88,6 +90,27 @@ def _projected_mean_square(grads, q_a, q_g):
     return (q_g.transpose(-1, -2) @ grads @ q_a).square().mean(0)
 
 
+def _read_back(layer, expected) -> float:
+    """The scale of a step read back as ``w − w'``: the size of the weights, to which
+    ``w'`` is rounded, plus the step's own."""
+    return max(float(p.detach().abs().max()) for p in layer.parameters()) + float(
+        expected.abs().max()
+    )
+
+
+def _damped_cond(a, g, damping):
+    """``cond(A ⊗ G + λI)`` (worst group), from the eigenvalues of the factors; ``A`` may
+    be a diagonal ``(groups, a_dim)``, and ``g`` None for a blocks layer (``a`` holds the
+    ``(C, k, k)`` blocks): what a solve with the damped curvature amplifies errors by."""
+    if g is None:
+        eig = torch.linalg.eigvalsh(a.double()).flatten()
+    else:
+        d_a = a.double() if a.dim() == 2 else torch.linalg.eigvalsh(a.double())
+        eig = (torch.linalg.eigvalsh(g.double())[:, :, None] * d_a[:, None, :]).flatten()
+    eig = eig.clamp_min(0)
+    return float((eig.max() + damping) / (eig.min() + damping))
+
+
 @given(
     in_dim=st.integers(1, 6),
     out_dim=st.integers(1, 5),
@@ -115,7 +138,10 @@ def test_one_datum_direction_is_the_exact_damped_fisher_solve(in_dim, out_dim, b
     vec = grad[0].T.reshape(-1)  # column-major, as kron(A, G) is laid out
     fisher = torch.outer(vec, vec) + damping * torch.eye(vec.numel(), dtype=torch.float64)
     expected = torch.linalg.solve(fisher, vec).reshape(grad.shape[2], grad.shape[1]).T
-    torch.testing.assert_close(delta[0], expected, rtol=1e-7, atol=1e-10)
+    # one row, eigendecompositions of sizes out_dim and in_dim (+ bias), a damped solve
+    n = 1 + grad.shape[1] + grad.shape[2]
+    cond = float(torch.linalg.cond(fisher))
+    assert_close(delta[0], expected, n=n, cond=cond, scale=_read_back(layer, expected))
 
 
 @given(
@@ -141,11 +167,13 @@ def test_right_after_a_refresh_scalings_are_the_kfac_products_and_the_step_is_kf
     grad, delta = _take_step(opt, layer, data(), lr=1.0)  # step 3 refreshes
     a, g = est.factors("")
     products = torch.outer(torch.linalg.eigvalsh(g[0]), torch.linalg.eigvalsh(a[0]))[None]
-    scale = products.abs().max()
-    torch.testing.assert_close(est.scalings(""), products, rtol=1e-8, atol=1e-12 * scale)
-    torch.testing.assert_close(
-        delta[0], kron_precondition(a[0], g[0], grad[0], damping), rtol=1e-7, atol=1e-10
-    )
+    # the same factors, decomposed by another solver call: eigenvalues are accurate to
+    # eps·(size)·‖factor‖, so each product to about eps·(a_dim + g_dim)·max |product|
+    n = a.shape[-1] + g.shape[-1]
+    assert_close(est.scalings(""), products, n=n)
+    expected = kron_precondition(a[0], g[0], grad[0], damping)
+    cond = _damped_cond(a, g, damping)
+    assert_close(delta[0], expected, n=n, cond=cond, scale=_read_back(layer, expected))
 
 
 @given(
@@ -195,13 +223,17 @@ def _check_scalings_against_autograd(layer, first_data, second_data):
     for basis, factor in ((q_a, a), (q_g, g)):  # an eigenbasis of the factors
         rotated = basis.transpose(-1, -2) @ factor @ basis
         off = rotated - torch.diag_embed(rotated.diagonal(dim1=-2, dim2=-1))
-        assert off.abs().max() <= 1e-10 * max(1.0, factor.abs().max())
+        # the decomposition's backward error and two products, each of size n
+        bound = tolerance(torch.float64, n=3 * factor.shape[-1]) * factor.abs().max()
+        assert off.abs().max() <= bound
     expected = _projected_mean_square(_per_example_grads(layer, x1), q_a, q_g)
     _take_step(opt, layer, x1, lr=0.0)  # scalings from x1 (decay 0: x1 only)
     got = est.scalings("")
     assert got.shape == layer_grad_matrix(layer, getattr(layer, "groups", 1)).shape
-    scale = max(1.0, expected.abs().max())
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12 * scale)
+    # each example's gradient sums its rows, then projections of sizes g_dim and a_dim,
+    # then the mean over the examples
+    n = est.layers[0].rows_count(x1) + a.shape[-1] + g.shape[-1] + x1.shape[0]
+    assert_close(got, expected, n=n)
 
 
 def test_scalings_differ_from_the_kfac_products_and_so_do_the_steps():
@@ -236,7 +268,8 @@ def test_scalings_ramp_from_the_reset_then_decay():
         fresh = _projected_mean_square(_per_example_grads(layer, x), q_a, q_g)
         expected = torch.lerp(fresh, expected, min(1 - 1 / (k + 1), decay))
         _take_step(opt, layer, x, lr=0.0)
-        torch.testing.assert_close(est.scalings(""), expected, rtol=1e-10, atol=1e-14)
+        # 5 rows, projections of sizes 3 and 5 (4 + bias), the mean and the lerp
+        assert_close(est.scalings(""), expected, n=5 + 3 + 5 + 2)
 
 
 def test_each_step_records_only_the_statistics_it_uses():
@@ -320,9 +353,19 @@ def test_eigenbasis_layers_and_kfac_path_layers_together():
             est = opt.estimator
             assert est.eigen_layers == ["3", "5"]
             assert est.scalings("0") is None and est.scalings("3") is not None
+        else:
+            kfac_estimator = opt.estimator
     ekfac, kfac = deltas
+    # The second step's gradients come through the Linear layers, whose first steps (the
+    # same direction, computed in the eigenbasis or by K-FAC) agree to round-off: every
+    # solve on the way amplifies it at most by the worst damped condition number; the
+    # factors sum 18 token rows and have at most 12 + 1 columns. (Steps read back as
+    # w − w': resolved to the size of the weights.)
+    cond = max(_damped_cond(*kfac_estimator.factors(name), 1e-2) for name in ("0", "1", "3", "5"))
+    weights = list(model.parameters())
     for i in range(3):  # embedding, layer-norm weight and bias
-        torch.testing.assert_close(ekfac[i], kfac[i], rtol=1e-10, atol=1e-12)
+        scale = float(weights[i].detach().abs().max() + kfac[i].abs().max())
+        assert_close(ekfac[i], kfac[i], n=18 + 13 + 5, cond=cond, scale=scale)
     assert not torch.allclose(ekfac[3], kfac[3])
 
 
@@ -456,15 +499,53 @@ def test_scalings_before_the_first_basis_and_plain_estimator_use():
 
 
 # ---- training -------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """A 64-wide MLP runs faster on one thread than on several (and far faster on a loaded
+    machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("lr", [0.02, 0.05])
-def test_ekfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr):
-    epochs = 4
-    sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
-    ekfac = train_digits(
-        lambda m: EKFAC(
-            m, lr=lr, momentum=0.9, damping=1e-2, curvature_every=1, inverse_every=10, kl_clip=1e-2
-        ),
-        epochs,
+def test_ekfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr, one_thread):
+    """Summed over 8 seeds, E-KFAC's final train loss is below 0.6 of SGD's.
+
+    One seed is not a measurement here: with the default float32 factors and
+    eigendecompositions the E-KFAC trajectory is chaotic in the CPU's rounding. At
+    lr = 0.05 one seed's ratio E-KFAC / SGD moved between 0.13 and 0.97 across kernels
+    (ATEN_CPU_CAPABILITY, MKL_CBWR, threads) while SGD's loss stayed the same to 4 digits
+    (and E-KFAC's with float64 factors and eigendecompositions moved by a few percent).
+    Over 6 such configurations x 10 seeds the ratio averaged 0.40 with a standard
+    deviation of 0.15, so an 8-seed mean has a standard error of 0.05, and 0.6 is 4 of
+    them above the average (the worst configuration's 8-seed mean was 0.44). At
+    lr = 0.02 the ratio is about 0.05."""
+    epochs, seeds = 4, range(8)
+    sgd = [
+        train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs, seed)
+        for seed in seeds
+    ]
+    ekfac = [
+        train_digits(
+            lambda m: EKFAC(
+                m,
+                lr=lr,
+                momentum=0.9,
+                damping=1e-2,
+                curvature_every=1,
+                inverse_every=10,
+                kl_clip=1e-2,
+            ),
+            epochs,
+            seed,
+        )
+        for seed in seeds
+    ]
+    print(
+        f"digits train loss after {epochs} epochs at lr={lr}, seeds {list(seeds)}: "
+        f"SGD {[round(v, 4) for v in sgd]}  E-KFAC {[round(v, 4) for v in ekfac]}  "
+        f"ratio of the sums {sum(ekfac) / sum(sgd):.3f}"
     )
-    print(f"digits train loss after {epochs} epochs at lr={lr}: SGD {sgd:.4f}  E-KFAC {ekfac:.4f}")
-    assert ekfac < 0.5 * sgd
+    assert sum(ekfac) < 0.6 * sum(sgd)

@@ -4,6 +4,7 @@ assembled block by block, the coarse space R0 written out, pooled row sums by ha
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 from secondorder import KFAC, TwoLevelKFAC
 
 from ..helpers import (
+    assert_close,
     dense_conv_patches,
     grad_rows,
     mlp,
@@ -66,6 +68,21 @@ def _vec(weight, bias):
     return mat.T.reshape(-1)
 
 
+def _cross_layer_fisher(a, g, batch):
+    """The dense Fisher from cross-layer Kronecker blocks ``A_ij ⊗ G_ij``,
+    ``A_ij = mean ã_i ã_jᵀ``, ``G_ij = n Σ g_i g_jᵀ`` (rows of every layer, same order)."""
+    rows = a[0].shape[0]
+    return torch.cat(
+        [
+            torch.cat(
+                [torch.kron(a[i].T @ a[j] / rows, batch * g[i].T @ g[j]) for j in range(len(a))],
+                dim=1,
+            )
+            for i in range(len(a))
+        ]
+    )
+
+
 def _unvec(vec, layer):
     cols = layer.in_features + (layer.bias is not None)
     mat = vec.reshape(cols, layer.out_features).T
@@ -103,15 +120,7 @@ def test_mlp_direction_equals_dense_two_level_formula(
     a = [with_ones(rows) if bias else rows for rows in a]
     g = [seen[m][1].grad.reshape(-1, m.out_features) for m in linears]
     rows = a[0].shape[0]
-    fisher = torch.cat(
-        [
-            torch.cat(
-                [torch.kron(a[i].T @ a[j] / rows, batch * g[i].T @ g[j]) for j in range(len(a))],
-                dim=1,
-            )
-            for i in range(len(a))
-        ]
-    )
+    fisher = _cross_layer_fisher(a, g, batch)
     grads = [_vec(m.weight.grad, None if m.bias is None else m.bias.grad) for m in linears]
     dims = [v.numel() for v in grads]
     r0 = torch.block_diag(*[torch.ones(1, d, dtype=torch.float64) for d in dims])
@@ -121,31 +130,57 @@ def test_mlp_direction_equals_dense_two_level_formula(
         coarse + lam_c * torch.eye(len(dims), dtype=torch.float64), r0 @ torch.cat(grads)
     )
     offsets = [0, *torch.tensor(dims).cumsum(0).tolist()]
-    expected = []
+    # the size of the two terms of w1·fine + w2·correction, which may cancel: the
+    # correction's right-hand side sums every gradient entry, so its round-off is bounded
+    # through |ρ⁻¹| R0 |∇| (ρ the damped coarse matrix)
+    inverse = torch.linalg.inv(coarse + lam_c * torch.eye(len(dims), dtype=torch.float64))
+    correction_bound = r0.T @ (inverse.abs() @ (r0 @ torch.cat(grads).abs()))
+    expected, scales = [], []
     for i, m in enumerate(linears):
-        block = fisher[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]]
+        lo, hi = offsets[i], offsets[i + 1]
+        block = fisher[lo:hi, lo:hi]
         fine = torch.linalg.solve(
             block + damping * torch.eye(dims[i], dtype=torch.float64), grads[i]
         )
-        expected += _unvec(w1 * fine + w2 * correction[offsets[i] : offsets[i + 1]], m)
+        expected += _unvec(w1 * fine + w2 * correction[lo:hi], m)
+        terms = w1 * fine.abs().max() + w2 * correction_bound[lo:hi].max()
+        scales += [float(terms)] * (2 if bias else 1)
 
-    torch.testing.assert_close(
-        opt.estimator.coarse_matrix(), coarse, rtol=1e-9, atol=1e-12 * float(coarse.abs().max())
+    # Each coarse entry sums rows x the products of two layers' row sums: its round-off is
+    # bounded by the same sum of |terms|, the coarse matrix of |ã| and |g|.
+    bound = r0 @ _cross_layer_fisher([t.abs() for t in a], [t.abs() for t in g], batch) @ r0.T
+    n = rows + max(dims)
+    assert_close(opt.estimator.coarse_matrix(), coarse, n=n, scale=float(bound.max()))
+
+    # the fine solves (factors of rows rows, blocks of size up to max(dims)) and the coarse
+    # solve amplify by their damped condition numbers
+    def damped_cond(matrix, lam):
+        return float(torch.linalg.cond(matrix + lam * torch.eye(len(matrix), dtype=matrix.dtype)))
+
+    cond = max(
+        damped_cond(coarse, lam_c),
+        *(damped_cond(fisher[lo:hi, lo:hi], damping) for lo, hi in itertools.pairwise(offsets)),
     )
-    for got, want in zip(direction, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    # steps read back as w − w': resolved to the size of the weights
+    weights = max(float(p.detach().abs().max()) for p in model.parameters())
+    for got, want, scale in zip(direction, expected, scales, strict=True):
+        assert_close(got, want, n=n, cond=cond, scale=scale + weights)
 
 
 # ---- the pooled coarse matrix by hand -----------------------------------------------------
-def _pooled_row_sums(conv, x, grad_out, target, pooling):
-    """Per-example row sums of ``conv`` pooled to ``target``: ``(n, groups, P)`` each."""
+def _pooled_row_sums(conv, x, grad_out, target, pooling, absolute=False):
+    """Per-example row sums of ``conv`` pooled to ``target``: ``(n, groups, P)`` each
+    (of ``|ã|`` and ``|g|`` with ``absolute``: a bound on the round-off of the sums)."""
     groups = conv.groups
     patches = dense_conv_patches(x, conv)
     if conv.bias is not None:
         patches = torch.cat([patches, torch.ones(*patches.shape[:2], 1, dtype=x.dtype)], 2)
+    g_rows = grad_rows(grad_out, groups)
+    if absolute:
+        patches, g_rows = patches.abs(), g_rows.abs()
     n, (h, w) = x.shape[0], grad_out.shape[2:]
     sums_a = patches.sum(-1).reshape(groups, n, h, w).transpose(0, 1)
-    sums_g = grad_rows(grad_out, groups).sum(-1).reshape(groups, n, h, w).transpose(0, 1)
+    sums_g = g_rows.sum(-1).reshape(groups, n, h, w).transpose(0, 1)
 
     def pool(t):
         t = t.reshape(n * groups, 1, h, w)
@@ -206,19 +241,26 @@ def test_conv_coarse_matrix_equals_the_pooled_formula(pooling, odd, head, bias):
     grids = [tuple(seen[c][1].shape[2:]) for c in convs]
     assert grids == ([(5, 5), (3, 3), (2, 2)] if odd else [(6, 6), (3, 3), (2, 2)])
     target = (1, 1) if head else grids[-1]
-    units_a, units_g, owners = [], [], []
-    for i, conv in enumerate(convs):
-        sa, sg = _pooled_row_sums(conv, seen[conv][0], seen[conv][1].grad, target, pooling)
-        units_a.append(sa)
-        units_g.append(sg)
-        owners += [i] * conv.groups
-    if head:
-        a = seen[model.head][0]
-        sa = (with_ones(a) if bias else a).sum(-1)
-        units_a.append(sa[:, None, None])
-        units_g.append(seen[model.head][1].grad.sum(-1)[:, None, None])
-        owners.append(len(convs))
-    expected = _coarse_by_hand(units_a, units_g, owners, len(convs) + head)
+
+    def coarse(absolute):
+        units_a, units_g, owners = [], [], []
+        for i, conv in enumerate(convs):
+            inputs, grads = seen[conv][0], seen[conv][1].grad
+            sa, sg = _pooled_row_sums(conv, inputs, grads, target, pooling, absolute)
+            units_a.append(sa)
+            units_g.append(sg)
+            owners += [i] * conv.groups
+        if head:
+            a = seen[model.head][0]
+            a, g = (with_ones(a) if bias else a), seen[model.head][1].grad
+            if absolute:
+                a, g = a.abs(), g.abs()
+            units_a.append(a.sum(-1)[:, None, None])
+            units_g.append(g.sum(-1)[:, None, None])
+            owners.append(len(convs))
+        return _coarse_by_hand(units_a, units_g, owners, len(convs) + head)
+
+    expected = coarse(absolute=False)
     got = opt.estimator.coarse_matrix()
     assert [layer.name for layer in opt.estimator.coarse_layers] == [
         "c1",
@@ -226,7 +268,10 @@ def test_conv_coarse_matrix_equals_the_pooled_formula(pooling, odd, head, bias):
         "c3",
         *(["head"] if head else []),
     ]
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+    # row sums of up to 4·9 + 1 patch entries, pooled, and products summed over the
+    # 3 x 36 positions: bounded by the same sums of |terms|
+    bound = coarse(absolute=True)
+    assert_close(got, expected, n=37 + 3 * 36, scale=float(bound.max()))
 
 
 def test_same_grid_convs_coarse_matrix_is_exact_r0_f_r0t():
@@ -247,17 +292,14 @@ def test_same_grid_convs_coarse_matrix_is_exact_r0_f_r0t():
         a.append(with_ones(patches))
         g.append(grad_rows(seen[conv][1].grad)[0])
     rows = a[0].shape[0]
-    fisher = torch.cat(
-        [
-            torch.cat([torch.kron(a[i].T @ a[j] / rows, n * g[i].T @ g[j]) for j in (0, 1)], 1)
-            for i in (0, 1)
-        ]
-    )
+    fisher = _cross_layer_fisher(a, g, n)
     dims = [a[i].shape[1] * g[i].shape[1] for i in (0, 1)]
     r0 = torch.block_diag(*[torch.ones(1, d, dtype=torch.float64) for d in dims])
-    torch.testing.assert_close(
-        opt.estimator.coarse_matrix(), r0 @ fisher @ r0.T, rtol=1e-10, atol=0
-    )
+    # sums over the rows of products of row sums (of at most 2·9 + 1 entries), bounded by
+    # the same sums of |terms|
+    bound = r0 @ _cross_layer_fisher([t.abs() for t in a], [t.abs() for t in g], n) @ r0.T
+    coarse = opt.estimator.coarse_matrix()
+    assert_close(coarse, r0 @ fisher @ r0.T, n=rows + max(dims), scale=float(bound.max()))
 
 
 @pytest.mark.parametrize(
@@ -271,9 +313,13 @@ def test_generic_pooling_paths_match_torch(size_in, size_out):
     images = sums.reshape(3, 2, *size_in)
     area = F.adaptive_avg_pool2d(images, size_out).reshape(3, 2, -1)
     nearest = F.interpolate(images, size=size_out, mode="nearest").reshape(3, 2, -1)
+    # a mean over a cell of at most ceil(in/out) + 1 entries per dimension, bounded by the
+    # largest entry; nearest picks entries: exact
+    cell = math.prod(-(-i // o) + 1 for i, o in zip(size_in, size_out, strict=True))
     for grid, target in ((size_in, size_out), ((1, 1, *size_in), (1, 1, *size_out))):
-        torch.testing.assert_close(_pool(sums, grid, target, "area"), area, rtol=1e-12, atol=0)
-        torch.testing.assert_close(_pool(sums, grid, target, "nearest"), nearest, rtol=0, atol=0)
+        got = _pool(sums, grid, target, "area")
+        assert_close(got, area, n=cell, scale=float(sums.abs().max()))
+        assert torch.equal(_pool(sums, grid, target, "nearest"), nearest)
 
 
 def test_coarse_matrix_is_an_ema_with_the_kfac_ramp():
@@ -290,9 +336,11 @@ def test_coarse_matrix_is_an_ema_with_the_kfac_ramp():
     fresh = [one_step(_float64_opt(model, lr=0.0), x) for x in batches]
     opt = _float64_opt(model, lr=0.0, factor_decay=0.6)
     got = [one_step(opt, x) for x in batches]
-    torch.testing.assert_close(got[0], fresh[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1], 0.5 * fresh[1] + 0.5 * fresh[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(got[2], 0.4 * fresh[2] + 0.6 * got[1], rtol=1e-12, atol=0)
+    assert torch.equal(got[0], fresh[0])  # the first update is the statistics: same code
+    # an EMA step (lerp) against a·x + b·y: a few roundings relative to the larger term
+    terms = float(max(f.abs().max() for f in fresh))
+    assert_close(got[1], 0.5 * fresh[1] + 0.5 * fresh[0], n=3, scale=terms)
+    assert_close(got[2], 0.4 * fresh[2] + 0.6 * got[1], n=3, scale=terms)
 
 
 # ---- statistics: passes, exclusions -------------------------------------------------------
@@ -306,14 +354,19 @@ def test_gradient_accumulation_pairs_passes_and_sums_their_products():
     for batch in (2, 5):
         model(torch.randn(batch, 3, dtype=torch.float64)).pow(2).sum().backward()
         for i, m in enumerate(linears):
-            units[i][0].append(with_ones(seen[m][0]).sum(-1))
-            units[i][1].append(seen[m][1].grad.sum(-1))
+            units[i][0].append(with_ones(seen[m][0]))
+            units[i][1].append(seen[m][1].grad)
     opt.step()
-    # rows of all passes together; n = 7 examples in all
-    sa = torch.stack([torch.cat(units[i][0]) for i in (0, 1)], dim=1)[..., None]
-    sg = torch.stack([torch.cat(units[i][1]) for i in (0, 1)], dim=1)[..., None]
-    expected = _coarse_by_hand([sa], [sg], [0, 1], 2)
-    torch.testing.assert_close(opt.estimator.coarse_matrix(), expected, rtol=1e-12, atol=0)
+
+    def coarse(f=lambda t: t):
+        # rows of all passes together; n = 7 examples in all
+        sa = torch.stack([torch.cat([f(t) for t in units[i][0]]).sum(-1) for i in (0, 1)], 1)
+        sg = torch.stack([torch.cat([f(t) for t in units[i][1]]).sum(-1) for i in (0, 1)], 1)
+        return _coarse_by_hand([sa[..., None]], [sg[..., None]], [0, 1], 2)
+
+    # 7 rows of products of row sums (at most 4 + 1 entries): bounded by the |terms|
+    bound = coarse(torch.abs)
+    assert_close(opt.estimator.coarse_matrix(), coarse(), n=7 + 5, scale=float(bound.max()))
 
 
 def test_layer_run_twice_per_forward_is_left_out_of_the_coarse_update():
@@ -371,13 +424,19 @@ def test_layers_outside_the_coarse_space_get_w1_times_kfac():
     assert [layer.name for layer in two_level.coarse_layers] == ["3", "5"]
     got, fine = two_level.precondition(grads, 0.1), kfac.precondition(grads, 0.1)
     assert set(got) == set(fine) == set(model.parameters())
+    # the fine directions are K-FAC's own code (KFACEstimator.precondition) run twice on
+    # factors from the same backward; 0.5·u is exact
     for module in (model[0], model[1]):
         for p in module.parameters():
-            torch.testing.assert_close(got[p], 0.5 * fine[p], rtol=1e-12, atol=0)
+            assert torch.equal(got[p], 0.5 * fine[p])
     for module in (model[3], model[5]):
+        # (0.5 u + c) − 0.5 u: two roundings relative to the larger term
+        terms = float(got[module.weight].abs().max() + fine[module.weight].abs().max())
         shift = got[module.weight] - 0.5 * fine[module.weight]
-        torch.testing.assert_close(shift, torch.full_like(shift, float(shift.flatten()[0])))
-        torch.testing.assert_close(got[module.bias] - 0.5 * fine[module.bias], shift[:, 0])
+        assert_close(shift, torch.full_like(shift, float(shift.flatten()[0])), n=2, scale=terms)
+        bias_shift = got[module.bias] - 0.5 * fine[module.bias]
+        terms = float(got[module.bias].abs().max() + fine[module.bias].abs().max())
+        assert_close(bias_shift, shift[:, 0], n=2, scale=terms)
 
 
 # ---- degenerate weights -------------------------------------------------------------------
@@ -398,6 +457,7 @@ def _cnn_batches(count, seed=3):
 
 
 def test_w2_zero_is_kfac_exactly():
+    """w2 = 0 leaves no coarse space and w1 = 1 no scaling: K-FAC's code runs unchanged."""
     kwargs = dict(lr=0.05, damping=1e-2, curvature_every=1, inverse_every=2)
     torch.manual_seed(0)
     model = small_cnn()

@@ -27,6 +27,10 @@ from secondorder.kernels.mfac import (
     mfac_ihvp_triton,
 )
 
+from ..helpers import assert_close, tolerance
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _dense_ihvp(w: torch.Tensor, x: torch.Tensor, damping: float) -> torch.Tensor:
     """``(damping I + wᵀw/k)⁻¹ x`` by a dense float64 solve, ``w (k, B)``, ``x (B,)``.
@@ -66,6 +70,31 @@ def _relative(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+def _woodbury_error(got, want, x, damping):
+    """The error of ``F⁻¹x`` relative to ``‖x‖/λ``, the size of the two Woodbury terms
+    ``x/λ`` and ``Wᵀc/λ²`` whose difference is the result: a rounding error of ``q = Wx``
+    reaches it multiplied by ``cond(K)`` at most (``‖W‖²‖K⁻¹‖/λ <= cond(K)``)."""
+    return ((got.double() - want.double()).norm() / (x.double().norm() / damping)).item()
+
+
+def _woodbury_cond(w: torch.Tensor, damping: float) -> float:
+    """``‖F‖/λ`` for ``F = λI + wᵀw/k`` (``w (k, B)``), from the largest singular value of
+    ``w`` (``‖F‖ = λ + σ²/k``): the condition number of ``F⁻¹x`` in the Woodbury form, whose
+    terms are of size ``‖x‖/λ`` while the result may be as small as ``‖x‖/‖F‖``. It is
+    ``cond(F)`` when ``k < B`` (``λ`` is then an eigenvalue of F) and larger otherwise."""
+    k = w.shape[0]
+    return (damping + torch.linalg.matrix_norm(w.double(), ord=2).item() ** 2 / k) / damping
+
+
+def _k_cond(gram, count, damping) -> float:
+    """The largest ``cond(K)`` over blocks, ``K = count·I + gram[:count, :count]/λ`` in
+    float64 (the matrix the Woodbury solve factors), from the lower triangle of ``gram``."""
+    g = gram[..., :count, :count].double().tril()
+    k = (g + g.tril(-1).transpose(-1, -2)) / damping
+    k = k + count * torch.eye(count, dtype=torch.float64, device=gram.device)
+    return float(torch.linalg.cond(k).max())
+
+
 # ---- references against dense oracles ------------------------------------------------------
 
 
@@ -91,7 +120,10 @@ def test_ihvp_reference_matches_dense_solve(m, data, cols, log_damping, nb, seed
     assert got.shape == x.shape and got.dtype == torch.float64
     for b in range(nb):
         want = _dense_ihvp(window[b, :count], x[b], damping)
-        assert _relative(got[b], want) <= 1e-8, (b, count)
+        # n = the B-long products plus the count-long ones (the dense LU is refined from
+        # B x B residuals, the Woodbury product sums both), cond = ‖F‖/λ >= cond(F)
+        cond = _woodbury_cond(window[b, :count], damping)
+        assert _relative(got[b], want) <= tolerance(torch.float64, n=cols + count, cond=cond)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +134,9 @@ def test_ihvp_reference_matches_dense_solve_on_wide_windows(count, cols, damping
     x = torch.randn(1, cols, dtype=torch.float64)
     chol = mfac_coefficients_reference(_gram(window, count), count, damping)
     got = mfac_ihvp_reference(window, chol, x, damping, count)
-    assert _relative(got[0], _dense_ihvp(window[0, :count], x[0], damping)) <= 1e-8
+    cond = _woodbury_cond(window[0, :count], damping)
+    tol = tolerance(torch.float64, n=cols + count, cond=cond)
+    assert _relative(got[0], _dense_ihvp(window[0, :count], x[0], damping)) <= tol
 
 
 @pytest.mark.parametrize("window_dtype", [torch.float32, torch.bfloat16])
@@ -111,14 +145,16 @@ def test_ihvp_reference_in_float32_against_the_oracle(window_dtype):
     count, cols, damping = 30, 2000, 1e-4
     window = _window(2, 32, cols, count, dtype=window_dtype)
     x = torch.randn(2, cols)
-    chol = mfac_coefficients_reference(_gram(window, count), count, damping)
+    gram = _gram(window, count)
+    chol = mfac_coefficients_reference(gram, count, damping)
     got = mfac_ihvp_reference(window, chol, x, damping, count)
     assert got.dtype == torch.float32
     for b in range(2):
         want = _dense_ihvp(window[b, :count].double(), x[b].double(), damping)
-        # the result is the difference of two terms of size |x|/damping
-        err = (got[b].double() - want).norm() / (x[b].norm() / damping)
-        assert err <= 1e-6
+        # float32 sums of B products (q = Wx) and count products (Wᵀc); the solve is in
+        # float64 (chol is), so only q's rounding is amplified, by cond(K) at most
+        tol = tolerance(torch.float32, n=cols + count, cond=_k_cond(gram[b], count, damping))
+        assert _woodbury_error(got[b], want, x[b], damping) <= tol
 
 
 @settings(deadline=None)
@@ -149,8 +185,9 @@ def test_coefficients_reference_factor_k(m, data, log_damping, nb, dtype, seed):
     assert torch.equal(chol, chol.tril())
     assert (chol.diagonal(dim1=-2, dim2=-1) > 0).all()
     rebuilt = chol.double() @ chol.double().transpose(-1, -2)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert _relative(rebuilt, k) <= tol
+    # Cholesky is backward stable: the residual ‖LLᵀ − K‖/‖K‖ is n·eps, no cond; n = the
+    # count-long inner products plus forming K in gram's dtype (a division and an addition)
+    assert _relative(rebuilt, k) <= tolerance(dtype, n=count + 2)
 
 
 def test_coefficients_mark_indefinite_blocks_nan():
@@ -172,16 +209,21 @@ def test_gram_row_reference_matches_dense(dtype, nb, m, cols, row, count):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     wd = window.double()
     want = (wd[:, :count] @ wd[:, row, :, None])[..., 0]
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    scale = wd[:, :count].norm() * wd[:, row].norm()
-    assert (got.double() - want).abs().max() <= tol * scale
-    torch.testing.assert_close(mfac_gram_row_reference(window[0], row, count), got[0])
+    # cols-long sums, in float32 for float32 and bfloat16 windows (bfloat16 products are
+    # exact in float32), against Σ|w_i||w_row| <= ‖W‖‖w_row‖ (Cauchy-Schwarz)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (wd[:, :count].norm() * wd[:, row].norm()).item()
+    assert (got.double() - want).abs().max() <= tolerance(acc, n=cols) * scale
+    # one block on its own: a batch of one for BLAS, another call than the batched one
+    one = mfac_gram_row_reference(window[0], row, count)
+    assert_close(one, got[0], dtype=acc, n=cols, scale=scale)
 
 
 def test_gram_row_builds_the_gram_matrix():
     window = _window(2, 7, 50, 5)
     rows = torch.stack([mfac_gram_row(window, r, 5) for r in range(5)], dim=1)
-    torch.testing.assert_close(rows, _gram(window, 5)[:, :5, :5], rtol=1e-12, atol=1e-12)
+    # two ways to sum the 50 products (a Gram matrix: its largest entry is on the diagonal)
+    assert_close(rows, _gram(window, 5)[:, :5, :5], dtype=torch.float64, n=50)
 
 
 # ---- dtypes, shapes, dispatch ------------------------------------------------------------
@@ -193,17 +235,21 @@ def test_bfloat16_window_matches_float32_on_the_same_values(nb, count, cols):
     window = _window(nb, count + 2, cols, count, dtype=torch.bfloat16)
     exact = window.float()  # bfloat16 values are exact in float32
     x = torch.randn(nb, cols)
-    chol = mfac_coefficients_reference(_gram(window, count), count, damping)
+    gram = _gram(window, count)
+    chol = mfac_coefficients_reference(gram, count, damping)
     got = mfac_ihvp_reference(window, chol, x, damping, count)
     want = mfac_ihvp_reference(exact, chol, x, damping, count)
     assert got.dtype == torch.float32
-    # both sum the same float32 products, tile by tile vs in one BLAS call
-    assert ((got - want).norm() / (x.norm() / damping)).item() <= 1e-6
-    assert torch.allclose(
+    # both sum the same float32 products, tile by tile vs in one BLAS call: B-long sums for
+    # q = Wx (amplified by cond(K) in the solve) and count-long ones for Wᵀc
+    tol = tolerance(torch.float32, n=cols + count, cond=_k_cond(gram, count, damping))
+    assert _woodbury_error(got, want, x, damping) <= tol
+    # cols-long float32 sums in two orders; the largest entry is the row's own square norm
+    assert_close(
         mfac_gram_row_reference(window, 0, count),
         mfac_gram_row_reference(exact, 0, count),
-        rtol=1e-5,
-        atol=1e-3,
+        dtype=torch.float32,
+        n=cols,
     )
 
 
@@ -211,11 +257,14 @@ def test_float64_x_with_a_float32_window_is_computed_in_float64():
     count, cols, damping = 12, 900, 1e-5
     window = _window(2, 12, cols, count, dtype=torch.float32)
     x = torch.randn(2, cols, dtype=torch.float64)
-    chol = mfac_coefficients_reference(_gram(window, count), count, damping)
+    gram = _gram(window, count)
+    chol = mfac_coefficients_reference(gram, count, damping)
     got = mfac_ihvp_reference(window, chol, x, damping, count)
     assert got.dtype == torch.float64
     want = mfac_ihvp_reference(window.double(), chol, x, damping, count)
-    assert _relative(got, want) <= 1e-12
+    # float64 both ways (a float32 window is exact in float64), tile by tile vs one call
+    tol = tolerance(torch.float64, n=cols + count, cond=_k_cond(gram, count, damping))
+    assert _woodbury_error(got, want, x, damping) <= tol
 
 
 def test_unbatched_shapes_match_the_batched_ones():
@@ -224,11 +273,17 @@ def test_unbatched_shapes_match_the_batched_ones():
     x = torch.randn(2, 40, dtype=torch.float64)
     gram = _gram(window, count)
     chol = mfac_coefficients(gram, count, damping)
-    assert torch.equal(mfac_coefficients(gram[1], count, damping), chol[1])
+    # one block alone vs in a batch: LAPACK and BLAS are called differently, so the two
+    # agree to round-off: a count x count factorisation (cond(K)), 40 + count long sums
+    cond = _k_cond(gram[1], count, damping)
+    assert_close(
+        mfac_coefficients(gram[1], count, damping), chol[1], dtype=torch.float64, n=count, cond=cond
+    )
     out = mfac_ihvp(window, chol, x, damping, count)
     out1 = mfac_ihvp(window[1], chol[1], x[1], damping, count)
     assert out1.shape == (40,)
-    torch.testing.assert_close(out1, out[1], rtol=1e-13, atol=1e-13)
+    scale = x[1].abs().max().item() / damping  # the size of the Woodbury terms
+    assert_close(out1, out[1], dtype=torch.float64, n=40 + count, cond=cond, scale=scale)
     assert mfac_gram_row(window[1], 2, count).shape == (count,)
 
 
@@ -352,12 +407,16 @@ def test_gram_row_rejects_bad_arguments(args, error, match):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_match_the_references_in_the_interpreter():
     # A subprocess: TRITON_INTERPRET must be set before the kernel module is first imported
-    # (see _interpret_mfac.py).
-    script = Path(__file__).with_name("_interpret_mfac.py")
+    # (see _interpret_mfac.py); a module of the tests package, so that it imports ..helpers.
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("SECONDORDER_REFERENCE_KERNELS", None)
     proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tests.kernels._interpret_mfac"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("checked "), proc.stdout
@@ -397,19 +456,33 @@ def _cuda_window(nb, m, cols, dtype):
     return torch.randn(nb, m, cols, device="cuda").to(dtype)
 
 
+def _kernel_sum_length(cols: int, count: int) -> int:
+    """Roundings that accumulate into one entry in the M-FAC kernels at the launchers'
+    default blocks (256 columns, 16 rows): pass 1 (``Wx``, a gram row) adds ⌈B/256⌉ products
+    per accumulator lane, then the 256 lanes as a tree (8) and the column splits (at most
+    ⌈B/256⌉); pass 2 (``Wᵀc``) adds ⌈count/16⌉ per lane, 16 lanes as a tree (4), and forms
+    ``x/λ − .../λ²`` (2)."""
+    lanes = -(-cols // 256)
+    return 2 * lanes + 8 + -(-count // 16) + 4 + 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("count, block", [(1024, None), (700, 32), (1000, 64), (50, None)])
-def test_triton_coefficients_on_gpu(dtype, tol, count, block, monkeypatch):
+def test_triton_coefficients_on_gpu(dtype, count, block, monkeypatch):
     monkeypatch.delenv("SECONDORDER_REFERENCE_KERNELS", raising=False)
     window = _cuda_window(2, 1024, 5000, torch.float64)
     gram = (window @ window.transpose(1, 2)).to(dtype)
     damping = 100.0  # K = count I + gram/100: well conditioned even in float32
     got = mfac_coefficients_triton(gram, count, damping, block_size=block)
-    want = mfac_coefficients_reference(gram, count, damping)
+    # the float64 factor of the same (rounded) gram: no TF32 or float32 cuSOLVER question
+    want = mfac_coefficients_reference(gram.double(), count, damping)
     assert torch.equal(got, got.tril())
+    # the factor's forward error: n = count-long inner products plus forming K in gram's
+    # dtype, times cond(K)
+    tol = tolerance(dtype, n=count + 2, cond=_k_cond(gram, count, damping))
     assert _relative(got, want) <= tol
     assert torch.equal(
         mfac_coefficients(gram, count, damping), mfac_coefficients_triton(gram, count, damping)
@@ -429,13 +502,23 @@ def test_triton_ihvp_on_gpu(window_dtype, nb, m, count, cols, monkeypatch):
     window = _cuda_window(nb, m, cols, window_dtype)
     xdtype = torch.float64 if window_dtype == torch.float64 else torch.float32
     x = torch.randn(nb, cols, device="cuda", dtype=xdtype)
-    tol = 1e-12 if window_dtype == torch.float64 else 1e-5
+    # float64 references on the GPU (no TF32 there: torch.backends.cuda.matmul.allow_tf32
+    # would make a float32 reference less accurate than the kernel); the kernels sum in
+    # float32 (products of a bf16 window and float32 x round once more) or float64
+    n = _kernel_sum_length(cols, count) + 1
+    wd = window.double()
     for row in (0, count - 1, m - 1):
         got_row = mfac_gram_row(window, row, count)
-        assert _relative(got_row, mfac_gram_row_reference(window, row, count)) <= tol
-    valid = window[:, :count].double()
-    chol = mfac_coefficients(valid @ valid.transpose(1, 2), count, damping)
+        want_row = (wd[:, :count] @ wd[:, row, :, None])[..., 0]
+        # an entry's error is proportional to Σ|w_i||w_row| <= ‖w_i‖‖w_row‖
+        scale = (wd[:, :count].norm(dim=-1).max() * wd[:, row].norm(dim=-1).max()).item()
+        err = (got_row.double() - want_row).abs().max().item()
+        assert err <= tolerance(xdtype, n=n) * scale, row
+    valid = wd[:, :count]
+    gram = valid @ valid.transpose(1, 2)
+    chol = mfac_coefficients(gram, count, damping)
     got = mfac_ihvp(window, chol, x, damping, count)
-    want = mfac_ihvp_reference(window, chol, x, damping, count)
+    want = mfac_ihvp_reference(wd, chol, x.double(), damping, count)
     assert got.dtype == xdtype
-    assert ((got - want).double().norm() / (x.double().norm() / damping)).item() <= tol
+    tol = tolerance(xdtype, n=n, cond=_k_cond(gram, count, damping))
+    assert _woodbury_error(got, want, x, damping) <= tol

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from secondorder import KFAC
 from secondorder.layers import Conv1dHelper, Conv2dHelper, Conv3dHelper, helper_class_for
 
-from ..helpers import kfac_factors, kron_factored_precondition, kron_precondition, layer_grad_matrix
+from ..helpers import (
+    assert_close,
+    kfac_factors,
+    kron_factored_precondition,
+    kron_precondition,
+    layer_grad_matrix,
+)
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 HELPERS = {1: Conv1dHelper, 2: Conv2dHelper, 3: Conv3dHelper}
@@ -136,17 +142,20 @@ def test_rows_match_explicit_loops_and_reproduce_output_and_per_example_gradient
     a = helper.a_rows(x)
     patches = dense_patches(x, conv)
     expected_a = _ones_column(patches) if conv.bias is not None else patches
-    torch.testing.assert_close(a, expected_a)
+    assert torch.equal(a, expected_a)  # padding and unfolding copy: exact
     assert a.shape == (groups, helper.rows_count(x), helper.a_dim)
-    # the patches are what the forward pass multiplied (padding included)
-    recomputed = (a @ _weight_blocks(conv).transpose(1, 2)).transpose(0, 1)  # (rows, groups, o)
+    # the patches are what the forward pass multiplied (padding included): products of
+    # inner dimension a_dim, bounded by |ã| |W|ᵀ
+    weights = _weight_blocks(conv).transpose(1, 2)
+    recomputed = (a @ weights).transpose(0, 1)  # (rows, groups, o)
     positions = out.shape[2:]
     recomputed = recomputed.reshape(x.shape[0], math.prod(positions), -1).transpose(1, 2)
-    torch.testing.assert_close(recomputed.reshape(out.shape), out.detach())
+    bound = float((a.abs() @ weights.abs()).max())
+    assert_close(recomputed.reshape(out.shape), out.detach(), n=helper.a_dim, scale=bound)
 
     g_out = torch.randn_like(out)
     g = helper.g_rows(g_out)
-    torch.testing.assert_close(g, dense_grad_rows(g_out, groups))
+    assert torch.equal(g, dense_grad_rows(g_out, groups))
     assert helper.batch_size(x) == x.shape[0]
 
     # example-major rows: each example's share of the rows is its own gradient
@@ -157,7 +166,9 @@ def test_rows_match_explicit_loops_and_reproduce_output_and_per_example_gradient
         conv.zero_grad()
         (_forward(conv, x[i : i + 1]) * g_out[i : i + 1]).sum().backward()
         per_example = g_ex[:, i].transpose(1, 2) @ a_ex[:, i]
-        torch.testing.assert_close(per_example, layer_grad_matrix(conv, groups))
+        # sums over the example's rows, bounded by Σ |g| |ã|ᵀ
+        bound = float((g_ex[:, i].abs().transpose(1, 2) @ a_ex[:, i].abs()).max())
+        assert_close(per_example, layer_grad_matrix(conv, groups), n=a_ex.shape[2], scale=bound)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -166,8 +177,9 @@ def test_unbatched_input_gives_the_rows_of_a_batch_of_one(n):
     x = torch.randn(2, *[4] * n, dtype=torch.float64)
     helper = HELPERS[n](conv, "conv")
     g_out = torch.randn_like(conv(x))
-    torch.testing.assert_close(helper.a_rows(x), helper.a_rows(x[None]))
-    torch.testing.assert_close(helper.g_rows(g_out), helper.g_rows(g_out[None]))
+    # the same copies of the same data
+    assert torch.equal(helper.a_rows(x), helper.a_rows(x[None]))
+    assert torch.equal(helper.g_rows(g_out), helper.g_rows(g_out[None]))
     assert helper.batch_size(x) == 1 and helper.batch_size(x[None]) == 1
 
 
@@ -214,15 +226,31 @@ def test_one_position_one_example_kronecker_block_is_the_exact_fisher(
     grad = layer_grad_matrix(conv, groups)
     for grp in range(groups):
         vec = grad[grp].T.reshape(-1)  # column-major vec, as torch.kron(A, G) expects
-        torch.testing.assert_close(
-            torch.kron(a[grp], g[grp]), torch.outer(vec, vec), rtol=1e-10, atol=1e-12
-        )
+        # one row: ã ãᵀ, g gᵀ and g ãᵀ are single products, then kron / outer: 2 roundings
+        # on each side
+        assert_close(torch.kron(a[grp], g[grp]), torch.outer(vec, vec), n=4)
 
 
 # ---- end-to-end K-FAC step ---------------------------------------------------------------
 def _reference(a, g, grad, damping, mode):
     fn = kron_precondition if mode == "eigen" else kron_factored_precondition
     return torch.stack([fn(a[i], g[i], grad[i], damping) for i in range(a.shape[0])])
+
+
+def _damped_cond(a, g, damping, mode):
+    """The condition number of the damped matrix the reference solves, worst group:
+    ``A ⊗ G + λI`` ("eigen") or ``(A + π√λ I) ⊗ (G + √λ/π I)`` ("factored")."""
+    conds = []
+    for a_i, g_i in zip(a, g, strict=True):
+        eye_a, eye_g = (torch.eye(f.shape[0], dtype=torch.float64) for f in (a_i, g_i))
+        if mode == "eigen":
+            big = torch.kron(a_i, g_i) + damping * torch.kron(eye_a, eye_g)
+        else:
+            pi = ((torch.trace(a_i) / a_i.shape[0]) / (torch.trace(g_i) / g_i.shape[0])).sqrt()
+            root = damping**0.5
+            big = torch.kron(a_i + pi * root * eye_a, g_i + root / pi * eye_g)
+        conds.append(float(torch.linalg.cond(big)))
+    return max(conds)
 
 
 def _as_matrix(delta, conv):
@@ -287,4 +315,10 @@ def test_kfac_step_on_conv1d_and_conv3d_models_equals_dense_kronecker_solve(
         a, g = kfac_factors(patches, dense_grad_rows(out.grad, c.groups), batch)
         expected = _reference(a, g, grad, float(damping), mode[1])
         delta = [b - p.detach() for b, p in zip(old, c.parameters(), strict=True)]
-        torch.testing.assert_close(_as_matrix(delta, c), expected, rtol=1e-7, atol=1e-10)
+        # factors summed over the rows, decomposed (sizes a_dim and g_dim), then a solve
+        # that amplifies by the condition number of the damped matrix
+        # (the step is read back as w − w': resolved to the size of the weights)
+        n = patches.shape[1] + a.shape[-1] + g.shape[-1]
+        cond = _damped_cond(a, g, float(damping), mode[1])
+        scale = float(expected.abs().max()) + max(float(w.abs().max()) for w in old)
+        assert_close(_as_matrix(delta, c), expected, n=n, cond=cond, scale=scale)

@@ -18,8 +18,13 @@ from torch import Tensor, nn
 
 import secondorder as so
 
+from ..helpers import assert_close
+
 IN_SHAPE = (1, 4, 4)
 CLASSES = 3
+#: rows a statistic of tiny_model sums per step and batch example: the convolution's 16
+#: output positions (the Linear layers have one row per example)
+ROWS_PER_EXAMPLE = 16
 
 
 def tiny_model(width: int = 10, depth: int = 1, seed: int = 0) -> nn.Sequential:
@@ -154,9 +159,40 @@ def tensors_in(obj: Any) -> Iterable[Tensor]:
             yield from tensors_in(value)
 
 
+def assert_close_runs(
+    actual: Iterable[Tensor],
+    expected: Iterable[Tensor],
+    start: Iterable[Tensor],
+    *,
+    dtype: torch.dtype,
+    n: int,
+) -> None:
+    """Parameters of two training runs from ``start`` that reach the same mathematics by
+    different code paths (a compiled model, a scaled loss, data-parallel ranks): the rule of
+    tests/helpers.py applied to the update of the run, ``expected − start``, the size of
+    which the round-off of the steps is relative to (not that of the weights).
+
+    ``n`` counts the roundings accumulating into an entry of the statistics and gradients
+    over the run: steps x the rows a statistic sums per step. cond is 1: a damped inverse
+    multiplies an error by up to its condition number only when the error lies along its
+    smallest eigenvectors, which rounding errors do not favour; the margin of the worst case
+    ``n·eps`` of an n-term sum over what rounding reaches (about √n times) covers that,
+    where a cond factor on top would leave a tolerance of the order of the update itself,
+    blind to a step taken without its statistics.
+    """
+    actual, expected, start = list(actual), list(expected), list(start)
+    pairs = list(zip(expected, start, strict=True))
+    scale = max(float((e.double() - s.double()).abs().max()) for e, s in pairs)
+    for i, (a, e, s) in enumerate(zip(actual, expected, start, strict=True)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"parameter {i}"
+        a_step, e_step = a.double() - s.double(), e.double() - s.double()
+        assert_close(a_step, e_step, dtype=dtype, n=n, scale=scale)
+
+
 def assert_same(a: Any, b: Any, path: str = "state") -> None:
-    """Deep equality of nested state: tensors bit for bit (same dtype and shape), the rest
-    with ``==`` (floats: NaN equals NaN)."""
+    """Deep equality of nested state, for the same code path run twice on the same inputs
+    (a resumed run and an uninterrupted one): tensors bit for bit (same dtype and shape),
+    the rest with ``==`` (floats: NaN equals NaN)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         assert isinstance(a, Tensor) and isinstance(b, Tensor), f"{path}: {type(a)} vs {type(b)}"
         assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)}"
