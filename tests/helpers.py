@@ -133,6 +133,23 @@ def kron_precondition(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Ten
     return sol.reshape(grad.shape[1], grad.shape[0]).T
 
 
+def damped_kron_cond(a: Tensor, g: Tensor, damping: float, mode: str = "eigen") -> float:
+    """The condition number of the damped matrix a K-FAC reference solves, worst group of
+    the ``(groups, n, n)`` factors: ``A ⊗ G + λI`` ("eigen") or
+    ``(A + π√λ I) ⊗ (G + √λ/π I)`` ("factored"), in float64."""
+    conds = []
+    for a_i, g_i in zip(a.double(), g.double(), strict=True):
+        eye_a, eye_g = (torch.eye(f.shape[0], dtype=torch.float64) for f in (a_i, g_i))
+        if mode == "eigen":
+            big = torch.kron(a_i, g_i) + damping * torch.kron(eye_a, eye_g)
+        else:
+            pi = ((torch.trace(a_i) / a_i.shape[0]) / (torch.trace(g_i) / g_i.shape[0])).sqrt()
+            root = damping**0.5
+            big = torch.kron(a_i + pi * root * eye_a, g_i + root / pi * eye_g)
+        conds.append(float(torch.linalg.cond(big)))
+    return max(conds)
+
+
 def kron_factored_precondition(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Tensor:
     """``((A + π√λ I) ⊗ (G + √λ/π I))⁻¹ vec(∇)``, π from the traces, explicit Kronecker."""
     a, g = a.double(), g.double()

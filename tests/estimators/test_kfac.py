@@ -13,6 +13,7 @@ from secondorder import KFAC
 
 from ..helpers import (
     assert_close,
+    damped_kron_cond,
     dense_conv_patches,
     grad_rows,
     kfac_factors,
@@ -63,22 +64,6 @@ def _reference(a, g, grad, damping, mode):
     return torch.stack([fn(a[i], g[i], grad[i], damping) for i in range(a.shape[0])])
 
 
-def _damped_cond(a, g, damping, mode="eigen"):
-    """The condition number of the damped matrix the reference solves, worst group:
-    ``A ⊗ G + λI`` ("eigen") or ``(A + π√λ I) ⊗ (G + √λ/π I)`` ("factored")."""
-    conds = []
-    for a_i, g_i in zip(a.double(), g.double(), strict=True):
-        eye_a, eye_g = (torch.eye(f.shape[0], dtype=torch.float64) for f in (a_i, g_i))
-        if mode == "eigen":
-            big = torch.kron(a_i, g_i) + damping * torch.kron(eye_a, eye_g)
-        else:
-            pi = ((torch.trace(a_i) / a_i.shape[0]) / (torch.trace(g_i) / g_i.shape[0])).sqrt()
-            root = damping**0.5
-            big = torch.kron(a_i + pi * root * eye_a, g_i + root / pi * eye_g)
-        conds.append(float(torch.linalg.cond(big)))
-    return max(conds)
-
-
 def _check_step(delta, expected, a, g, rows, damping, mode, layer=None):
     """The step against the dense solve: the factors sum ``rows`` rows, then factors of
     sizes ``a_dim`` and ``g_dim`` are decomposed, and the solve amplifies the error by the
@@ -88,7 +73,7 @@ def _check_step(delta, expected, a, g, rows, damping, mode, layer=None):
     scale = float(expected.abs().max())
     if layer is not None:
         scale += max(float(p.detach().abs().max()) for p in layer.parameters())
-    assert_close(delta, expected, n=n, cond=_damped_cond(a, g, damping, mode), scale=scale)
+    assert_close(delta, expected, n=n, cond=damped_kron_cond(a, g, damping, mode), scale=scale)
 
 
 @given(

@@ -18,6 +18,7 @@ from secondorder.layers import Conv1dHelper, Conv2dHelper, Conv3dHelper, helper_
 
 from ..helpers import (
     assert_close,
+    damped_kron_cond,
     kfac_factors,
     kron_factored_precondition,
     kron_precondition,
@@ -237,22 +238,6 @@ def _reference(a, g, grad, damping, mode):
     return torch.stack([fn(a[i], g[i], grad[i], damping) for i in range(a.shape[0])])
 
 
-def _damped_cond(a, g, damping, mode):
-    """The condition number of the damped matrix the reference solves, worst group:
-    ``A ⊗ G + λI`` ("eigen") or ``(A + π√λ I) ⊗ (G + √λ/π I)`` ("factored")."""
-    conds = []
-    for a_i, g_i in zip(a, g, strict=True):
-        eye_a, eye_g = (torch.eye(f.shape[0], dtype=torch.float64) for f in (a_i, g_i))
-        if mode == "eigen":
-            big = torch.kron(a_i, g_i) + damping * torch.kron(eye_a, eye_g)
-        else:
-            pi = ((torch.trace(a_i) / a_i.shape[0]) / (torch.trace(g_i) / g_i.shape[0])).sqrt()
-            root = damping**0.5
-            big = torch.kron(a_i + pi * root * eye_a, g_i + root / pi * eye_g)
-        conds.append(float(torch.linalg.cond(big)))
-    return max(conds)
-
-
 def _as_matrix(delta, conv):
     w = delta[0].reshape(conv.groups, conv.out_channels // conv.groups, -1)
     return w if len(delta) == 1 else torch.cat([w, delta[1].reshape(conv.groups, -1, 1)], 2)
@@ -319,6 +304,6 @@ def test_kfac_step_on_conv1d_and_conv3d_models_equals_dense_kronecker_solve(
         # that amplifies by the condition number of the damped matrix
         # (the step is read back as w − w': resolved to the size of the weights)
         n = patches.shape[1] + a.shape[-1] + g.shape[-1]
-        cond = _damped_cond(a, g, float(damping), mode[1])
+        cond = damped_kron_cond(a, g, float(damping), mode[1])
         scale = float(expected.abs().max()) + max(float(w.abs().max()) for w in old)
         assert_close(_as_matrix(delta, c), expected, n=n, cond=cond, scale=scale)
