@@ -13,7 +13,8 @@
 #   tests/portability.sh                 the whole suite under every configuration
 #   tests/portability.sh --quick         the numerical tests only (what CI runs)
 #   tests/portability.sh [--quick] -- -x -k eigh   further arguments go to pytest
-# PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
+# PYTHON picks the interpreter (default: .venv/bin/python if present, else python3);
+# PORTABILITY_CONFIGS picks a subset of the configurations.
 # Exits non-zero if any configuration failed; prints one line per configuration with
 # its time. On the 2-core CI machine --quick takes about 6 minutes, the whole suite
 # about 5 minutes per configuration.
@@ -42,6 +43,12 @@ CONFIGS=(
     "OMP_NUM_THREADS=1"
     "OMP_NUM_THREADS=2"
 )
+
+# PORTABILITY_CONFIGS (space-separated) runs only those configurations, e.g. CI's
+# "ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1".
+if [ -n "${PORTABILITY_CONFIGS:-}" ]; then
+    read -r -a CONFIGS <<<"$PORTABILITY_CONFIGS"
+fi
 
 paths=(tests)
 if [ "${1:-}" = "--quick" ]; then
