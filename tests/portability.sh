@@ -68,8 +68,13 @@ for config in "${CONFIGS[@]}"; do
     echo "=== $config: pytest ${paths[*]} $*"
     start=$(date +%s)
     # -p no:cacheprovider: the runs must not reorder each other through --lf caches
-    env "$config" "$PYTHON" -m pytest -q -p no:cacheprovider "${paths[@]}" "$@"
+    # a fresh inductor cache per configuration: code compiled for one CPU capability
+    # (AVX2 vector types) does not build under another (ATEN_CPU_CAPABILITY=default)
+    cache=$(mktemp -d)
+    env "$config" TORCHINDUCTOR_CACHE_DIR="$cache" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider "${paths[@]}" "$@"
     rc=$?
+    rm -rf "$cache"
     took=$(($(date +%s) - start))
     summary+=("$config: exit $rc in ${took} s")
     if [ "$rc" -ne 0 ]; then failed+=("$config"); fi
