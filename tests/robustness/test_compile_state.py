@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from ..test_hook_coverage import Attention
 from ._common import (
     HOOKED,
     assert_close_runs,
@@ -159,21 +160,10 @@ def test_many_hooked_layers_compile_to_one_graph_without_hitting_the_recompile_l
     )
 
 
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], 4, 4)
-        return self.attn(x, x, x)[0].mean(1)[:, :3]
-
-
 def test_attention_compiled_after_the_optimizer_is_not_blamed_on_compile():
     """No hook runs (out_proj is the only covered layer, used without being called), but
     no code was compiled before the hooks: out_proj goes to the base update, no error."""
-    model = _Attention()
+    model = Attention()
     compiled = _compiled(model)
     opt = make_optimizer("kfac", compiled, curvature_every=1)
     with pytest.warns(UserWarning, match=r"hooks of \['attn\.out_proj'\] never ran"):
