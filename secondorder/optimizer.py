@@ -17,276 +17,56 @@ direction, as in K-FAC reference implementations.
 
 from __future__ import annotations
 
-import difflib
-import functools
 import inspect
 import math
-import numbers
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import (
+    Interval,
+    Schedule,
+    UseCurvature,
+    caller_stacklevel,
+    check_interval,
+    check_number,
+    check_schedule,
+    check_use_curvature,
+    is_due,
+    resolve_schedule,
+)
 from ._host import to_host
-from .capture import ModelCapture, SkipPattern, describe_unsupported, find_layers, module_name
+from .base_updates import BASE_UPDATES, BaseUpdate, adam_update, sgd_update
+from .capture import ModelCapture, describe_unsupported, find_layers, module_name
+from .config import OptimizerConfig, config_fields
 from .distributed import Communicator, default_communicator, scale_output_statistics
 from .estimators.base import CurvatureEstimator
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .layers import LayerHelper
 
-#: a hyperparameter given as a number or as a function of the step (0-based)
-Schedule = float | Callable[[int], float]
-#: an interval in steps, or a function of the step returning one
-Interval = int | Callable[[int], int]
-#: when curvature is used: None (always), a predicate of the step, or (start, stop) step ranges
-UseCurvature = Callable[[int], bool] | Iterable[tuple[int, int | None]] | None
 #: builds the estimator from the covered layers and the optimizer's parameters
 EstimatorFactory = Callable[[list[LayerHelper], list[nn.Parameter]], CurvatureEstimator]
+#: stands for an argument not given (``None`` may be a value)
+_UNSET: Any = object()
 
-_BASES = ("sgd", "adam")
-_NONFINITE = ("skip", "raise")
-_FISHER_TYPES = ("empirical", "mc")
-
-
-# ---- argument checking ---------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_number(
-    name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None
-) -> float:
-    """``value`` as a float if a finite real in range, else ``ValueError``/``TypeError``."""
-    if not _is_number(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    bad_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or bad_low or (high is not None and value > high):
-        lo = f"{'>' if low_open else '>='} {low}"
-        hi = f" and <= {high}" if high is not None else ""
-        raise ValueError(f"{name} must be a finite number {lo}{hi}, got {value!r}")
-    return value
-
-
-def check_schedule(name: str, value: Any, *, low_open: bool = False) -> Schedule:
-    """Accept a non-negative (or positive) number or a callable of the step."""
-    if callable(value):
-        return value
-    return check_number(name, value, low_open=low_open)
-
-
-def check_interval(name: str, value: Any) -> Interval:
-    """Accept a positive int or a callable of the step returning one."""
-    if callable(value):
-        return value
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int or a callable of the step, got {value!r}")
-    return int(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_use_curvature(
-    value: Any,
-) -> Callable[[int], bool] | tuple[tuple[int, int | None], ...] | None:
-    """Accept None, a callable of the step, or ``(start, stop)`` step ranges (stop
-    exclusive, None for an open end); ranges come back as a tuple of int pairs."""
-    if value is None or callable(value):
-        return value
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise TypeError(
-            "use_curvature must be None, a callable of the step returning a bool, or a list "
-            f"of (start, stop) step ranges, got {type(value).__name__}"
-        )
-    ranges = []
-    for item in value:
-        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"use_curvature: each range must be a (start, stop) pair, got {item!r}")
-        start, stop = item
-        if not _is_int(start) or (stop is not None and not _is_int(stop)):
-            raise TypeError(
-                f"use_curvature: start must be an int and stop an int or None, got {item!r}"
-            )
-        if start < 0:
-            raise ValueError(f"use_curvature: start must be >= 0, got {item!r}")
-        if stop is not None and stop <= start:
-            raise ValueError(
-                f"use_curvature: stop must be > start (stop is exclusive; None for an open "
-                f"end), got {item!r}"
-            )
-        ranges.append((int(start), None if stop is None else int(stop)))
-    if not ranges:
-        raise ValueError(
-            "use_curvature: an empty list of ranges never uses curvature; "
-            "use precondition=False for a plain base optimizer"
-        )
-    return tuple(ranges)
-
-
-def resolve_schedule(name: str, value: Schedule, step: int, *, low_open: bool = False) -> float:
-    """The value of a schedule at ``step``, checked like a constant would be."""
-    return check_number(
-        f"{name}({step})" if callable(value) else name,
-        value(step) if callable(value) else value,
-        low_open=low_open,
-    )
-
-
-def is_due(name: str, interval: Interval, step: int) -> bool:
-    """Whether ``step`` is a multiple of the interval (evaluated at ``step``)."""
-    every = interval(step) if callable(interval) else interval
-    if callable(interval):
-        check_interval(f"{name}({step})", every)
-    return step % every == 0
-
-
-def _takes_any_keyword(init: Callable[..., Any]) -> bool:
-    """Whether ``init`` has a ``**kwargs`` parameter."""
-    params = inspect.signature(inspect.unwrap(init)).parameters.values()
-    return any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-@functools.cache
-def _keyword_names(cls: type) -> frozenset[str]:
-    """The keyword arguments ``cls(...)`` is known to accept: the parameters of its
-    ``__init__`` and, while an ``__init__`` takes ``**kwargs`` (handed on to
-    ``super().__init__``), those of the next class's."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass in (torch.optim.Optimizer, object):
-            break
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        names.update(
-            p.name
-            for p in inspect.signature(inspect.unwrap(init)).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-        )
-        if not _takes_any_keyword(init):
-            break
-    return frozenset(names)
-
-
-_Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def checked_keywords(init: _Init) -> _Init:
-    """Decorate an optimizer's ``__init__`` that takes no ``**kwargs``: a keyword argument
-    it does not take raises the ``TypeError`` Python would, but naming the class the user
-    called (``KFAC.__init__()``, not the ``CurvatureOptimizer.__init__()`` that the
-    subclass handed its ``**kwargs`` to), with the closest keyword that class accepts as a
-    suggestion. :class:`CurvatureOptimizer` applies it to every subclass's ``__init__``
-    without ``**kwargs``; one with ``**kwargs`` (which may take some for itself) hands
-    them on unchecked."""
-    accepted = {
-        p.name
-        for p in inspect.signature(init).parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-    @functools.wraps(init)
-    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in kwargs:
-            if key not in accepted:
-                called = type(self)
-                close = difflib.get_close_matches(key, sorted(_keyword_names(called)), n=1)
-                hint = f". Did you mean {close[0]!r}?" if close else ""
-                raise TypeError(
-                    f"{called.__name__}.__init__() got an unexpected keyword argument {key!r}{hint}"
-                )
-        init(self, *args, **kwargs)
-
-    return checked  # type: ignore[return-value]
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the user's line: frames of this
-    package and of torch (the step wrappers of ``torch.optim``, ``torch.no_grad``'s) are
-    skipped."""
-    inside = tuple(
-        os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
-    )
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-# ---- the functional core of the base updates -----------------------------------------
-def sgd_update(
-    params: list[Tensor],
-    directions: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    decoupled: bool,
-) -> None:
-    """SGD with momentum on ``directions``, exactly as ``torch.optim.SGD`` (foreach=False).
-
-    ``momentum_buffers`` is updated in place (``None`` entries are created).
-    """
-    for i, param in enumerate(params):
-        d_p = directions[i]
-        if weight_decay != 0:
-            if decoupled:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                d_p = d_p.add(param, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = torch.clone(d_p).detach()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(d_p, alpha=-lr)
-
-
-def adam_update(
-    params: list[Tensor],
-    directions: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-) -> None:
-    """Adam (``decoupled=False``) or AdamW on ``directions``, exactly as
-    ``torch.optim.Adam``/``AdamW`` (foreach=False). State tensors update in place."""
-    for i, param in enumerate(params):
-        d_p = directions[i]
-        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
-        step_t += 1
-        if weight_decay != 0:
-            if decoupled:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                d_p = d_p.add(param, alpha=weight_decay)
-        exp_avg.lerp_(d_p, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(d_p, d_p, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+__all__ = [
+    "CurvatureOptimizer",
+    "EstimatorFactory",
+    "Interval",
+    "Schedule",
+    "adam_update",
+    "check_interval",
+    "check_number",
+    "check_schedule",
+    "check_use_curvature",
+    "is_due",
+    "kl_clip_factor",
+    "resolve_schedule",
+    "sgd_update",
+]
 
 
 def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> float:
@@ -306,97 +86,79 @@ def _as_list(params: Any) -> list[Any]:
     return [params] if isinstance(params, Tensor) else list(params)
 
 
+def _subclass_init(cls: type[CurvatureOptimizer]) -> Callable[..., None]:
+    """The ``__init__`` of a subclass that defines none: ``(model, lr, *, params, config,
+    **fields of cls.config_class)``, with that signature for ``inspect`` and IDEs."""
+
+    def __init__(
+        self: CurvatureOptimizer,
+        model: nn.Module | Iterable[nn.Parameter],
+        lr: Any = _UNSET,
+        *,
+        params: Iterable[Any] | None = None,
+        config: OptimizerConfig | None = None,
+        **hyperparameters: Any,
+    ) -> None:
+        if lr is not _UNSET:
+            hyperparameters["lr"] = lr
+        CurvatureOptimizer.__init__(
+            self, model, None, params=params, config=config, **hyperparameters
+        )
+
+    kinds = inspect.Parameter
+    config_class = cls.config_class
+    lr_default = next(f.default for f in config_fields(config_class) if f.name == "lr")
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            kinds("self", kinds.POSITIONAL_OR_KEYWORD),
+            kinds("model", kinds.POSITIONAL_OR_KEYWORD),
+            kinds("lr", kinds.POSITIONAL_OR_KEYWORD, default=lr_default),
+            kinds("params", kinds.KEYWORD_ONLY, default=None),
+            kinds("config", kinds.KEYWORD_ONLY, default=None),
+            *config_class.signature_parameters(),
+        ]
+    )
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    return __init__
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     r"""A ``torch.optim.Optimizer`` that preconditions gradients with a curvature estimator.
 
-    Subclasses (``KFAC``, ...) choose the estimator; this class owns everything else:
-    capture hooks, the update/refresh schedule, damping, KL clipping, the base update,
-    weight decay and state saving.
+    Subclasses (``KFAC``, ...) name their config (:attr:`config_class`) and build their
+    estimator (:meth:`build_estimator`); this class owns everything else: capture hooks,
+    the update/refresh schedule, damping, KL clipping, the base update
+    (:mod:`secondorder.base_updates`), weight decay and state saving. Adding a method is
+    one estimator, one config dataclass and a subclass of three lines::
+
+        class MyMethod(CurvatureOptimizer):
+            config_class = MyConfig
+
+            def build_estimator(self, layers, params):
+                return MyEstimator(layers, self.config)
+
+    Its keyword arguments, their defaults and checks, and the hyperparameter section of its
+    docstring all come from the config.
 
     Args:
         model (nn.Module): the network. Hooks attach to its supported layers. Estimators
             that need no hooks (``requires_model = False`` subclasses) also accept an
             iterable of parameters.
-        estimator (EstimatorFactory, optional): ``(layers, params) -> CurvatureEstimator``.
-            None (or ``precondition=False``) makes this a plain base optimizer.
+        estimator (EstimatorFactory, optional): ``(layers, params) -> CurvatureEstimator``,
+            for ``CurvatureOptimizer`` used directly (subclasses take ``lr`` here and build
+            their estimator themselves). None (or ``precondition=False``) makes this a plain
+            base optimizer.
         params (iterable, optional): parameters or param-group dicts, as for any
             ``torch.optim`` optimizer; they must belong to ``model``
             (default: every parameter of ``model`` that requires grad).
-        lr (float): learning rate (default: 1e-2).
-        base (str, optional): ``"sgd"`` (SGD with momentum) or ``"adam"`` (Adam-style
-            moments of the preconditioned direction) (default: ``"sgd"``).
-        momentum (float, optional): SGD momentum; sgd only (default: 0).
-        dampening (float, optional): SGD momentum dampening; sgd only (default: 0).
-        nesterov (bool, optional): Nesterov momentum; sgd only (default: False).
-        betas (tuple[float, float], optional): Adam betas; adam only (default: (0.9, 0.999)).
-        eps (float, optional): Adam epsilon; adam only (default: 1e-8).
-        weight_decay (float, optional): weight decay coefficient (default: 0).
-        decoupled_weight_decay (bool, optional): ``w <- w (1 - lr wd)`` (SGDW/AdamW)
-            instead of adding ``wd w`` to the direction (default: False).
-        damping (float or callable, optional): Tikhonov damping, or a function of the
-            step returning it; must be > 0 (default: 1e-3).
-        curvature_every (int or callable, optional): update the curvature statistics
-            at steps that are multiples of this (default: 1).
-        inverse_every (int or callable, optional): refresh inverses at steps that are
-            multiples of this, and after the first statistics arrive (default: 1).
-        kl_clip (float, optional): KL clipping constant κ; None disables (default: None).
-        skip_layers (iterable of str or re.Pattern, optional): module names or regexes
-            (full match) of layers to leave to the base update (default: None).
-        layer_options (dict, optional): options for the layer helpers, e.g.
-            ``{"linear_sequence": "reduce"}``; see the README's layer table (default: None).
-        record_in_eval (bool, optional): also record statistics from modules in eval
-            mode (default: False: eval forward passes record nothing).
-        nonfinite (str, optional): what a step with a NaN/Inf gradient does:
-            ``"skip"`` leaves parameters, base state and curvature untouched and
-            counts it in :attr:`skipped_steps`; ``"raise"`` raises
-            ``FloatingPointError`` (default: ``"skip"``).
-        fisher_type (str, optional): where the layer statistics that need output
-            gradients come from: ``"empirical"``, the gradients of the loss the user
-            back-propagates; or ``"mc"``, a separate backward pass of a loss whose
-            labels are sampled from the model (:meth:`sample_fisher`, to be called on
-            the outputs before ``loss.backward()``). Only for estimators that record
-            statistics with hooks (default: ``"empirical"``).
-        likelihood (str, optional): the model's predictive distribution for
-            ``fisher_type="mc"``: ``"categorical"`` (softmax over the last dim of
-            logits), ``"bernoulli"`` (sigmoid of logits) or ``"gaussian"`` (outputs are
-            means); see :mod:`secondorder.fisher`. None: give it to
-            :meth:`sample_fisher` (default: None).
-        likelihood_sigma (float, optional): standard deviation σ of the ``"gaussian"``
-            likelihood (default: 1).
-        precondition (bool, optional): False switches curvature off entirely: no hooks,
-            no statistics, and the optimizer reproduces ``torch.optim.SGD`` / ``Adam`` /
-            ``AdamW`` exactly (default: True).
-        use_curvature (None, callable or list of pairs, optional): when the curvature is
-            used, by step (0-based, skipped steps not counted): None, always; a callable
-            ``step -> bool`` (a pure function of the step: it is also asked about the
-            step before); or ``(start, stop)`` step ranges, ``stop`` exclusive and None
-            for an open end (LBANN's ``kfac_use_interval``). At a step where it is off,
-            nothing is recorded, updated or refreshed, and the step is the plain base
-            update on the raw gradient (for the K-FAC family and M-FAC exactly
-            ``torch.optim.SGD`` / ``Adam`` / ``AdamW``'s arithmetic; AdaFisher takes its
-            ``precondition=False`` update, ``F̃ = 1 + λ``). At the first step of a range
-            that follows an off step, the curvature resumes: with no statistics yet, that
-            step records and absorbs them whatever ``curvature_every`` says, then refreshes;
-            otherwise the inverses are refreshed (current damping) before they precondition
-            it. The other schedules keep counting the global step. Also settable later as
-            :attr:`use_curvature` (default: None).
-        distributed (bool, optional): reduce the curvature statistics across the ranks of
-            ``process_group`` and share the refreshes out (:mod:`secondorder.distributed`);
-            the model must be trained data-parallel (DDP), so that every rank has the
-            same averaged gradient. None: when ``torch.distributed`` is initialised with
-            more than one rank (default: None).
-        process_group (ProcessGroup, optional): the ranks to reduce over (default: the
-            whole world).
-        grad_scaler (torch.amp.GradScaler, optional): the scaler of a mixed-precision
-            loop. ``scaler.step(opt)`` hands this optimizer the scale and the overflow
-            flag itself (it supports AMP scaling): it unscales the gradients, skips
-            steps with an overflow (counted in :attr:`skipped_steps`, no warning: the
-            scaler lowers its scale) and divides the statistics the hooks saw by the
-            scale². Needed only when you call ``scaler.unscale_(opt)`` before
-            ``scaler.step(opt)`` (gradient clipping): the statistics are still scaled
-            then, and the scaler is asked for the scale (default: None).
+        config (OptimizerConfig, optional): the hyperparameters as a config of this
+            optimizer's :attr:`config_class`; keywords given beside it replace its fields
+            (default: None, the config's defaults).
+        **hyperparameters: the fields of :attr:`config_class`, listed below.
 
     Attributes:
+        config (OptimizerConfig): the checked hyperparameters.
         uncovered_parameters (list[str]): names of parameters trained by the base
             update on their raw gradient (no estimator covers them).
         left_out_layers (list[str]): one line per supported layer left to the base
@@ -411,6 +173,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             overflow steps included).
         comm (Communicator or None): the ranks the curvature is reduced over.
 
+    **use_curvature.** When the curvature is used, by step (0-based, skipped steps not
+    counted): None, always; a callable ``step -> bool`` (a pure function of the step: it
+    is also asked about the step before); or ``(start, stop)`` step ranges, ``stop``
+    exclusive and None for an open end (LBANN's ``kfac_use_interval``). At a step where it
+    is off, nothing is recorded, updated or refreshed, and the step is the plain base
+    update on the raw gradient (for the K-FAC family and M-FAC exactly
+    ``torch.optim.SGD`` / ``Adam`` / ``AdamW``'s arithmetic; AdaFisher's momentum base
+    takes ``F̃ = 1 + λ``). At the first step of a range that follows an off step, the
+    curvature resumes: with no statistics yet, that step records and absorbs them whatever
+    ``curvature_every`` says, then refreshes; otherwise the inverses are refreshed
+    (current damping) before they precondition it. The other schedules keep counting the
+    global step. Also settable later as :attr:`use_curvature`.
+
+    **grad_scaler.** ``scaler.step(opt)`` hands this optimizer the scale and the overflow
+    flag itself (it supports AMP scaling): it unscales the gradients, skips steps with an
+    overflow (counted in :attr:`skipped_steps`, no warning: the scaler lowers its scale)
+    and divides the statistics the hooks saw by the scale². The scaler is needed only when
+    you call ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (gradient clipping).
+
     Example (Monte-Carlo Fisher)::
 
         opt = KFAC(model, fisher_type="mc", likelihood="categorical")
@@ -422,6 +203,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             opt.step()
     """
 
+    #: the dataclass of this optimizer's hyperparameters (its keyword arguments)
+    config_class: ClassVar[type[OptimizerConfig]] = OptimizerConfig
     #: whether the first argument must be an nn.Module (hooks need the layers)
     requires_model: ClassVar[bool] = True
     #: coupled (L2) weight decay is added to the gradient *before* preconditioning (M-FAC's
@@ -432,69 +215,76 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not _takes_any_keyword(init):
-            cls.__init__ = checked_keywords(init)  # type: ignore[method-assign]
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = _subclass_init(cls)  # type: ignore[method-assign]
+        if "config_class" in cls.__dict__ and cls.__doc__:
+            cls.__doc__ = (
+                cls.__doc__.rstrip()
+                + f"\n\n    Hyperparameters (fields of :class:`{cls.config_class.__name__}`; "
+                "keyword arguments):\n" + cls.config_class.describe() + "\n"
+            )
 
-    @checked_keywords
     def __init__(
         self,
         model: nn.Module | Iterable[nn.Parameter],
         estimator: EstimatorFactory | None = None,
         *,
         params: Iterable[Any] | None = None,
-        lr: float = 1e-2,
-        base: str = "sgd",
-        momentum: float | None = None,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        betas: tuple[float, float] | None = None,
-        eps: float | None = None,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
-        damping: Schedule = 1e-3,
-        curvature_every: Interval = 1,
-        inverse_every: Interval = 1,
-        kl_clip: float | None = None,
-        skip_layers: Iterable[SkipPattern] | None = None,
-        layer_options: Mapping[str, Any] | None = None,
-        record_in_eval: bool = False,
-        nonfinite: str = "skip",
-        fisher_type: str = "empirical",
-        likelihood: str | None = None,
-        likelihood_sigma: float | None = None,
-        precondition: bool = True,
-        use_curvature: UseCurvature = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
+        config: OptimizerConfig | None = None,
+        **hyperparameters: Any,
     ) -> None:
         name = type(self).__name__
-        module, params = self._split_model_and_params(name, model, params)
-        defaults = self._base_defaults(
-            base, lr, momentum, dampening, nesterov, betas, eps, weight_decay
+        self._estimator_factory = estimator
+        self.config = self.config_class.from_keywords(
+            name, hyperparameters, config, extra=("params", "config")
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group, base)
+        module, params = self._split_model_and_params(name, model, params)
+        self._adopt_config(self.config)
+        super().__init__(params, self.config.group_defaults())
+        self._init_counters()
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._names = self._param_names(module, all_params)
+        layers = self._find_layers(module, all_params)
+        self._build_curvature(module, layers, all_params)
+        self._connect_ranks()
+        covered = set(self.estimator.params) if self.estimator is not None else set()
+        self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
+        if self.estimator is not None and self.uncovered_parameters:
+            warnings.warn(
+                f"{name}: no curvature estimate for {len(self.uncovered_parameters)} "
+                f"parameter(s); they get the plain {self.base} update: "
+                f"{self.uncovered_parameters}",
+                stacklevel=caller_stacklevel(),
+            )
 
-        self.base = base
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
-        self.damping = check_schedule("damping", damping, low_open=True)
-        self.curvature_every = check_interval("curvature_every", curvature_every)
-        self.inverse_every = check_interval("inverse_every", inverse_every)
-        self.kl_clip = None if kl_clip is None else check_number("kl_clip", kl_clip, low_open=True)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        self._check_fisher_type(fisher_type, likelihood, likelihood_sigma)
-        self.fisher_type = fisher_type
-        self.likelihood = likelihood
-        self.likelihood_sigma = 1.0 if likelihood_sigma is None else float(likelihood_sigma)
-        if not isinstance(precondition, bool):
-            raise TypeError(f"precondition must be a bool, got {type(precondition).__name__}")
-        self._use_curvature = check_use_curvature(use_curvature)
+    # ---- construction steps -----------------------------------------------------------
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> CurvatureEstimator | None:
+        """The estimator for the covered ``layers`` (and all ``params``); subclasses build
+        theirs from :attr:`config`. Called again with fewer layers when layers are left to
+        the base update after construction (hooks that never ran)."""
+        if self._estimator_factory is None:
+            return None
+        return self._estimator_factory(layers, params)
 
+    def _adopt_config(self, config: OptimizerConfig) -> None:
+        """The config's schedule and option fields as the attributes the step reads."""
+        self.base = config.base
+        self.base_update: BaseUpdate = BASE_UPDATES[config.base]
+        self.decoupled_weight_decay = config.decoupled_weight_decay
+        self.damping = config.damping
+        self.curvature_every = config.curvature_every
+        self.inverse_every = config.inverse_every
+        self.kl_clip = config.kl_clip
+        self.nonfinite = config.nonfinite
+        self.fisher_type = config.fisher_type
+        self.likelihood = config.likelihood
+        self.likelihood_sigma = 1.0 if config.likelihood_sigma is None else config.likelihood_sigma
+        self._use_curvature = config.use_curvature
+        self.grad_scaler = config.grad_scaler
+
+    def _init_counters(self) -> None:
         self.skipped_steps = 0
         self._step = 0
         self._updates = 0  # curvature updates so far
@@ -503,94 +293,95 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture: ModelCapture | None = None
         self.left_out_layers: list[str] = []
         self.unhooked_layers: list[str] = []
-        self._estimator_factory = estimator
         self._sampling_fisher = False  # inside sample_fisher's backward pass
         self._fisher_sampled = False  # sample_fisher ran since the last step
+        self._stat_scale = 1.0  # loss scale of the statistics of the current step
+        self.comm: Communicator | None = None
 
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self._names = self._param_names(module, all_params)
-        if module is None and skip_layers is not None:
-            raise ValueError("skip_layers needs a model (an nn.Module), not parameters")
-        layers: list[LayerHelper] = []
-        if module is not None:
-            # Also run with curvature off, so that bad skip_layers patterns are reported.
-            layers, self.left_out_layers = find_layers(
-                module, set(all_params), skip_layers, layer_options
-            )
-        elif layer_options:
-            raise ValueError("layer_options needs a model (an nn.Module), not parameters")
-        if precondition and estimator is not None:
-            self.estimator = estimator(layers, all_params)
-            if not self.estimator.requires_capture and (
-                skip_layers is not None or record_in_eval or layer_options
-            ):
+    def _find_layers(self, module: nn.Module | None, all_params: list[Tensor]) -> list[LayerHelper]:
+        """The supported layers of ``module`` whose parameters are optimised (also with
+        curvature off, so that bad ``skip_layers`` patterns are reported)."""
+        cfg = self.config
+        if module is None:
+            if cfg.skip_layers is not None:
+                raise ValueError("skip_layers needs a model (an nn.Module), not parameters")
+            if cfg.layer_options:
+                raise ValueError("layer_options needs a model (an nn.Module), not parameters")
+            return []
+        layers, self.left_out_layers = find_layers(
+            module, set(all_params), cfg.skip_layers, cfg.layer_options
+        )
+        return layers
+
+    def _build_curvature(
+        self, module: nn.Module | None, layers: list[LayerHelper], all_params: list[Tensor]
+    ) -> None:
+        """The estimator and, for estimators that record statistics, the capture hooks."""
+        name, cfg = type(self).__name__, self.config
+        if cfg.precondition:
+            self.estimator = self.build_estimator(layers, all_params)
+        est = self.estimator
+        if est is not None and not est.requires_capture:
+            if cfg.skip_layers is not None or cfg.record_in_eval or cfg.layer_options:
                 raise ValueError(
-                    f"skip_layers, layer_options and record_in_eval apply to estimators that "
-                    f"attach hooks; "
-                    f"{name} preconditions all its parameters jointly: choose them with params="
+                    "skip_layers, layer_options and record_in_eval apply to estimators that "
+                    f"attach hooks; {name} preconditions all its parameters jointly: choose "
+                    "them with params="
                 )
-            if self.estimator.requires_capture:
-                if not layers:
-                    raise ValueError(
-                        f"{name} found no layer it can precondition: "
-                        f"{describe_unsupported(module)}"
-                        + (f"; left out: {self.left_out_layers}" if self.left_out_layers else "")
-                    )
-                self.capture = ModelCapture(
-                    layers, self.estimator.accumulate, record_in_eval=record_in_eval, model=module
+        elif est is not None:
+            if not layers:
+                raise ValueError(
+                    f"{name} found no layer it can precondition: {describe_unsupported(module)}"
+                    + (f"; left out: {self.left_out_layers}" if self.left_out_layers else "")
                 )
-                self.capture.recording = self._records_at(0)
-                if fisher_type == "mc":
-                    # only sample_fisher's pass feeds the statistics, not the user's backward
-                    self.capture.accept = self._accepting_sampled_gradients
-        if fisher_type == "mc" and not (
-            self.requires_model and (self.estimator is None or self.estimator.requires_capture)
+            self.capture = ModelCapture(
+                layers, est.accumulate, record_in_eval=cfg.record_in_eval, model=module
+            )
+            self.capture.recording = self._records_at(0)
+            if cfg.fisher_type == "mc":
+                # only sample_fisher's pass feeds the statistics, not the user's backward
+                self.capture.accept = self._accepting_sampled_gradients
+        if cfg.fisher_type == "mc" and not (
+            self.requires_model and (est is None or est.requires_capture)
         ):
             raise ValueError(
                 f"fisher_type='mc' needs an estimator that records layer statistics with "
                 f"hooks; {name} builds its curvature from the gradients themselves: use "
                 "fisher_type='empirical'"
             )
-
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
-        self.grad_scaler = grad_scaler
-        self._stat_scale = 1.0  # loss scale of the statistics of the current step
-        self.comm: Communicator | None = None
-        if self.estimator is not None:
-            self.comm = default_communicator(distributed, process_group)
-            if self.comm is not None:
-                if not self.estimator.supports_distributed:
-                    raise ValueError(
-                        f"{name} does not support distributed training yet; "
-                        "pass distributed=False to train each rank on its own curvature"
-                    )
-                self.estimator.comm = self.comm
-        elif distributed:
-            raise ValueError("distributed=True needs curvature (precondition=True)")
-        if self.estimator is None and self._use_curvature is not None:
+        if est is None and self._use_curvature is not None:
             raise ValueError("use_curvature needs curvature (precondition=True)")
 
-        covered = set(self.estimator.params) if self.estimator is not None else set()
-        self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
-        if self.estimator is not None and self.uncovered_parameters:
-            warnings.warn(
-                f"{name}: no curvature estimate for {len(self.uncovered_parameters)} "
-                f"parameter(s); they get the plain {base} update: "
-                f"{self.uncovered_parameters}",
-                stacklevel=_caller_stacklevel(),
-            )
+    def _connect_ranks(self) -> None:
+        """The communicator of a distributed run (``distributed``, ``process_group``)."""
+        if self.estimator is None:
+            if self.config.distributed:
+                raise ValueError("distributed=True needs curvature (precondition=True)")
+            return
+        self.comm = default_communicator(self.config.distributed, self.config.process_group)
+        if self.comm is not None:
+            if not self.estimator.supports_distributed:
+                raise ValueError(
+                    f"{type(self).__name__} does not support distributed training yet; "
+                    "pass distributed=False to train each rank on its own curvature"
+                )
+            self.estimator.comm = self.comm
 
-    # ---- construction helpers -----------------------------------------------------------
     @classmethod
     def _split_model_and_params(
         cls, name: str, model: Any, params: Iterable[Any] | None
     ) -> tuple[nn.Module | None, list[Any]]:
         if isinstance(model, nn.Module):
             if params is None:
-                return model, [p for p in model.parameters() if p.requires_grad]
+                params = [p for p in model.parameters() if p.requires_grad]
+                if not params:
+                    raise ValueError(
+                        f"{name}: the model has no parameter that requires grad "
+                        f"({type(model).__name__} with "
+                        f"{sum(1 for _ in model.parameters())} parameter(s)): nothing to "
+                        "optimise"
+                    )
+                return model, params
             # materialise generators (a group's "params" included) before checking them,
             # or torch would receive an exhausted iterator
             params = [
@@ -617,83 +408,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("give parameters either as the first argument or as params=, not both")
         return None, list(model)
 
-    @staticmethod
-    def _base_defaults(
-        base: str,
-        lr: float,
-        momentum: float | None,
-        dampening: float,
-        nesterov: bool,
-        betas: tuple[float, float] | None,
-        eps: float | None,
-        weight_decay: float,
-    ) -> dict[str, Any]:
-        if base not in _BASES:
-            raise ValueError(f"base must be one of {_BASES}, got {base!r}")
-        defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
-        if base == "sgd":
-            if betas is not None or eps is not None:
-                raise ValueError("betas and eps apply to base='adam'; base='sgd' uses momentum")
-            defaults.update(
-                momentum=0.0 if momentum is None else momentum,
-                dampening=dampening,
-                nesterov=nesterov,
-            )
-        else:
-            if momentum is not None or dampening != 0 or nesterov:
-                raise ValueError(
-                    "momentum, dampening and nesterov apply to base='sgd'; base='adam' uses betas"
-                )
-            defaults.update(
-                betas=(0.9, 0.999) if betas is None else betas,
-                eps=1e-8 if eps is None else eps,
-            )
-        return defaults
-
-    @staticmethod
-    def _check_fisher_type(
-        fisher_type: str, likelihood: str | None, likelihood_sigma: float | None
-    ) -> None:
-        if fisher_type not in _FISHER_TYPES:
-            raise ValueError(f"fisher_type must be one of {_FISHER_TYPES}, got {fisher_type!r}")
-        if fisher_type == "empirical" and (likelihood is not None or likelihood_sigma is not None):
-            raise ValueError(
-                "likelihood and likelihood_sigma apply to fisher_type='mc' (labels sampled "
-                "from the model); fisher_type='empirical' uses the gradients of your own loss"
-            )
-        if likelihood is not None:
-            check_likelihood(likelihood)
-        if likelihood_sigma is not None:
-            if likelihood != "gaussian":
-                raise ValueError(
-                    f"likelihood_sigma applies to likelihood='gaussian', got likelihood="
-                    f"{likelihood!r}"
-                )
-            check_number("likelihood_sigma", likelihood_sigma, low_open=True)
-
-    @staticmethod
-    def _check_group(group: dict[str, Any], base: str) -> None:
-        check_number("lr", group["lr"])
-        check_number("weight_decay", group["weight_decay"])
-        if base == "sgd":
-            check_number("momentum", group["momentum"], high=1.0)
-            check_number("dampening", group["dampening"], high=1.0)
-            if not isinstance(group["nesterov"], bool):
-                raise TypeError("nesterov must be a bool")
-            if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-                raise ValueError("nesterov needs momentum > 0 and dampening = 0")
-        else:
-            betas = group["betas"]
-            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-                raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-            for i, beta in enumerate(betas):
-                check_number(f"betas[{i}]", beta)
-                if beta >= 1.0:
-                    raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-            check_number("eps", group["eps"])
-        for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported")
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, checked as the constructor checks its
+        groups (``lr``, ``momentum``, ... in range). Parameters added after construction
+        are not covered by the curvature: they get the plain base update on their raw
+        gradient and are listed in :attr:`uncovered_parameters`."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        super().add_param_group(self.base_update.normalise_group(dict(param_group)))
+        group = self.param_groups[-1]
+        try:
+            self.base_update.check_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if "_names" in self.__dict__:  # a group added after construction
+            for p in group["params"]:
+                self._names[p] = f"param[{len(self._names)}]"
+                self.uncovered_parameters.append(self._names[p])
+        if self.base_update.name == "momentum":
+            self.__dict__.setdefault("_synced_beta", {})[id(group)] = group["beta"]
 
     @staticmethod
     def _param_names(module: nn.Module | None, params: list[Tensor]) -> dict[Tensor, str]:
@@ -757,8 +491,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Whether the passes before ``step`` must be recorded."""
         if not self.curvature_on(step):
             return False
-        return is_due("curvature_every", self.curvature_every, step) or (
-            self._updates == 0 and self._resumes_at(step)
+        return self._statistics_due(step) or (self._updates == 0 and self._resumes_at(step))
+
+    def _statistics_due(self, step: int) -> bool:
+        """Whether ``step`` updates the curvature statistics: ``curvature_every`` says so,
+        and the estimator wants the statistics of that step
+        (:meth:`~secondorder.estimators.base.CurvatureEstimator.wants_statistics`)."""
+        due = is_due("curvature_every", self.curvature_every, step)
+        if self.estimator is None:
+            return due
+        return self.estimator.wants_statistics(
+            step,
+            curvature_due=due,
+            refresh_due=is_due("inverse_every", self.inverse_every, step),
         )
 
     def current_damping(self) -> float:
@@ -813,8 +558,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         elif self.capture is not None:
             self.capture.discard()  # curvature off (use_curvature): nothing is absorbed
 
+        moment_curvature = (
+            self.estimator if curvature and self.estimator.acts_on == "moment" else None
+        )
         for group in self.param_groups:
-            self._base_step(group, directions, skip_l2=l2_first)
+            self.base_update.step(
+                self,
+                group,
+                directions,
+                weight_decay=0.0 if l2_first else group["weight_decay"],
+                curvature=moment_curvature,
+            )
 
         self._step += 1
         if self.capture is not None:
@@ -952,7 +706,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         first = resumed and self._updates == 0
         if self.capture is not None:
             stats = self.capture.collect()
-            due = is_due("curvature_every", self.curvature_every, k) or first
+            due = self._statistics_due(k) or first
             if stats and self._stat_scale != 1.0:
                 scale_output_statistics(stats, self._stat_scale**-2)
             if self.comm is not None and due:
@@ -962,7 +716,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if stats and due:
                 est.update(stats)
                 updated = True
-        elif is_due("curvature_every", self.curvature_every, k) or first:
+        elif self._statistics_due(k) or first:
             est.update(grads)
             updated = True
         self._updates += updated
@@ -975,6 +729,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ):
             est.refresh(damping)
             self._refreshes += self._updates > 0
+        if est.acts_on == "moment":  # the base update divides its moment by the curvature
+            return grads
         pre = est.precondition(grads, damping)
         if self.kl_clip is not None and pre:
             lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
@@ -1030,58 +786,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "calling the modules (nn.MultiheadAttention does so with out_proj; so does "
             "F.linear(x, layer.weight)), so they get no curvature statistics. Their "
             f"parameters {moved} get the plain {self.base} update",
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
     def _estimator_replaced(self) -> None:
         """Called after :attr:`estimator` was replaced by one for fewer layers; subclasses
         that keep per-layer structures of their own rebuild them here."""
-
-    def _base_step(
-        self, group: dict[str, Any], directions: Mapping[Tensor, Tensor], skip_l2: bool = False
-    ) -> None:
-        params = [p for p in group["params"] if p in directions]
-        if not params:
-            return
-        dirs = [directions[p] for p in params]
-        weight_decay = 0.0 if skip_l2 else group["weight_decay"]
-        if self.base == "sgd":
-            buffers = [self.state[p].get("momentum_buffer") for p in params]
-            sgd_update(
-                params,
-                dirs,
-                buffers,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                weight_decay=weight_decay,
-                decoupled=self.decoupled_weight_decay,
-            )
-            if group["momentum"] != 0:
-                for p, buf in zip(params, buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-            return
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        beta1, beta2 = group["betas"]
-        adam_update(
-            params,
-            dirs,
-            [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params],
-            [self.state[p]["step"] for p in params],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=weight_decay,
-            decoupled=self.decoupled_weight_decay,
-        )
 
     @staticmethod
     def _all_finite(grads: Mapping[Tensor, Tensor]) -> bool:
@@ -1103,7 +813,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}: non-finite gradient, step skipped "
             "(parameters, optimizer state and curvature unchanged; see skipped_steps)",
             RuntimeWarning,
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
     # ---- persistence ----------------------------------------------------------------------
@@ -1113,6 +823,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         :attr:`unhooked_layers`. Layers are named as in the uncompiled model, so a state
         saved through ``torch.compile(model)`` loads into an optimizer of ``model`` and
         the other way round."""
+        self.base_update.sync(self)
         state = super().state_dict()
         state["curvature"] = {
             "step": self._step,
@@ -1178,6 +889,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.capture is not None:
             self.capture.discard()
             self.capture.recording = self._records_at(self._step)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "base_update" in self.__dict__:  # a load_state_dict, not unpickling
+            self.base_update.restore(self)
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model (the optimizer then only preconditions

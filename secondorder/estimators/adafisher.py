@@ -69,19 +69,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import Interval, Schedule
 from .._host import to_host
-from ..capture import SkipPattern
+from ..base_updates import ColumnLayout, DiagonalCurvature
+from ..config import OptimizerConfig, fixed, hyperparameter
 from ..distributed import stat_field
-from ..kernels import adafisher_update
 from ..layers import LayerHelper
-from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_number
+from ..optimizer import CurvatureOptimizer
 from .base import CurvatureEstimator
 
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -92,24 +93,50 @@ def _real(value: Any) -> bool:
 
 
 @dataclass(kw_only=True)
-class AdaFisherConfig:
-    """Hyperparameters of the AdaFisher estimator (checked on construction).
+class AdaFisherConfig(OptimizerConfig):
+    """Hyperparameters of AdaFisher (:class:`AdaFisher` and :class:`AdaFisherEstimator`),
+    checked on construction, with the paper's defaults (lr 1e-3, β 0.9, λ 1e-3, γ 0.8,
+    ``T_cov`` 100). The base update is the ``"momentum"`` one (the bias-corrected first
+    moment over ``F̃``); SGD's and Adam's base fields, ``kl_clip`` and ``inverse_every``
+    do not apply. The paper's training recipes use weight decay 5e-4, a choice of the
+    experiment rather than of the optimizer."""
 
-    Args:
-        gamma (float or tuple[float, float]): the average of the normalised diagonals.
-            A number ``γ`` in [0, 1): ``D ← γ D + (1 − γ) D̂`` (the paper's form). A pair
-            ``(γ₁, γ₂)`` of finite numbers, ``γ₁ >= 0``, ``γ₂ > 0``: ``D ← γ₁ D + γ₂ D̂``
-            (``(0.08, 0.008)`` is the reference code's) (default: 0.8).
-        factor_dtype (torch.dtype): dtype of the statistics and diagonals, float32 or
-            float64 (default: float32).
-    """
-
-    gamma: float | tuple[float, float] = 0.8
-    factor_dtype: torch.dtype = torch.float32
+    lr: float = hyperparameter(1e-3, "learning rate η")
+    beta: float = hyperparameter(
+        0.9, "decay β of the first moment, in [0, 1); param groups may set it (or ``betas``)"
+    )
+    damping: Schedule = hyperparameter(
+        1e-3, "λ > 0 of ``F̃ = S Hᵀ + λ``, or a function of the step returning it"
+    )
+    gamma: float | tuple[float, float] = hyperparameter(
+        0.8,
+        "averaging of the normalised diagonals: ``γ`` in [0, 1) (``D ← γ D + (1 − γ) D̂``) "
+        "or a pair ``(γ₁, γ₂)``, ``γ₁ >= 0``, ``γ₂ > 0`` (``D ← γ₁ D + γ₂ D̂``; "
+        "``(0.08, 0.008)`` reproduces the reference code)",
+    )
+    curvature_every: Interval = hyperparameter(
+        100, "steps between updates of the diagonals, the paper's ``T_cov``"
+    )
+    weight_decay: float = hyperparameter(
+        0.0, "κ, L2 decay added to the gradient before the first moment (AdaFisherW: decoupled)"
+    )
+    factor_dtype: torch.dtype = hyperparameter(
+        torch.float32, "dtype of the statistics and diagonals, float32 or float64"
+    )
+    base: str = fixed("momentum")
+    momentum: float | None = fixed(None)
+    dampening: float = fixed(0.0)
+    nesterov: bool = fixed(False)
+    betas: tuple[float, float] | None = fixed(None)
+    eps: float | None = fixed(None)
+    kl_clip: float | None = fixed(None)
+    inverse_every: Interval = fixed(1)
+    decoupled_weight_decay: bool = fixed(False)
     #: ``(γ₁, γ₂)``, derived from ``gamma``
     ema_weights: tuple[float, float] = field(init=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         gamma = self.gamma
         if _real(gamma):
             if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
@@ -173,9 +200,12 @@ class _LayerState:
 class AdaFisherEstimator(CurvatureEstimator):
     """AdaFisher's diagonal factors for a list of layers.
 
-    The optimizer applies them in its fused update (:class:`AdaFisher`): AdaFisher
-    preconditions the first moment, not the gradient, so :meth:`precondition` leaves the
-    gradient to the optimizer (it returns ``{}``). :meth:`fisher` gives ``F̃`` itself.
+    AdaFisher preconditions the first moment, not the gradient (``acts_on = "moment"``):
+    :meth:`moment_curvature` gives each covered parameter's diagonal ``D`` (``S Hᵀ`` in
+    the layer's weight-block layout, or a normalisation layer's ``D``), which the
+    ``"momentum"`` base update divides the bias-corrected first moment by, ``m̂ / (D + λ)``,
+    in one fused kernel (:func:`secondorder.kernels.adafisher_update`). :meth:`fisher`
+    gives ``F̃`` itself.
 
     Args:
         layers (Sequence[LayerHelper]): the covered layers.
@@ -189,8 +219,39 @@ class AdaFisherEstimator(CurvatureEstimator):
         self.config = config if config is not None else AdaFisherConfig()
         self._by_name = {layer.name: layer for layer in self.layers}
         self._state = {layer.name: self._initial_state(layer) for layer in self.layers}
+        self._targets: dict[Tensor, _Target] = {}
+        for layer in self.layers:
+            self._add_targets(layer)
         #: layer updates dropped because their statistics were not finite
         self.nonfinite_updates = 0
+
+    acts_on = "moment"
+
+    def _add_targets(self, layer: Any) -> None:
+        if layer.kind == "blocks":
+            shape = (layer.block_count, 1)
+            self._targets[layer.weight] = _Target(ColumnLayout(shape), layer.name, 0)
+            if layer.bias is not None:
+                self._targets[layer.bias] = _Target(ColumnLayout(shape), layer.name, 1)
+            return
+        cols = layer.a_dim - int(layer.has_bias)
+        self._targets[layer.weight] = _Target(_WeightBlock(layer), layer.name, slice(0, cols))
+        if layer.bias is not None:
+            shape = (layer.groups, layer.g_dim, 1)
+            self._targets[layer.bias] = _Target(ColumnLayout(shape), layer.name, slice(cols, None))
+
+    def moment_curvature(self, param: Tensor) -> DiagonalCurvature | None:
+        """``D`` of a covered parameter in its layout: ``S Hᵀ`` restricted to the
+        parameter's columns (weight block or bias column) of a Kronecker layer, the
+        parameter's column of a normalisation layer's ``D``; None for any other."""
+        target = self._targets.get(param)
+        if target is None:
+            return None
+        first, second = self.diagonals(target.layer)
+        if second is None:  # a normalisation layer: F̃ = D[:, column]·1 + λ
+            one = torch.ones(1, dtype=first.dtype, device=first.device)
+            return DiagonalCurvature(target.layout, first[:, target.columns], one)
+        return DiagonalCurvature(target.layout, first, second[..., target.columns])
 
     def _shapes(self, layer: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         if layer.kind == "blocks":
@@ -283,11 +344,6 @@ class AdaFisherEstimator(CurvatureEstimator):
 
     def refresh(self, damping: float) -> None:
         """Nothing to recompute: ``F̃`` is formed from the diagonals inside the update."""
-
-    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
-        """``{}``: AdaFisher divides the bias-corrected *first moment* by ``F̃`` (in
-        :class:`AdaFisher`'s fused update), so the gradient goes to the update as it is."""
-        return {}
 
     # ---- inspection ---------------------------------------------------------------------
     def diagonals(self, name: str) -> tuple[Tensor, Tensor | None]:
@@ -415,53 +471,14 @@ class _WeightBlock:
         t.copy_(self.layer.split_matrix(matrix)[self.layer.weight])
 
 
-class _Column:
-    """A parameter as a ``shape`` matrix with one column (a bias, a norm layer's scale,
-    an uncovered parameter), in its own element order."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-
-    def view(self, t: Tensor) -> Tensor | None:
-        return t.view(self.shape) if t.is_contiguous() else None
-
-    def copy(self, t: Tensor) -> Tensor:
-        return t.reshape(self.shape).clone()
-
-    def write(self, t: Tensor, matrix: Tensor) -> None:
-        t.copy_(matrix.view(t.shape))
-
-
 @dataclass
 class _Target:
     """One parameter of a covered layer: its layout and where its diagonals come from."""
 
-    layout: _WeightBlock | _Column
+    layout: _WeightBlock | ColumnLayout
     layer: str
     # "kronecker": the columns of H this parameter owns; "blocks": the column of D
     columns: slice | int
-
-
-def _check_beta(beta: Any) -> float:
-    beta = check_number("beta", beta, high=1.0)
-    if beta >= 1.0:
-        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    return beta
-
-
-def _check_betas(betas: Any, beta: Any = None) -> None:
-    """``betas`` must be ``(β,)`` (AdaFisher has one decay), equal to ``beta`` if given."""
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 1):
-        raise ValueError(
-            f"betas must be (beta,): AdaFisher has one decay, that of the first moment; "
-            f"got {betas!r}"
-        )
-    _check_beta(betas[0])
-    if beta is not None and betas[0] != beta:
-        raise ValueError(
-            f"a param group sets beta={beta!r} and betas={tuple(betas)!r}: they are the same "
-            "decay, set one of them"
-        )
 
 
 class AdaFisher(CurvatureOptimizer):
@@ -477,34 +494,19 @@ class AdaFisher(CurvatureOptimizer):
     layer (``S``, ``H``: min-max normalised, averaged diagonals of K-FAC's ``G`` and
     ``A``, refreshed every ``curvature_every`` steps), ``F̃ = D + λ`` for a normalisation
     layer's scale and shift (``D``: the normalised, averaged diagonal empirical Fisher),
-    and ``F̃ = 1 + λ`` for every other parameter. See :mod:`secondorder.estimators.adafisher`
-    for the statistics, the constants and their sources. :class:`AdaFisherW` decouples the
-    weight decay.
+    and ``F̃ = 1 + λ`` for every other parameter, with ``precondition=False`` and at steps
+    where ``use_curvature`` is off. The estimator (:class:`AdaFisherEstimator`) gives ``D``,
+    the ``"momentum"`` base update (:class:`~secondorder.base_updates.MomentumBase`)
+    applies it. See :mod:`secondorder.estimators.adafisher` for the statistics, the
+    constants and their sources. :class:`AdaFisherW` decouples the weight decay.
 
     Args:
         model (nn.Module): the network (not ``model.parameters()``).
         lr (float, optional): learning rate η (default: 1e-3, the paper's).
-        beta (float, optional): decay β of the first moment, in [0, 1) (default: 0.9).
-        damping (float or callable, optional): λ, > 0, or a function of the step returning
-            it (default: 1e-3, the paper's).
-        gamma (float or tuple[float, float], optional): averaging of the normalised
-            diagonals, ``γ`` (``D ← γ D + (1 − γ) D̂``) or ``(γ₁, γ₂)``
-            (``D ← γ₁ D + γ₂ D̂``; ``(0.08, 0.008)`` reproduces the reference code)
-            (default: 0.8, the paper's).
-        curvature_every (int or callable, optional): steps between updates of the
-            diagonals, the paper's ``T_cov`` (default: 100, the paper's).
-        weight_decay (float, optional): κ, L2 decay added to the gradient before the
-            first moment (default: 0; the paper's training recipes use 5e-4, a choice of
-            the experiment rather than of the optimizer).
-        factor_dtype (torch.dtype, optional): dtype of the diagonals, float32 or float64
-            (default: float32).
         params (iterable, optional): parameters or param-group dicts of ``model``
             (default: all its parameters that require grad). Groups may set ``lr``,
             ``beta`` (or ``betas``) and ``weight_decay``.
-        skip_layers, layer_options, record_in_eval, nonfinite, fisher_type, likelihood,
-            likelihood_sigma, precondition, use_curvature, distributed, process_group,
-            grad_scaler: as for :class:`~secondorder.CurvatureOptimizer`.
-            With ``precondition=False`` every parameter takes the ``F̃ = 1 + λ`` update.
+        config (AdaFisherConfig, optional): see :class:`~secondorder.CurvatureOptimizer`.
 
     **Schedulers.** Each param group holds β twice: as ``beta`` and as ``betas = (beta,)``,
     the form that schedulers cycling the momentum of Adam-style optimizers write
@@ -525,217 +527,22 @@ class AdaFisher(CurvatureOptimizer):
             opt.step()
     """
 
-    #: AdaFisherW's decoupled weight decay ``w ← w − η κ w``
-    decoupled: ClassVar[bool] = False
+    config_class = AdaFisherConfig
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-3,
-        *,
-        beta: float = 0.9,
-        damping: Schedule = 1e-3,
-        gamma: float | tuple[float, float] = 0.8,
-        curvature_every: Interval = 100,
-        weight_decay: float = 0.0,
-        factor_dtype: torch.dtype = torch.float32,
-        params: Iterable[Any] | None = None,
-        skip_layers: Iterable[SkipPattern] | None = None,
-        layer_options: Mapping[str, Any] | None = None,
-        record_in_eval: bool = False,
-        nonfinite: str = "skip",
-        fisher_type: str = "empirical",
-        likelihood: str | None = None,
-        likelihood_sigma: float | None = None,
-        precondition: bool = True,
-        use_curvature: Any = None,
-        distributed: bool | None = None,
-        process_group: Any = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-    ) -> None:
-        config = AdaFisherConfig(gamma=gamma, factor_dtype=factor_dtype)
-        super().__init__(
-            model,
-            lambda layers, params: AdaFisherEstimator(layers, config),
-            params=params,
-            lr=lr,
-            # The label the base class's warning about uncovered parameters shows: they
-            # get the bias-corrected momentum update with F̃ = 1 + λ.
-            base="momentum",
-            momentum=beta,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=self.decoupled,
-            damping=damping,
-            curvature_every=curvature_every,
-            inverse_every=1,
-            kl_clip=None,
-            skip_layers=skip_layers,
-            layer_options=layer_options,
-            record_in_eval=record_in_eval,
-            nonfinite=nonfinite,
-            fisher_type=fisher_type,
-            likelihood=likelihood,
-            likelihood_sigma=likelihood_sigma,
-            precondition=precondition,
-            use_curvature=use_curvature,
-            distributed=distributed,
-            process_group=process_group,
-            grad_scaler=grad_scaler,
-        )
-        self._targets: dict[Tensor, _Target] = {}
-        for layer in [] if self.estimator is None else self.estimator.layers:
-            self._add_targets(layer)
-        self._factor_dtype = config.factor_dtype
-        self._ones: dict[torch.device, Tensor] = {}
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> AdaFisherEstimator:
+        return AdaFisherEstimator(layers, self.config)
 
-    # ---- construction -------------------------------------------------------------------
-    def _base_defaults(
-        self,
-        base: str,
-        lr: float,
-        momentum: float | None,
-        dampening: float,
-        nesterov: bool,
-        betas: tuple[float, float] | None,
-        eps: float | None,
-        weight_decay: float,
-    ) -> dict[str, Any]:
-        return {"lr": lr, "beta": momentum, "betas": (momentum,), "weight_decay": weight_decay}
 
-    @staticmethod
-    def _check_group(group: dict[str, Any], base: str) -> None:
-        check_number("lr", group["lr"])
-        check_number("weight_decay", group["weight_decay"])
-        _check_beta(group["beta"])
-        _check_betas(group["betas"], group["beta"])
-        for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported")
+@dataclass(kw_only=True)
+class AdaFisherWConfig(AdaFisherConfig):
+    """:class:`AdaFisherConfig` with decoupled weight decay (:class:`AdaFisherW`)."""
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.add_param_group``; a group that sets one of ``beta`` and
-        ``betas`` gets the other from it rather than from the defaults."""
-        group = dict(param_group)
-        if "betas" in group and "beta" not in group:
-            _check_betas(group["betas"])
-            group["beta"] = group["betas"][0]
-        elif "beta" in group and "betas" not in group:
-            group["betas"] = (group["beta"],)
-        super().add_param_group(group)
-        self._synced_betas()[id(self.param_groups[-1])] = self.param_groups[-1]["beta"]
-
-    def _synced_betas(self) -> dict[int, Any]:
-        """The β of each param group (by ``id``) as of its creation or its last step."""
-        if "_synced_beta" not in self.__dict__:  # add_param_group runs inside __init__
-            self._synced_beta: dict[int, Any] = {}
-        return self._synced_beta
-
-    def _group_beta(self, group: dict[str, Any]) -> float:
-        """The group's β, with ``beta`` and ``betas[0]`` made equal again: the one that
-        changed since the last step (a scheduler writes ``betas``) wins."""
-        seen = self._synced_betas()
-        beta, betas = group["beta"], group["betas"]
-        _check_betas(betas)
-        if beta != betas[0]:
-            last = seen.get(id(group))
-            if last is not None and beta == last:
-                beta = group["beta"] = betas[0]
-            elif last is not None and betas[0] == last:
-                group["betas"] = (beta, *betas[1:])
-            else:
-                raise ValueError(
-                    f"param group's beta={beta!r} and betas[0]={betas[0]!r} were both changed "
-                    "since the last step; they are the same decay: set one of them"
-                )
-        seen[id(group)] = beta
-        return _check_beta(beta)
-
-    def state_dict(self) -> dict[str, Any]:
-        for group in self.param_groups:  # a scheduler's pending change is saved in both
-            self._group_beta(group)
-        return super().state_dict()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        seen = self._synced_betas()  # kept: a rejected load puts the old groups back
-        for group in self.param_groups:
-            if "betas" not in group:  # saved before AdaFisher had betas
-                group["betas"] = (group["beta"],)
-            _check_betas(group["betas"], group["beta"])
-            seen[id(group)] = group["beta"]
-
-    def _estimator_replaced(self) -> None:
-        # layers left to the base update (hooks that never ran) lose their targets
-        self._targets = {}
-        for layer in self.estimator.layers:
-            self._add_targets(layer)
-
-    def _add_targets(self, layer: Any) -> None:
-        if layer.kind == "blocks":
-            shape = (layer.block_count, 1)
-            self._targets[layer.weight] = _Target(_Column(shape), layer.name, 0)
-            if layer.bias is not None:
-                self._targets[layer.bias] = _Target(_Column(shape), layer.name, 1)
-            return
-        cols = layer.a_dim - int(layer.has_bias)
-        self._targets[layer.weight] = _Target(_WeightBlock(layer), layer.name, slice(0, cols))
-        if layer.bias is not None:
-            shape = (layer.groups, layer.g_dim, 1)
-            self._targets[layer.bias] = _Target(_Column(shape), layer.name, slice(cols, None))
-
-    # ---- the update ---------------------------------------------------------------------
-    def _one(self, device: torch.device) -> Tensor:
-        if device not in self._ones:
-            self._ones[device] = torch.ones(1, device=device, dtype=self._factor_dtype)
-        return self._ones[device]
-
-    def _diagonals(self, p: Tensor, target: _Target | None) -> tuple[Any, Tensor, Tensor]:
-        """``(layout, s_diag, h_diag)`` of parameter ``p`` for the fused update."""
-        one = self._one(p.device)
-        if target is None or not self.curvature_on():  # uncovered or off: F̃ = 1·1 + λ
-            return _Column((p.numel(), 1)), one.expand(p.numel()), one
-        first, second = self.estimator.diagonals(target.layer)
-        if second is None:  # a normalisation layer: F̃ = D[:, column]·1 + λ
-            return target.layout, first[:, target.columns], one
-        return target.layout, first, second[..., target.columns]
-
-    def _base_step(
-        self, group: dict[str, Any], directions: Mapping[Tensor, Tensor], skip_l2: bool = False
-    ) -> None:
-        lr, beta, weight_decay = group["lr"], self._group_beta(group), group["weight_decay"]
-        damping = self.current_damping()
-        for p in group["params"]:
-            grad = directions.get(p)
-            if grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            bias_correction = 1.0 - beta ** state["step"].item()
-            layout, s_diag, h_diag = self._diagonals(p, self._targets.get(p))
-            exp_avg = state["exp_avg"]
-            kwargs = {
-                "lr": lr,
-                "beta": beta,
-                "bias_correction": bias_correction,
-                "damping": damping,
-                "weight_decay": weight_decay,
-                "decoupled": self.decoupled_weight_decay,
-            }
-            g = layout.view(grad)
-            if g is None:
-                g = layout.copy(grad)
-            w, m = layout.view(p), layout.view(exp_avg)
-            if w is not None and m is not None:
-                adafisher_update(w, g, m, s_diag, h_diag, **kwargs)
-                continue
-            # no strided view of the parameter in the block layout: update copies
-            w, m = layout.copy(p), layout.copy(exp_avg)
-            adafisher_update(w, g, m, s_diag, h_diag, **kwargs)
-            layout.write(p, w)
-            layout.write(exp_avg, m)
+    weight_decay: float = hyperparameter(
+        0.0, "κ, decoupled weight decay ``w ← w − η κ w`` (as AdamW)"
+    )
+    decoupled_weight_decay: bool = fixed(True)
 
 
 class AdaFisherW(AdaFisher):
@@ -748,4 +555,4 @@ class AdaFisherW(AdaFisher):
     Arguments as for :class:`AdaFisher`; ``weight_decay`` is κ (default: 0).
     """
 
-    decoupled = True
+    config_class = AdaFisherWConfig

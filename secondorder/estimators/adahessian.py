@@ -35,17 +35,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._host import to_host
-from ..distributed import Communicator, default_communicator
-from ..optimizer import (
-    CurvatureOptimizer,
+from .._checks import (
     Interval,
-    _caller_stacklevel,
+    caller_stacklevel,
     check_interval,
     check_number,
     checked_keywords,
     is_due,
 )
+from .._host import to_host
+from ..distributed import Communicator, default_communicator
+from ..optimizer import CurvatureOptimizer
 
 __all__ = ["AdaHessian", "adahessian_update", "hutchinson_diagonal"]
 
@@ -778,7 +778,7 @@ class AdaHessian(torch.optim.Optimizer):
             "AdaHessian: non-finite gradient or Hessian estimate, step skipped (parameters, "
             "moments and the last Hessian estimate unchanged; see skipped_steps)",
             RuntimeWarning,
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
     # ---- persistence -----------------------------------------------------------------------

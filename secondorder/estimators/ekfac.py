@@ -34,8 +34,8 @@ Schedule (``k`` is the optimizer step, 0-based):
 
 The estimator records only what its step uses (capture is the costly part): factor sums at
 factor steps; projected per-example squares at scale steps, except at refresh steps (the
-reset would overwrite them) and before the first basis exists. :class:`EKFAC` tells the
-capture hooks which passes to record (see its docstring).
+reset would overwrite them) and before the first basis exists: the estimator tells the
+optimizer which passes to record (:meth:`EKFACEstimator.wants_statistics`).
 
 Layers: every ``kind == "kronecker"`` layer with a full ``A`` (Linear, Conv2d) gets E-KFAC.
 Kronecker layers with a diagonal ``A`` (``a_diagonal``: Embedding) and ``kind == "blocks"``
@@ -51,45 +51,45 @@ them: exact when the positions share one output gradient, as the helper document
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import Interval, check_interval, is_due
 from .._host import to_host
+from ..config import hyperparameter
 from ..distributed import stat_field
 from ..layers import LayerHelper
-from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_interval, is_due
+from ..optimizer import CurvatureOptimizer
 from .kfac import KFACConfig, KFACEstimator, KroneckerStats
-
-#: which statistics a recorded pass must produce: ``(factors, scalings)``
-CapturePlan = Callable[[], tuple[bool, bool]]
 
 
 @dataclass(kw_only=True)
 class EKFACConfig(KFACConfig):
-    """Hyperparameters of the E-KFAC estimator (checked on construction).
+    """Hyperparameters of E-KFAC (:class:`EKFAC` and :class:`EKFACEstimator`), checked on
+    construction: K-FAC's (:class:`KFACConfig`; ``curvature_every`` is the factor
+    interval, ``inverse_every`` the eigenbasis one) and the scalings'. The scalings are kept
+    in ``factor_dtype``; projections and directions use ``inverse_dtype``.
+    ``inverse_method`` and ``damping_mode`` must stay ``"eigen"`` (E-KFAC lives in the
+    eigenbasis)."""
 
-    Args:
-        scale_decay (float, optional): EMA decay of the scalings, in [0, 1); None means
-            ``factor_decay`` (default: None).
-        factor_decay, factor_dtype, inverse_dtype: as for :class:`KFACConfig`. The scalings
-            are kept in ``factor_dtype``; projections and directions use ``inverse_dtype``.
-        inverse_method, damping_mode: must stay ``"eigen"`` (E-KFAC lives in the eigenbasis).
-    """
-
-    scale_decay: float | None = None
+    scale_every: Interval = hyperparameter(1, "scaling update interval, in steps")
+    scale_decay: float | None = hyperparameter(
+        None, "EMA decay of the scalings, in [0, 1); None means ``factor_decay``"
+    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.inverse_method != "eigen" or self.damping_mode != "eigen":
             raise ValueError(
                 "E-KFAC preconditions in the factors' eigenbasis: inverse_method and "
                 f"damping_mode must be 'eigen', got {self.inverse_method!r} and "
                 f"{self.damping_mode!r}"
             )
+        super().__post_init__()
+        self.scale_every = check_interval("scale_every", self.scale_every)
         if self.scale_decay is None:
             self.scale_decay = self.factor_decay
         decay = self.scale_decay
@@ -121,22 +121,26 @@ class EKFACEstimator(KFACEstimator):
     Args:
         layers (Sequence[LayerHelper]): the covered layers.
         config (EKFACConfig, optional): hyperparameters (default: ``EKFACConfig()``).
-        plan (callable, optional): ``() -> (factors, scalings)``: which statistics the passes
-            recorded now must produce; :class:`EKFAC` derives it from its step. None records
-            both whenever the capture records (default: None).
+
+    Three schedules, in steps: the factors are updated every ``curvature_every``, the
+    eigenbasis recomputed every ``inverse_every``, the scalings updated every
+    ``scale_every``. :meth:`wants_statistics` asks for the passes of a step where either
+    statistic is due and notes which ones the recorded passes must produce (no scalings at
+    refresh steps, where the reset discards them). Used without an optimizer (no call to
+    :meth:`wants_statistics`), every recorded pass produces both.
     """
 
     def __init__(
         self,
         layers: Sequence[LayerHelper],
         config: EKFACConfig | None = None,
-        plan: CapturePlan | None = None,
     ) -> None:
         config = config if config is not None else EKFACConfig()
         if not isinstance(config, EKFACConfig):
             raise TypeError(f"config must be an EKFACConfig, got {type(config).__name__}")
         super().__init__(layers, config)
-        self.plan = plan
+        #: ``(factors, scalings)``: what the passes recorded now must produce (None: both)
+        self._plan: tuple[bool, bool] | None = None
         #: names of the layers E-KFAC covers; the others take the K-FAC path
         self.eigen_layers = [
             layer.name
@@ -157,8 +161,17 @@ class EKFACEstimator(KFACEstimator):
         """Whether some layer has an eigenbasis (and so scalings to update)."""
         return bool(self._scales)
 
+    def wants_statistics(self, step: int, *, curvature_due: bool, refresh_due: bool) -> bool:
+        scalings = (
+            is_due("scale_every", self.config.scale_every, step)
+            and not refresh_due
+            and self.has_scalings
+        )
+        self._plan = (curvature_due, scalings)
+        return curvature_due or scalings
+
     def accumulate(self, layer: LayerHelper, inputs: Tensor, grad_output: Tensor, acc: Any) -> Any:
-        record_factors, record_scales = (True, True) if self.plan is None else self.plan()
+        record_factors, record_scales = (True, True) if self._plan is None else self._plan
         name = self._owner[id(layer)]
         if name not in self._eigen:
             return super().accumulate(layer, inputs, grad_output, acc) if record_factors else acc
@@ -325,33 +338,14 @@ class EKFAC(CurvatureOptimizer):
     update, as for :class:`~secondorder.KFAC`. Layers with a diagonal ``A`` (Embedding) and
     normalisation layers get K-FAC's direction.
 
-    Three schedules, in steps: the factors are updated every ``curvature_every``, the
-    eigenbasis recomputed every ``inverse_every``, the scalings updated every
-    ``scale_every``. EKFAC records exactly the passes these need: the base class is given a
-    curvature interval that is due at the union of the factor and scale steps, and the
-    estimator is told which statistics each recorded pass must produce (no scale
-    statistics at refresh steps, where the reset discards them). ``curvature_every`` as
-    given is kept in :attr:`factor_every`.
+    The three schedules (factors every ``curvature_every`` steps, eigenbasis every
+    ``inverse_every``, scalings every ``scale_every``) are the estimator's
+    (:class:`EKFACEstimator`): only the passes these need are recorded.
 
     Args:
         model (nn.Module): the network (not ``model.parameters()``).
         lr (float, optional): learning rate (default: 1e-2).
-        momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
-        damping (float or callable, optional): λ, or a function of the step (default: 1e-3).
-        curvature_every (int or callable, optional): factor update interval (default: 10).
-        inverse_every (int or callable, optional): eigenbasis refresh interval (default: 100).
-        scale_every (int or callable, optional): scaling update interval (default: 1).
-        factor_decay (float, optional): EMA decay of the factors (default: 0.95).
-        scale_decay (float, optional): EMA decay of the scalings; None means
-            ``factor_decay`` (default: None).
-        factor_dtype, inverse_dtype (torch.dtype, optional): float32 or float64
-            (default: float32).
-        kl_clip (float, optional): KL clipping κ, None to disable (default: 1e-2).
-        base (str, optional): ``"sgd"`` or ``"adam"`` (default: ``"sgd"``).
-        **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
-            (``params``, ``betas``, ``eps``, ``dampening``, ``nesterov``, ``weight_decay``,
-            ``decoupled_weight_decay``, ``skip_layers``, ``layer_options``,
-            ``record_in_eval``, ``nonfinite``, ``precondition``).
+        params, config: see :class:`~secondorder.CurvatureOptimizer`.
 
     Example::
 
@@ -362,67 +356,9 @@ class EKFAC(CurvatureOptimizer):
             opt.step()
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-2,
-        *,
-        momentum: float | None = None,
-        damping: Schedule = 1e-3,
-        curvature_every: Interval = 10,
-        inverse_every: Interval = 100,
-        scale_every: Interval = 1,
-        factor_decay: float = 0.95,
-        scale_decay: float | None = None,
-        factor_dtype: torch.dtype = torch.float32,
-        inverse_dtype: torch.dtype = torch.float32,
-        kl_clip: float | None = 1e-2,
-        base: str = "sgd",
-        **kwargs: Any,
-    ) -> None:
-        config = EKFACConfig(
-            factor_decay=factor_decay,
-            scale_decay=scale_decay,
-            factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype,
-        )
-        #: the factor update interval (``curvature_every`` as given)
-        self.factor_every = check_interval("curvature_every", curvature_every)
-        #: the scaling update interval
-        self.scale_every = check_interval("scale_every", scale_every)
-        if momentum is None and base == "sgd":
-            momentum = 0.9
-        super().__init__(
-            model,
-            lambda layers, params: EKFACEstimator(layers, config, plan=self._current_plan),
-            lr=lr,
-            base=base,
-            momentum=momentum,
-            damping=damping,
-            curvature_every=self._record_interval,
-            inverse_every=inverse_every,
-            kl_clip=kl_clip,
-            **kwargs,
-        )
+    config_class = EKFACConfig
 
-    def _plan(self, step: int) -> tuple[bool, bool]:
-        """``(factors, scalings)`` due at ``step``. Scalings are not recorded at refresh
-        steps: the refresh resets them, so those statistics would never be used."""
-        factors = is_due("curvature_every", self.factor_every, step)
-        scalings = is_due("scale_every", self.scale_every, step) and not is_due(
-            "inverse_every", self.inverse_every, step
-        )
-        return factors, scalings
-
-    def _current_plan(self) -> tuple[bool, bool]:
-        # The capture records the passes of the step about to be taken.
-        return self._plan(self._step)
-
-    def _record_interval(self, step: int) -> int:
-        """The base class's ``curvature_every``: due (1) at steps where a recorded pass
-        contributes something, otherwise ``step + 1``, which does not divide ``step``.
-        Step 0 is always due, and always a factor step."""
-        factors, scalings = self._plan(step)
-        scalings = scalings and isinstance(self.estimator, EKFACEstimator)
-        scalings = scalings and self.estimator.has_scalings
-        return 1 if factors or scalings else step + 1
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> EKFACEstimator:
+        return EKFACEstimator(layers, self.config)

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import Interval
 from .._host import to_host
+from ..config import OptimizerConfig, hyperparameter
 from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
@@ -49,7 +51,7 @@ from ..linalg import (
     symmetric_eigh,
     symmetric_eigh_many,
 )
-from ..optimizer import CurvatureOptimizer, Interval, Schedule
+from ..optimizer import CurvatureOptimizer
 from .base import CurvatureEstimator
 
 _INVERSE_METHODS = ("eigen", "cholesky")
@@ -59,26 +61,35 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(kw_only=True)
-class KFACConfig:
-    """Hyperparameters of the K-FAC estimator (checked on construction).
+class KFACConfig(OptimizerConfig):
+    """Hyperparameters of K-FAC (:class:`KFAC` and :class:`KFACEstimator`), checked on
+    construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
+    K-FAC's defaults (SGD momentum 0.9, factors every 10 steps, inverses every 100, KL
+    clipping 1e-2: KFAC-Pytorch's and KAISA's)."""
 
-    Args:
-        factor_decay (float): EMA decay of the factors, in [0, 1) (default: 0.95).
-        inverse_method (str): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
-        damping_mode (str): ``"eigen"`` (λ added to eigenvalue products) or
-            ``"factored"`` (Tikhonov split with π) (default: ``"eigen"``).
-        factor_dtype (torch.dtype): dtype of the statistics and factors: float32 or
-            float64, or bfloat16 / float16 to halve their memory in mixed-precision
-            training (sums then round at every addition) (default: float32).
-        inverse_dtype (torch.dtype): dtype of eigendecompositions / inverses and of
-            the preconditioning products, float32 or float64 (default: float32).
-    """
+    default_momentum: ClassVar[float] = 0.9
 
-    factor_decay: float = 0.95
-    inverse_method: str = "eigen"
-    damping_mode: str = "eigen"
-    factor_dtype: torch.dtype = torch.float32
-    inverse_dtype: torch.dtype = torch.float32
+    curvature_every: Interval = hyperparameter(10, "factor update interval, in steps")
+    inverse_every: Interval = hyperparameter(100, "inverse (eigenbasis) refresh interval")
+    kl_clip: float | None = hyperparameter(1e-2, "KL clipping constant κ; None disables")
+    factor_decay: float = hyperparameter(0.95, "EMA decay of the factors, in [0, 1)")
+    inverse_method: str = hyperparameter("eigen", '``"eigen"`` or ``"cholesky"``')
+    damping_mode: str = hyperparameter(
+        "eigen",
+        '``"eigen"`` (λ added to eigenvalue products: exactly ``(A ⊗ G + λI)⁻¹``) or '
+        '``"factored"`` (Tikhonov damping split between the factors with π)',
+    )
+    factor_dtype: torch.dtype = hyperparameter(
+        torch.float32,
+        "dtype of the statistics and factors: float32 or float64, or bfloat16 / float16 "
+        "to halve their memory in mixed-precision training (sums then round at every "
+        "addition)",
+    )
+    inverse_dtype: torch.dtype = hyperparameter(
+        torch.float32,
+        "dtype of eigendecompositions / inverses and of the preconditioning products, "
+        "float32 or float64",
+    )
 
     @property
     def stat_dtype(self) -> torch.dtype:
@@ -87,6 +98,7 @@ class KFACConfig:
         return torch.float32 if self.factor_dtype in _HALF_DTYPES else self.factor_dtype
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.factor_decay, (int, float)) or not 0.0 <= self.factor_decay < 1.0:
             raise ValueError(f"factor_decay must be a number in [0, 1), got {self.factor_decay!r}")
         if self.inverse_method not in _INVERSE_METHODS:
@@ -588,8 +600,9 @@ class KFAC(CurvatureOptimizer):
     r"""K-FAC (Martens & Grosse, 2015; https://arxiv.org/abs/1503.05671), with the
     convolution factors of Grosse & Martens (2016; https://arxiv.org/abs/1602.01407).
 
-    For every supported layer (``nn.Linear``, ``nn.Conv2d``) the gradient ``∇`` (bias
-    as the last column) is replaced by
+    For every supported layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``, and
+    the normalisation layers' per-channel blocks: see :mod:`secondorder.layers`) the
+    gradient ``∇`` (bias as the last column) is replaced by
 
     .. math::
         V = Q_G \left[\frac{Q_G^\top \nabla Q_A}{d_G d_A^\top + \lambda}\right] Q_A^\top
@@ -602,24 +615,7 @@ class KFAC(CurvatureOptimizer):
     Args:
         model (nn.Module): the network (not ``model.parameters()``).
         lr (float, optional): learning rate (default: 1e-2).
-        momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
-        damping (float or callable, optional): λ, or a function of the step, e.g.
-            :class:`~secondorder.DampingWarmup` (default: 1e-3).
-        curvature_every (int or callable, optional): factor update interval (default: 10).
-        inverse_every (int or callable, optional): inverse refresh interval (default: 100).
-        factor_decay (float, optional): EMA decay of the factors (default: 0.95).
-        inverse_method (str, optional): ``"eigen"`` or ``"cholesky"`` (default: ``"eigen"``).
-        damping_mode (str, optional): ``"eigen"`` or ``"factored"`` (default: ``"eigen"``).
-        factor_dtype, inverse_dtype (torch.dtype, optional): see :class:`KFACConfig`
-            (default: float32).
-        kl_clip (float, optional): KL clipping κ, None to disable (default: 1e-2).
-        **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
-            (``params``, ``base``, ``betas``, ``eps``, ``dampening``, ``nesterov``,
-            ``weight_decay``, ``decoupled_weight_decay``, ``skip_layers``,
-            ``record_in_eval``, ``nonfinite``, ``precondition``), among them
-            ``fisher_type`` (``"empirical"`` or ``"mc"``), ``likelihood``
-            (``"categorical"``, ``"bernoulli"``, ``"gaussian"``) and
-            ``likelihood_sigma`` for the Monte-Carlo Fisher.
+        params, config: see :class:`~secondorder.CurvatureOptimizer`.
 
     Example::
 
@@ -643,42 +639,9 @@ class KFAC(CurvatureOptimizer):
             opt.step()
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-2,
-        *,
-        momentum: float | None = None,
-        damping: Schedule = 1e-3,
-        curvature_every: Interval = 10,
-        inverse_every: Interval = 100,
-        factor_decay: float = 0.95,
-        inverse_method: str = "eigen",
-        damping_mode: str = "eigen",
-        factor_dtype: torch.dtype = torch.float32,
-        inverse_dtype: torch.dtype = torch.float32,
-        kl_clip: float | None = 1e-2,
-        base: str = "sgd",
-        **kwargs: Any,
-    ) -> None:
-        config = KFACConfig(
-            factor_decay=factor_decay,
-            inverse_method=inverse_method,
-            damping_mode=damping_mode,
-            factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype,
-        )
-        if momentum is None and base == "sgd":
-            momentum = 0.9
-        super().__init__(
-            model,
-            lambda layers, params: KFACEstimator(layers, config),
-            lr=lr,
-            base=base,
-            momentum=momentum,
-            damping=damping,
-            curvature_every=curvature_every,
-            inverse_every=inverse_every,
-            kl_clip=kl_clip,
-            **kwargs,
-        )
+    config_class = KFACConfig
+
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> KFACEstimator:
+        return KFACEstimator(layers, self.config)

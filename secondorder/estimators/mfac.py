@@ -27,15 +27,18 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import Interval, Schedule, caller_stacklevel
+from ..config import OptimizerConfig, fixed, hyperparameter
 from ..kernels.mfac import mfac_coefficients, mfac_gram_row, mfac_ihvp
-from ..optimizer import CurvatureOptimizer, Interval, Schedule, _caller_stacklevel
+from ..layers import LayerHelper
+from ..optimizer import CurvatureOptimizer
 from .base import CurvatureEstimator
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -49,47 +52,71 @@ _log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class MFACConfig:
-    """Hyperparameters of the M-FAC estimator (checked on construction).
+class MFACConfig(OptimizerConfig):
+    """Hyperparameters of M-FAC (:class:`MFAC` and :class:`MFACEstimator`), checked on
+    construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
+    M-FAC's defaults (lr 1e-3, damping 1e-5: the reference's). There is no
+    ``inverse_every``: the ``k x k`` coefficients are refactored whenever the window or the
+    damping changed.
 
-    Args:
-        ngrads (int, optional): window size m, any positive int; None: the largest m up to
-            512 (the paper's) whose window fits ``window_memory`` (default: None).
-            An explicit m whose window exceeds ``window_memory`` raises ``ValueError``.
-        window_memory (int or float, optional): the budget of the window and its
-            dot-product matrix, ``blocks·m·(block·s_w + m·s_g)`` bytes for a window of
-            ``block``-wide blocks (``m·d·s_w`` plus ``m²·s_g`` for one block), with ``s_w``
-            and ``s_g`` the item sizes of ``window_dtype`` and ``gram_dtype``. A number
-            >= 1 is bytes; a number in (0, 1) is that fraction of the memory available
-            on the parameters' device when the estimator is built (CUDA: free memory
-            from ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``);
-            None: no limit (default: 1 GiB). A fixed size is the default so that the same
-            model gets the same m, hence the same trajectory and checkpoint shape, on every
-            machine whatever else holds memory; 1 GiB fits next to training on any GPU
-            and keeps m = 512 up to about 0.5M parameters in float32 (the CIFAR ResNets
-            of the paper).
-        window_dtype (torch.dtype): float32, bfloat16 (half the memory) or float64
-            (default: float32).
-        block_size (int, optional): precondition independent blocks of this many
-            coordinates (each with its own window of m gradients) to bound the
-            ``m x m`` work per block; None is one global block (default: None).
-        min_grads (int): use the raw gradient until the window holds this many
-            gradients (default: 1).
-        gram_dtype (torch.dtype): dtype of the dot-product matrix and its Cholesky
-            factor, float32 or float64 (default: float64: ``W Wᵀ/λ`` with λ ~ 1e-5 is
-            badly conditioned in float32; float32 is accurate only while
-            ``eps32·|g|²/λ`` stays well below ``m``. When the factorisation fails outright
-            it is redone from the window in float64, see :meth:`MFACEstimator.refresh`).
+    ``window_memory`` is the budget of the window and its dot-product matrix,
+    ``blocks·m·(block·s_w + m·s_g)`` bytes for a window of ``block``-wide blocks (``m·d·s_w``
+    plus ``m²·s_g`` for one block), with ``s_w`` and ``s_g`` the item sizes of
+    ``window_dtype`` and ``gram_dtype``. A fixed size is the default so that the same model
+    gets the same m, hence the same trajectory and checkpoint shape, on every machine
+    whatever else holds memory; 1 GiB fits next to training on any GPU and keeps m = 512 up
+    to about 0.5M parameters in float32 (the CIFAR ResNets of the paper). ``gram_dtype``
+    float64 is the default because ``W Wᵀ/λ`` with λ ~ 1e-5 is badly conditioned in
+    float32: float32 is accurate only while ``eps32·|g|²/λ`` stays well below ``m`` (when the
+    factorisation fails outright it is redone from the window in float64, see
+    :meth:`MFACEstimator.refresh`).
     """
 
-    ngrads: int | None = None
-    window_memory: float | None = DEFAULT_WINDOW_MEMORY
-    window_dtype: torch.dtype = torch.float32
-    block_size: int | None = None
-    min_grads: int = 1
-    gram_dtype: torch.dtype = torch.float64
+    lr: float = hyperparameter(1e-3, "learning rate")
+    damping: Schedule = hyperparameter(
+        1e-5, "λ > 0 of ``F = λI + GᵀG/m``, or a function of the step"
+    )
+    curvature_every: Interval = hyperparameter(
+        1, "push the gradient into the window at steps that are multiples of this"
+    )
+    inverse_every: Interval = fixed(1)
+    ngrads: int | None = hyperparameter(
+        None,
+        "window size m, any positive int; None: the largest m up to 512 (the paper's) whose "
+        "window fits ``window_memory`` (the choice is in ``opt.estimator.config.ngrads``). "
+        "An explicit m whose window exceeds ``window_memory`` raises ``ValueError``",
+    )
+    window_memory: float | None = hyperparameter(
+        DEFAULT_WINDOW_MEMORY,
+        "bytes the window and its dot-product matrix may take (a number >= 1), or a fraction "
+        "in (0, 1) of the memory available on the parameters' device when the estimator is "
+        "built (CUDA: free memory; CPU: ``MemAvailable``), or None for no limit (1 GiB)",
+    )
+    window_dtype: torch.dtype = hyperparameter(
+        torch.float32, "float32, bfloat16 (half the memory) or float64"
+    )
+    block_size: int | None = hyperparameter(
+        None,
+        "precondition independent blocks of this many coordinates (each with its own window "
+        "of m gradients) to bound the ``m x m`` work per block; None is one global block",
+    )
+    min_grads: int = hyperparameter(1, "use the raw gradient until the window holds this many")
+    gram_dtype: torch.dtype = hyperparameter(
+        torch.float64, "dtype of the dot-product matrix and its Cholesky factor: float32 or float64"
+    )
+    sparse: bool = hyperparameter(
+        False,
+        "keep the Fisher and the update on the weights that are non-zero at construction; "
+        "pruned weights stay exactly zero",
+    )
+    masks: Mapping[Tensor, Tensor] | None = hyperparameter(
+        None, "explicit boolean masks per parameter, True = kept (implies sparse)"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.sparse, bool):
+            raise TypeError(f"sparse must be a bool, got {type(self.sparse).__name__}")
         if self.ngrads is not None and not _positive_int(self.ngrads):
             raise ValueError(f"ngrads must be a positive int or None, got {self.ngrads!r}")
         if self.window_memory is not None and not (
@@ -311,7 +338,7 @@ class MFACEstimator(CurvatureEstimator):
                 f"; m={DEFAULT_NGRADS} would need {_format_bytes(self._bytes(DEFAULT_NGRADS))}:"
                 " pass ngrads= and window_memory= to choose"
             )
-            warnings.warn(message, stacklevel=_caller_stacklevel())
+            warnings.warn(message, stacklevel=caller_stacklevel())
         else:
             _log.info(message)
         return m
@@ -550,30 +577,13 @@ class MFAC(CurvatureOptimizer):
     direction, ``v <- μ v + (1 - μ) u``, is ``momentum=μ, dampening=μ``.
 
     Args:
-        model_or_params (nn.Module or iterable of Parameters): what to optimise (M-FAC
-            needs no hooks: all parameters are preconditioned jointly, any layer type).
+        model (nn.Module or iterable of Parameters): what to optimise (M-FAC needs no
+            hooks: all parameters are preconditioned jointly, any layer type).
         lr (float, optional): learning rate (default: 1e-3).
-        ngrads (int, optional): window size m; None: the largest m up to 512 whose window
-            fits ``window_memory`` (the choice is in ``opt.estimator.config.ngrads``; a
-            warning says when the budget made it smaller than 512) (default: None).
-        window_memory (int or float, optional): bytes the window (``m·d`` entries of
-            ``window_dtype``) and its ``m x m`` dot-product matrix may take, or a fraction
-            in (0, 1) of the device's available memory, or None for no limit; an explicit
-            ``ngrads`` over it raises ``ValueError`` (default: 1 GiB; see
-            :class:`MFACConfig`).
-        damping (float or callable, optional): λ (default: 1e-5).
-        curvature_every (int or callable, optional): push the gradient into the window
-            at steps that are multiples of this (default: 1). The ``k x k`` coefficients
-            are refactored whenever the window or the damping changed, so there is no
-            ``inverse_every``.
-        window_dtype, block_size, min_grads, gram_dtype: see :class:`MFACConfig`.
-        sparse (bool, optional): keep the Fisher and the update on the non-zero weights
-            at construction; pruned weights stay exactly zero (default: False).
-        masks (dict, optional): explicit boolean masks per parameter (implies sparse).
-        base (str, optional): ``"sgd"`` (SGD-MFAC) or ``"adam"`` (Adam-MFAC) (default: sgd).
-        **kwargs: the rest of :class:`~secondorder.CurvatureOptimizer` (``momentum``,
-            ``dampening``, ``betas``, ``weight_decay``, ``decoupled_weight_decay``,
-            ``curvature_every``, ``inverse_every``, ``kl_clip``, ``nonfinite``, ...).
+        params, config: see :class:`~secondorder.CurvatureOptimizer`.
+
+    With ``ngrads=None`` a warning says when the budget made the window smaller than 512.
+    ``base="sgd"`` is SGD-MFAC, ``base="adam"`` Adam-MFAC.
 
     Example::
 
@@ -583,48 +593,13 @@ class MFAC(CurvatureOptimizer):
     requires_model = False
     l2_before_precondition = True
 
-    def __init__(
-        self,
-        model_or_params: nn.Module | Iterable[nn.Parameter],
-        lr: float = 1e-3,
-        *,
-        ngrads: int | None = None,
-        window_memory: float | None = DEFAULT_WINDOW_MEMORY,
-        damping: Schedule = 1e-5,
-        window_dtype: torch.dtype = torch.float32,
-        block_size: int | None = None,
-        min_grads: int = 1,
-        gram_dtype: torch.dtype = torch.float64,
-        sparse: bool = False,
-        masks: Mapping[Tensor, Tensor] | None = None,
-        curvature_every: Interval = 1,
-        base: str = "sgd",
-        **kwargs: Any,
-    ) -> None:
-        config = MFACConfig(
-            ngrads=ngrads,
-            window_memory=window_memory,
-            window_dtype=window_dtype,
-            block_size=block_size,
-            min_grads=min_grads,
-            gram_dtype=gram_dtype,
-        )
-        if not isinstance(sparse, bool):
-            raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+    config_class = MFACConfig
 
-        def factory(layers: list, params: list[nn.Parameter]) -> MFACEstimator:
-            chosen = dict(masks) if masks is not None else None
-            if chosen is None and sparse:
-                chosen = {p: p.detach() != 0 for p in params}
-            return MFACEstimator(params, config, chosen)
-
-        super().__init__(
-            model_or_params,
-            factory,
-            lr=lr,
-            base=base,
-            damping=damping,
-            curvature_every=curvature_every,
-            inverse_every=1,
-            **kwargs,
-        )
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> MFACEstimator:
+        cfg = self.config
+        masks = dict(cfg.masks) if cfg.masks is not None else None
+        if masks is None and cfg.sparse:
+            masks = {p: p.detach() != 0 for p in params}
+        return MFACEstimator(params, cfg, masks)

@@ -102,9 +102,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_number
+from ..config import hyperparameter
 from ..layers import LayerHelper
 from ..linalg import damped_inverse_cholesky
-from ..optimizer import CurvatureOptimizer, Interval, Schedule, check_number
+from ..optimizer import CurvatureOptimizer
 from .kfac import KFACConfig, KFACEstimator
 
 _POOLINGS = ("area", "nearest")
@@ -112,24 +114,29 @@ _POOLINGS = ("area", "nearest")
 
 @dataclass(kw_only=True)
 class TwoLevelKFACConfig(KFACConfig):
-    """Hyperparameters of the two-level K-FAC estimator (checked on construction).
+    """Hyperparameters of two-level K-FAC (:class:`TwoLevelKFAC` and
+    :class:`TwoLevelKFACEstimator`), checked on construction: K-FAC's
+    (:class:`~secondorder.estimators.kfac.KFACConfig`; ``factor_decay`` also averages the
+    coarse matrix, ``kl_clip`` clips the combined direction) and the coarse level's."""
 
-    Args:
-        w1 (float): weight ω1 of the K-FAC (fine-level) direction, >= 0 (default: 1.0).
-        w2 (float): weight ω2 of the coarse correction, >= 0; 0 is plain K-FAC
-            (default: 1.0).
-        coarse_damping (float, optional): λ_c > 0 added to the coarse matrix; None
-            uses the damping at each refresh (default: None).
-        coarse_pooling (str): ``"area"`` or ``"nearest"``: how per-position row sums
-            are brought to the common grid (default: ``"area"``).
-        factor_decay, inverse_method, damping_mode, factor_dtype, inverse_dtype: see
-            :class:`~secondorder.estimators.kfac.KFACConfig`.
-    """
-
-    w1: float = 1.0
-    w2: float = 1.0
-    coarse_damping: float | None = None
-    coarse_pooling: str = "area"
+    w1: float = hyperparameter(
+        1.0,
+        "ω1 >= 0, weight of the K-FAC direction; with 0 the step is the coarse correction "
+        "alone and layers outside the coarse space do not move",
+    )
+    w2: float = hyperparameter(
+        1.0,
+        "ω2 >= 0, weight of the coarse correction (1: the paper's additive two-level "
+        "preconditioner ``P_KFAC + R_0ᵀ(...)⁻¹R_0``; 0: plain K-FAC)",
+    )
+    coarse_damping: float | None = hyperparameter(
+        None, "λ_c > 0 added to the coarse matrix; None uses the damping at each refresh"
+    )
+    coarse_pooling: str = hyperparameter(
+        "area",
+        '``"area"`` or ``"nearest"``: how layers with different numbers of positions are '
+        "brought to a common grid",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -543,34 +550,7 @@ class TwoLevelKFAC(CurvatureOptimizer):
     Args:
         model (nn.Module): the network (not ``model.parameters()``).
         lr (float, optional): learning rate (default: 1e-2).
-        momentum (float, optional): SGD momentum (default: 0.9 with ``base="sgd"``).
-        damping (float or callable, optional): λ of the K-FAC blocks, or a function of
-            the step (default: 1e-3).
-        curvature_every (int or callable, optional): statistics update interval
-            (default: 10).
-        inverse_every (int or callable, optional): interval of the K-FAC and coarse
-            inverses (default: 100).
-        w1 (float, optional): ω1, weight of the K-FAC direction; with 0 the step is the
-            coarse correction alone and layers outside the coarse space do not move
-            (default: 1.0).
-        w2 (float, optional): ω2, weight of the coarse correction (default: 1.0; the
-            paper's additive two-level preconditioner ``P_KFAC + R_0ᵀ(...)⁻¹R_0``).
-        coarse_damping (float, optional): λ_c; None uses the damping at each refresh
-            (default: None).
-        coarse_pooling (str, optional): ``"area"`` or ``"nearest"``: how layers with
-            different numbers of positions are brought to a common grid
-            (default: ``"area"``).
-        factor_decay (float, optional): EMA decay of the factors and of the coarse
-            matrix (default: 0.95).
-        inverse_method, damping_mode, factor_dtype, inverse_dtype: as for
-            :class:`~secondorder.KFAC`.
-        kl_clip (float, optional): KL clipping κ of the combined direction, None to
-            disable (default: 1e-2).
-        base (str, optional): ``"sgd"`` or ``"adam"`` (default: ``"sgd"``).
-        **kwargs: everything else of :class:`~secondorder.CurvatureOptimizer`
-            (``params``, ``betas``, ``eps``, ``dampening``, ``nesterov``,
-            ``weight_decay``, ``decoupled_weight_decay``, ``skip_layers``,
-            ``layer_options``, ``record_in_eval``, ``nonfinite``, ``precondition``).
+        params, config: see :class:`~secondorder.CurvatureOptimizer`.
 
     Example::
 
@@ -581,50 +561,9 @@ class TwoLevelKFAC(CurvatureOptimizer):
             opt.step()
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-2,
-        *,
-        momentum: float | None = None,
-        damping: Schedule = 1e-3,
-        curvature_every: Interval = 10,
-        inverse_every: Interval = 100,
-        w1: float = 1.0,
-        w2: float = 1.0,
-        coarse_damping: float | None = None,
-        coarse_pooling: str = "area",
-        factor_decay: float = 0.95,
-        inverse_method: str = "eigen",
-        damping_mode: str = "eigen",
-        factor_dtype: torch.dtype = torch.float32,
-        inverse_dtype: torch.dtype = torch.float32,
-        kl_clip: float | None = 1e-2,
-        base: str = "sgd",
-        **kwargs: Any,
-    ) -> None:
-        config = TwoLevelKFACConfig(
-            w1=w1,
-            w2=w2,
-            coarse_damping=coarse_damping,
-            coarse_pooling=coarse_pooling,
-            factor_decay=factor_decay,
-            inverse_method=inverse_method,
-            damping_mode=damping_mode,
-            factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype,
-        )
-        if momentum is None and base == "sgd":
-            momentum = 0.9
-        super().__init__(
-            model,
-            lambda layers, params: TwoLevelKFACEstimator(layers, config),
-            lr=lr,
-            base=base,
-            momentum=momentum,
-            damping=damping,
-            curvature_every=curvature_every,
-            inverse_every=inverse_every,
-            kl_clip=kl_clip,
-            **kwargs,
-        )
+    config_class = TwoLevelKFACConfig
+
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> TwoLevelKFACEstimator:
+        return TwoLevelKFACEstimator(layers, self.config)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import secondorder.estimators.adafisher as adafisher_module
+import secondorder.base_updates as base_updates_module
 from secondorder import KFAC, AdaFisher, AdaFisherW
 from secondorder.estimators.adafisher import min_max_normalise
 from secondorder.kernels import adafisher_update_reference
@@ -293,13 +293,13 @@ def test_kernel_reference_equals_the_explicit_formula(
 
 def test_covered_layers_go_through_the_fused_kernel_dispatch(monkeypatch):
     calls = []
-    real = adafisher_module.adafisher_update
+    real = base_updates_module.adafisher_update
 
     def spy(param, *args, **kwargs):
         calls.append(tuple(param.shape))
         return real(param, *args, **kwargs)
 
-    monkeypatch.setattr(adafisher_module, "adafisher_update", spy)
+    monkeypatch.setattr(base_updates_module, "adafisher_update", spy)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     opt = AdaFisher(model, curvature_every=1)
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()

@@ -466,7 +466,10 @@ def test_load_state_dict_from_another_model_is_rejected():
         (dict(kl_clip=-1.0), ValueError, "kl_clip"),
         (dict(factor_dtype=torch.int32), ValueError, "factor_dtype"),
         (dict(base="rmsprop"), ValueError, "base"),
-        (dict(inverse_method="cholesky"), TypeError, "inverse_method"),
+        # EKFACConfig's message, not a generic unexpected-keyword one
+        (dict(inverse_method="cholesky"), ValueError, "eigenbasis: inverse_method"),
+        (dict(damping_mode="factored"), ValueError, "eigenbasis: inverse_method"),
+        (dict(scal_every=2), TypeError, "Did you mean 'scale_every'"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, name):

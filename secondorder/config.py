@@ -1,0 +1,308 @@
+"""Hyperparameters: one keyword-only dataclass per method, one for the shared base.
+
+A hyperparameter is declared once, in the config of the method that owns it: its type,
+default, check (``__post_init__``) and documentation (the field's ``doc`` metadata) live
+there. Everything else is generated from it:
+
+* the optimizer's keyword arguments: ``KFAC(model, lr=0.1, damping=1e-2)`` builds a
+  :class:`~secondorder.KFACConfig` from the keywords (``KFAC(model, config=cfg)`` takes a
+  built one, and keywords given beside it replace its fields), and
+  ``inspect.signature(KFAC)`` lists the config's fields;
+* the ``Hyperparameters`` section of the optimizer's docstring;
+* what the bench, its YAML presets (``configs/optimizers/``) and
+  ``benchmarks/step_breakdown.py`` know of a method (:func:`config_fields`).
+
+:class:`OptimizerConfig` holds what every :class:`~secondorder.CurvatureOptimizer`
+shares (learning rate, base update, damping, schedules, hooks, Fisher type, AMP,
+distribution). A method's config subclasses it (or another method's config), adds its
+own fields, may change defaults by redeclaring a field, and redeclares the
+shared fields the method sets itself with :func:`fixed` (AdaFisher has no ``kl_clip``):
+passing those raises ``TypeError``.
+
+Example — a new method's config::
+
+    @dataclass(kw_only=True)
+    class MyConfig(OptimizerConfig):
+        decay: float = hyperparameter(0.95, "EMA decay of the statistics, in [0, 1)")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.decay = check_number("decay", self.decay, high=1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ._checks import (
+    Interval,
+    Schedule,
+    UseCurvature,
+    check_interval,
+    check_number,
+    check_schedule,
+    check_use_curvature,
+    unknown_keyword,
+)
+from .fisher import check_likelihood
+
+__all__ = ["OptimizerConfig", "config_fields", "fixed", "fixed_fields", "hyperparameter"]
+
+_BASES = ("sgd", "adam", "momentum")
+_NONFINITE = ("skip", "raise")
+_FISHER_TYPES = ("empirical", "mc")
+
+
+def hyperparameter(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and the one line (or paragraph) that documents it."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple or None")
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def fixed(value: Any) -> Any:
+    """Redeclare a shared field in a method's config as set by the method itself: not a
+    keyword of its optimizer (passing it raises ``TypeError``), always ``value``."""
+    return dataclasses.field(default=value, init=False)
+
+
+def config_fields(config: type[OptimizerConfig] | OptimizerConfig) -> list[dataclasses.Field]:
+    """The fields a user may set on ``config`` (a class or an instance), in declaration
+    order: every field but the :func:`fixed` ones and the derived ones."""
+    cls = config if isinstance(config, type) else type(config)
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def fixed_fields(config: type[OptimizerConfig]) -> dict[str, Any]:
+    """The :func:`fixed` fields of ``config`` with their values."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(config)
+        if not f.init and f.default is not dataclasses.MISSING
+    }
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """What every :class:`~secondorder.CurvatureOptimizer` takes (checked on construction).
+
+    Each field is documented by its ``doc`` metadata; :meth:`describe` renders them.
+    Subclasses are a method's config: see the module docstring.
+    """
+
+    #: the SGD momentum ``momentum=None`` stands for with ``base="sgd"``
+    default_momentum: ClassVar[float] = 0.0
+
+    lr: float = hyperparameter(1e-2, "learning rate")
+    base: str = hyperparameter(
+        "sgd",
+        '``"sgd"`` (SGD with momentum) or ``"adam"`` (Adam-style moments of the '
+        'preconditioned direction); AdaFisher\'s is ``"momentum"`` (the bias-corrected '
+        "first moment over ``F̃ = D + λ``)",
+    )
+    momentum: float | None = hyperparameter(
+        None, "SGD momentum, in [0, 1]; sgd only (None: the method's default)"
+    )
+    dampening: float = hyperparameter(0.0, "SGD momentum dampening; sgd only")
+    nesterov: bool = hyperparameter(False, "Nesterov momentum; sgd only")
+    betas: tuple[float, float] | None = hyperparameter(
+        None, "Adam betas, each in [0, 1); adam only (None: (0.9, 0.999))"
+    )
+    eps: float | None = hyperparameter(None, "Adam epsilon; adam only (None: 1e-8)")
+    weight_decay: float = hyperparameter(0.0, "weight decay coefficient, >= 0")
+    decoupled_weight_decay: bool = hyperparameter(
+        False, "``w <- w (1 - lr wd)`` (SGDW/AdamW) instead of adding ``wd w`` to the direction"
+    )
+    damping: Schedule = hyperparameter(
+        1e-3, "Tikhonov damping λ > 0, or a function of the step returning it"
+    )
+    curvature_every: Interval = hyperparameter(
+        1, "update the curvature statistics at steps that are multiples of this"
+    )
+    inverse_every: Interval = hyperparameter(
+        1, "refresh the inverses at steps that are multiples of this (and after the first update)"
+    )
+    kl_clip: float | None = hyperparameter(None, "KL clipping constant κ > 0; None disables")
+    skip_layers: Iterable[Any] | None = hyperparameter(
+        None, "module names or regexes (full match) of layers to leave to the base update"
+    )
+    layer_options: Mapping[str, Any] | None = hyperparameter(
+        None, 'options of the layer helpers, e.g. ``{"linear_sequence": "reduce"}``'
+    )
+    record_in_eval: bool = hyperparameter(False, "also record statistics from modules in eval mode")
+    nonfinite: str = hyperparameter(
+        "skip",
+        'a step with a NaN/Inf gradient: ``"skip"`` it (counted in ``skipped_steps``) or '
+        '``"raise"`` ``FloatingPointError``',
+    )
+    fisher_type: str = hyperparameter(
+        "empirical",
+        '``"empirical"`` (statistics from the loss you back-propagate) or ``"mc"`` (labels '
+        "sampled from the model by ``sample_fisher``)",
+    )
+    likelihood: str | None = hyperparameter(
+        None,
+        'the predictive distribution for ``fisher_type="mc"``: ``"categorical"``, '
+        '``"bernoulli"`` or ``"gaussian"``',
+    )
+    likelihood_sigma: float | None = hyperparameter(
+        None, 'standard deviation σ of the ``"gaussian"`` likelihood (None: 1)'
+    )
+    precondition: bool = hyperparameter(
+        True, "False switches curvature off: the plain base update (``torch.optim``'s)"
+    )
+    use_curvature: UseCurvature = hyperparameter(
+        None,
+        "when curvature is used: None (always), a callable ``step -> bool``, or "
+        "``(start, stop)`` step ranges",
+    )
+    distributed: bool | None = hyperparameter(
+        None,
+        "reduce the statistics across the ranks of ``process_group`` (None: when "
+        "torch.distributed runs more than one rank)",
+    )
+    process_group: Any = hyperparameter(None, "the ranks to reduce over (None: the world)")
+    grad_scaler: torch.amp.GradScaler | None = hyperparameter(
+        None,
+        "the ``torch.amp.GradScaler`` of a mixed-precision loop that calls "
+        "``scaler.unscale_(opt)`` before ``scaler.step(opt)``",
+    )
+
+    def __post_init__(self) -> None:
+        if self.base not in _BASES:
+            raise ValueError(f"base must be one of {_BASES[:2]}, got {self.base!r}")
+        if self.base == "sgd":
+            if self.betas is not None or self.eps is not None:
+                raise ValueError("betas and eps apply to base='adam'; base='sgd' uses momentum")
+            if self.momentum is None:
+                self.momentum = self.default_momentum
+        elif self.base == "adam":
+            if self.momentum is not None or self.dampening != 0 or self.nesterov:
+                raise ValueError(
+                    "momentum, dampening and nesterov apply to base='sgd'; base='adam' uses betas"
+                )
+            self.betas = (0.9, 0.999) if self.betas is None else tuple(self.betas)
+            self.eps = 1e-8 if self.eps is None else self.eps
+        from .base_updates import BASE_UPDATES  # the base updates import this module
+
+        BASE_UPDATES[self.base].check_group(self.group_defaults())
+        if not isinstance(self.decoupled_weight_decay, bool):
+            raise TypeError(
+                "decoupled_weight_decay must be a bool, got "
+                f"{type(self.decoupled_weight_decay).__name__}"
+            )
+        self.damping = check_schedule("damping", self.damping, low_open=True)
+        self.curvature_every = check_interval("curvature_every", self.curvature_every)
+        self.inverse_every = check_interval("inverse_every", self.inverse_every)
+        if self.kl_clip is not None:
+            self.kl_clip = check_number("kl_clip", self.kl_clip, low_open=True)
+        if self.nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {self.nonfinite!r}")
+        self._check_fisher_type()
+        for name in ("precondition", "record_in_eval"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed must be a bool or None, got {self.distributed!r}")
+        self.use_curvature = check_use_curvature(self.use_curvature)
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}"
+            )
+
+    def _check_fisher_type(self) -> None:
+        if self.fisher_type not in _FISHER_TYPES:
+            raise ValueError(
+                f"fisher_type must be one of {_FISHER_TYPES}, got {self.fisher_type!r}"
+            )
+        if self.fisher_type == "empirical" and (
+            self.likelihood is not None or self.likelihood_sigma is not None
+        ):
+            raise ValueError(
+                "likelihood and likelihood_sigma apply to fisher_type='mc' (labels sampled "
+                "from the model); fisher_type='empirical' uses the gradients of your own loss"
+            )
+        if self.likelihood is not None:
+            check_likelihood(self.likelihood)
+        if self.likelihood_sigma is not None:
+            if self.likelihood != "gaussian":
+                raise ValueError(
+                    "likelihood_sigma applies to likelihood='gaussian', got likelihood="
+                    f"{self.likelihood!r}"
+                )
+            check_number("likelihood_sigma", self.likelihood_sigma, low_open=True)
+
+    def group_defaults(self) -> dict[str, Any]:
+        """The param-group defaults of the base update (``lr``, ``weight_decay`` and the
+        base's own: ``momentum``/``dampening``/``nesterov``, ``betas``/``eps``, or
+        ``beta``/``betas``)."""
+        from .base_updates import BASE_UPDATES
+
+        return BASE_UPDATES[self.base].defaults(self)
+
+    # ---- building from keywords ---------------------------------------------------------
+    @classmethod
+    def from_keywords(
+        cls,
+        called: str,
+        keywords: Mapping[str, Any],
+        config: OptimizerConfig | None = None,
+        *,
+        extra: Iterable[str] = (),
+    ) -> OptimizerConfig:
+        """The config an optimizer called as ``called(..., **keywords)`` uses: ``config``
+        (an instance of this class) with ``keywords`` replacing its fields, or a new one.
+        A keyword that is no field (or a fixed one) raises the ``TypeError`` Python would,
+        naming ``called`` and the closest accepted keyword (``extra`` lists the
+        optimizer's other keywords, for the suggestion)."""
+        accepted = {f.name for f in config_fields(cls)}
+        fixed = fixed_fields(cls)
+        for key in keywords:
+            if key in fixed:
+                raise TypeError(
+                    f"{called}.__init__() got an unexpected keyword argument {key!r}: "
+                    f"{called} sets it itself ({key}={fixed[key]!r})"
+                )
+            if key not in accepted:
+                raise unknown_keyword(called, key, accepted | set(extra))
+        if config is None:
+            return cls(**keywords)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        given = {f.name: getattr(config, f.name) for f in config_fields(cls)}
+        return cls(**{**given, **keywords})
+
+    @classmethod
+    def signature_parameters(cls) -> list[inspect.Parameter]:
+        """The keyword-only parameters an optimizer built from this config accepts."""
+        return [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+            )
+            for f in config_fields(cls)
+            if f.name != "lr"
+        ]
+
+    @classmethod
+    def describe(cls, indent: int = 8) -> str:
+        """The fields as the ``Args`` lines of a docstring: ``name (default): doc``."""
+        lines = []
+        for f in config_fields(cls):
+            doc = f.metadata.get("doc", "")
+            text = f"{f.name} (default: {f.default!r}): {doc}"
+            lines.append(
+                textwrap.fill(
+                    text,
+                    width=92,
+                    initial_indent=" " * indent,
+                    subsequent_indent=" " * (indent + 4),
+                )
+            )
+        return "\n".join(lines)
