@@ -114,9 +114,9 @@ def test_adafisher_follows_a_cycling_beta_step_by_step(cls):
         sched.step()
         for i, g in enumerate(grads):
             w = want[i]
-            moments[i] = beta * moments[i] + (1 - beta) * (g if cls.decoupled else g + wd * w)
+            moments[i] = beta * moments[i] + (1 - beta) * (g if opt.decoupled_weight_decay else g + wd * w)
             step = moments[i] / (1 - beta**t) / (1 + damping)
-            want[i] = w - lr * (step + wd * w) if cls.decoupled else w - lr * step
+            want[i] = w - lr * (step + wd * w) if opt.decoupled_weight_decay else w - lr * step
     assert len(set(betas_used)) == len(betas_used)  # the scheduler did change β every step
     for p, w in zip(params, want, strict=True):
         assert_close(p, w, n=5 * len(betas_used))
@@ -182,7 +182,7 @@ def test_param_groups_may_set_betas_instead_of_beta():
     "group, match",
     [
         ({"betas": (0.9, 0.999)}, r"betas must be \(beta,\)"),
-        ({"betas": (1.0,)}, r"beta must be in \[0, 1\)"),
+        ({"betas": (1.0,)}, r"betas\[0\] must be in \[0, 1\)"),
         ({"beta": 0.5, "betas": (0.6,)}, "set one of them"),
     ],
 )
