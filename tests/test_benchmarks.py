@@ -1,5 +1,5 @@
 """The benchmark scripts on tiny settings: they check their own methods against each other
-(and exit non-zero when they disagree), and print the table the README and RESULTS quote."""
+(and exit non-zero when they disagree), and print the tables benchmarks/RESULTS.md quotes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``python -m secondorder.analysis`` prints the same numbers on every CPU; its pictures' texts
-do not overlap; its ``--help`` states the cost that the README states.
+do not overlap; its ``--help`` states the cost that its docs page states.
 
 The figures are taken at the end of training, where a float32 run carries the last-bit
 differences of CPU kernels into the second digit (K-FAC at 3 epochs: ``G`` dominance 0.700 with
@@ -22,7 +22,7 @@ import torch
 from secondorder.analysis import plots
 from secondorder.analysis.__main__ import DEFAULT_RUN_CPU_S, build_parser
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS_PAGE = Path(__file__).resolve().parents[2] / "secondorder" / "docs" / "analysis.md"
 
 # K-FAC (the optimizer whose float32 runs part ways) long enough for float32 to differ in
 # the printed digits, small enough for two processes in a few seconds each
@@ -74,13 +74,13 @@ def test_two_simulated_machines_print_the_same_numbers(tmp_path: Path) -> None:
     assert printed["portable"] == printed["native"]
 
 
-def test_help_states_the_measured_cost_as_the_readme_does() -> None:
+def test_help_states_the_measured_cost_as_the_docs_do() -> None:
     text = " ".join(build_parser().format_help().split())
     assert "half a minute" not in text  # the old estimate; the default run took 134 s
     claim = f"about {DEFAULT_RUN_CPU_S} s of CPU time"
     assert claim in text
-    readme = " ".join(README.read_text(encoding="utf-8").split())
-    section = readme[readme.index("## Curvature analysis") :]
+    page = " ".join(DOCS_PAGE.read_text(encoding="utf-8").split())
+    section = page[page.index("## Command line") :]
     assert claim in section[: section.index("## ", 3)]
 
 
