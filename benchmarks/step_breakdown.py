@@ -83,18 +83,8 @@ from torch import nn
 from secondorder import CurvatureOptimizer
 from secondorder.bench.optimizers import OPTIMIZERS, parse_overrides
 
-METHODS = (
-    "sgd",
-    "adam",
-    "kfac",
-    "ekfac",
-    "twolevel",
-    "mfac",
-    "adam-mfac",
-    "adafisher",
-    "adafisherw",
-    "adahessian",
-)
+#: every bench optimizer (the bench's registry; AdamW's step is Adam's)
+METHODS = tuple(name for name in OPTIMIZERS if name != "adamw")
 STAGES = (
     "forward",
     "backward",
@@ -106,19 +96,6 @@ STAGES = (
     "base",
 )
 TASKS = ("digits-mlp", "digits-cnn", "resnet18", "resnet18-imagenet-stem")
-#: the interval option ``--curvature-every`` sets, per method
-_CURVATURE_KEY = {
-    **dict.fromkeys(
-        ("kfac", "ekfac", "twolevel", "mfac", "adam-mfac", "adafisher", "adafisherw"),
-        "curvature_every",
-    ),
-    "adahessian": "hessian_every",
-}
-_HAS_INVERSE_EVERY = ("kfac", "ekfac", "twolevel")
-#: the optimizer attribute holding the interval that steady_state weights by, where it is
-#: not the hyperparameter's name (EKFAC records every step for its scalings at the default
-#: scale_every=1; its costly factor updates follow ``factor_every``)
-_INTERVAL_ATTR = {"ekfac": "factor_every"}
 CSV_FIELDS = (
     "task",
     "method",
@@ -229,13 +206,22 @@ def resolve_hparams(
 ) -> dict[str, Any]:
     """The hyperparameters ``name`` is built with: the bench's, then the interval options
     (for the methods that have them), then ``overrides`` (``--set``)."""
-    hparams = OPTIMIZERS[name].hparams()
-    if curvature_every is not None and name in _CURVATURE_KEY:
-        hparams[_CURVATURE_KEY[name]] = curvature_every
-    if inverse_every is not None and name in _HAS_INVERSE_EVERY:
+    spec = OPTIMIZERS[name]
+    hparams = spec.hparams()
+    key = _statistics_interval(name)
+    if curvature_every is not None and key is not None:
+        hparams[key] = curvature_every
+    if inverse_every is not None and "inverse_every" in spec.hyperparameter_names():
         hparams["inverse_every"] = inverse_every
     hparams.update(overrides or {})
     return hparams
+
+
+def _statistics_interval(name: str) -> str | None:
+    """The hyperparameter ``--curvature-every`` sets for ``name`` (its config's
+    ``statistics_interval``), None for a first-order optimizer."""
+    config = OPTIMIZERS[name].config_class
+    return None if config is None else config.statistics_interval
 
 
 def build(
@@ -372,11 +358,11 @@ def measure(
             records.append(rec)
 
     # the intervals the optimizer was built with (its own defaults where not given)
-    key = _INTERVAL_ATTR.get(name, _CURVATURE_KEY.get(name))
-    every = _int_interval(getattr(opt, key, None)) if key else 1
+    key = _statistics_interval(name)
+    every = _int_interval(getattr(opt.config, key, None)) if key else 1
     refresh_each, inv, timing = None, None, 0
-    if name in _HAS_INVERSE_EVERY and est is not None:
-        inv = _int_interval(getattr(opt, "inverse_every", None))
+    if "inverse_every" in OPTIMIZERS[name].hyperparameter_names() and est is not None:
+        inv = _int_interval(opt.config.inverse_every)
         if inv is None:
             (notes if notes is not None else []).append(
                 f"{name}: inverse_every is a schedule; refresh not amortised"

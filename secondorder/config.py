@@ -99,6 +99,9 @@ class OptimizerConfig:
 
     #: the SGD momentum ``momentum=None`` stands for with ``base="sgd"``
     default_momentum: ClassVar[float] = 0.0
+    #: the field that sets how often curvature statistics are gathered (for tools that
+    #: vary it, such as ``benchmarks/step_breakdown.py``)
+    statistics_interval: ClassVar[str] = "curvature_every"
 
     lr: float = hyperparameter(1e-2, "learning rate")
     base: str = hyperparameter(
@@ -134,7 +137,9 @@ class OptimizerConfig:
         None, "module names or regexes (full match) of layers to leave to the base update"
     )
     layer_options: Mapping[str, Any] | None = hyperparameter(
-        None, 'options of the layer helpers, e.g. ``{"linear_sequence": "reduce"}``'
+        None,
+        'options of the layer helpers, e.g. ``{"linear_sequence": "reduce"}`` (see '
+        "secondorder/docs/layers.md)",
     )
     record_in_eval: bool = hyperparameter(False, "also record statistics from modules in eval mode")
     nonfinite: str = hyperparameter(

@@ -174,8 +174,8 @@ def load_preset(path: str | os.PathLike[str]) -> Preset:
     """Read an optimizer preset file (keys ``optimizer``, ``source``, ``hparams``).
 
     Raises:
-        ConfigError: unreadable file, unknown or missing key, unknown optimizer, or ``hparams``
-            not a mapping.
+        ConfigError: unreadable file, unknown or missing key, unknown optimizer, ``hparams``
+            not a mapping or naming a hyperparameter the optimizer does not take.
     """
     file, content = _read_yaml(path)
     _check_keys(file, "", content, _PRESET_KEYS)
@@ -186,6 +186,8 @@ def load_preset(path: str | os.PathLike[str]) -> Preset:
     hparams = content["hparams"] or {}
     if not isinstance(hparams, dict):
         raise ConfigError(f"{file}: hparams must be a mapping, got {type(hparams).__name__}")
+    # the optimizer's config (or torch.optim signature) is the list of what it takes
+    _check_keys(file, "hparams.", hparams, OPTIMIZERS[name].hyperparameter_names())
     return Preset(name, str(content["source"]), {k: _value(v) for k, v in hparams.items()}, file)
 
 

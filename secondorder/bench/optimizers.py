@@ -59,6 +59,37 @@ class OptimizerSpec:
         """Build the optimizer for ``model`` from exactly ``hparams`` (see :meth:`hparams`)."""
         return self.factory(model, **hparams)
 
+    @property
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """The class the factory builds."""
+        name = getattr(self.factory, "optimizer_class_name", None)
+        if name is None:
+            return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[
+                self.name
+            ]
+        import secondorder
+
+        return getattr(secondorder, name)
+
+    @property
+    def config_class(self) -> type | None:
+        """The config dataclass of a ``secondorder`` optimizer (its hyperparameters:
+        :func:`secondorder.config.config_fields`), None for a ``torch.optim`` one."""
+        return getattr(self.optimizer_class, "config_class", None)
+
+    def hyperparameter_names(self) -> list[str]:
+        """The keywords the optimizer takes besides the model: its config's fields, or
+        the ``torch.optim`` constructor's parameters."""
+        config = self.config_class
+        if config is not None:
+            from secondorder.config import config_fields
+
+            return [f.name for f in config_fields(config)]
+        import inspect
+
+        params = inspect.signature(self.optimizer_class).parameters
+        return [p for p in params if p != "params"]
+
 
 def _sgd(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), **hparams)
@@ -72,47 +103,18 @@ def _adamw(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), **hparams)
 
 
-def _kfac(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    # Imported here so that the first-order baselines run even where KFAC is unavailable.
-    from secondorder import KFAC
+def _secondorder(class_name: str) -> Callable[..., torch.optim.Optimizer]:
+    """The factory of ``secondorder.<class_name>``, imported when first built (so that the
+    first-order baselines run even where the library cannot be imported)."""
 
-    return KFAC(model, **hparams)
+    def build(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
+        import secondorder
 
+        return getattr(secondorder, class_name)(model, **hparams)
 
-def _ekfac(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import EKFAC
-
-    return EKFAC(model, **hparams)
-
-
-def _mfac(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import MFAC
-
-    return MFAC(model, **hparams)
-
-
-def _twolevel(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import TwoLevelKFAC
-
-    return TwoLevelKFAC(model, **hparams)
-
-
-def _adahessian(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import AdaHessian
-
-    return AdaHessian(model, **hparams)
-
-
-def _adafisher(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import AdaFisher
-
-    return AdaFisher(model, **hparams)
-
-
-def _adafisherw(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
-    from secondorder import AdaFisherW
-
-    return AdaFisherW(model, **hparams)
+    build.__qualname__ = build.__name__ = f"build_{class_name}"
+    build.optimizer_class_name = class_name  # type: ignore[attr-defined]
+    return build
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -139,7 +141,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="kfac",
             description="secondorder.KFAC (K-FAC preconditioning over SGD momentum)",
-            factory=_kfac,
+            factory=_secondorder("KFAC"),
             # Tuned on digits-mlp (20 epochs, seed 0) over lr {0.02, 0.05} x damping
             # {1e-3, 1e-2, 1e-1} x kl_clip {1e-3, 1e-2}: damping 0.1 was the only
             # setting without loss spikes late in training.
@@ -159,7 +161,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="ekfac",
             description="secondorder.EKFAC (eigenvalue-corrected K-FAC over SGD momentum)",
-            factory=_ekfac,
+            factory=_secondorder("EKFAC"),
             defaults={
                 "lr": 0.02,
                 "momentum": 0.9,
@@ -178,7 +180,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="twolevel",
             description="secondorder.TwoLevelKFAC (K-FAC plus a per-layer coarse correction)",
-            factory=_twolevel,
+            factory=_secondorder("TwoLevelKFAC"),
             defaults={
                 "lr": 0.02,
                 "momentum": 0.9,
@@ -197,7 +199,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="mfac",
             description="secondorder.MFAC (dynamic M-FAC window over SGD momentum)",
-            factory=_mfac,
+            factory=_secondorder("MFAC"),
             defaults={
                 "lr": 0.02,
                 "momentum": 0.9,
@@ -209,7 +211,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="adam-mfac",
             description="secondorder.MFAC with the Adam-style base (Adam-MFAC)",
-            factory=_mfac,
+            factory=_secondorder("MFAC"),
             defaults={
                 "lr": 3e-3,
                 "base": "adam",
@@ -224,18 +226,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="adahessian",
             description="secondorder.AdaHessian (Hutchinson Hessian diagonal, Adam-style moments)",
-            factory=_adahessian,
+            factory=_secondorder("AdaHessian"),
             defaults={"lr": 0.15},
             create_graph=True,
         ),
         # The paper's defaults (Gomes et al., 2024: lr 1e-3, β 0.9, λ 1e-3, γ 0.8, T_cov 100,
         # weight decay 5e-4 in its training recipes), untuned on digits: with the paper's
         # γ-average of the diagonals the normalised F̃ lies in [λ, 1 + λ] and lr 1e-3 moves
-        # slowly here (see the README's AdaFisher section for a digits setting).
+        # slowly here (see secondorder/docs/adafisher.md for a digits setting).
         OptimizerSpec(
             name="adafisher",
             description="secondorder.AdaFisher (diagonal Kronecker Fisher, Adam-style moment)",
-            factory=_adafisher,
+            factory=_secondorder("AdaFisher"),
             defaults={
                 # the paper's lr 1e-3 / T_cov 100 barely move on digits in 20 epochs
                 # (loss 2.23): lr and T_cov tuned for the bench task, the rest the paper's
@@ -250,7 +252,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             name="adafisherw",
             description="secondorder.AdaFisherW (AdaFisher with decoupled weight decay)",
-            factory=_adafisherw,
+            factory=_secondorder("AdaFisherW"),
             defaults={
                 # the paper's lr 1e-3 / T_cov 100 barely move on digits in 20 epochs
                 # (loss 2.23): lr and T_cov tuned for the bench task, the rest the paper's
