@@ -47,7 +47,7 @@ def test_the_signature_and_the_docstring_are_the_configs(cls):
     params = list(inspect.signature(cls).parameters)
     assert params[:2] == ["model", "lr"]
     assert params[2:4] == ["params", "config"]
-    assert sorted(params[4:] + ["lr"]) == sorted(fields)
+    assert sorted([*params[4:], "lr"]) == sorted(fields)
     for f in config_fields(cls.config_class):
         default = inspect.signature(cls).parameters[f.name].default
         assert default == f.default or (f.name == "lr" and default == f.default)
@@ -165,7 +165,7 @@ def test_a_preset_with_a_key_the_config_lacks_is_refused(tmp_path):
 
     path = tmp_path / "bad.yaml"
     path.write_text("optimizer: kfac\nsource: test\nhparams:\n  lr: 0.1\n  ngrads: 4\n")
-    with pytest.raises(ConfigError, match="unknown key hparams.'ngrads'"):
+    with pytest.raises(ConfigError, match=r"unknown key hparams\.'ngrads'"):
         load_preset(path)
 
 
