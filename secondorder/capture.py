@@ -15,7 +15,9 @@ Recording happens only when all of these hold:
   curvature-update step);
 * gradients are enabled (nothing under ``torch.no_grad()`` / ``inference_mode``);
 * the module is in training mode, unless ``record_in_eval=True``;
-* the layer's output requires grad.
+* the layer's output requires grad;
+* the module is the one the hook was registered on: ``copy.deepcopy(model)`` copies the
+  hooks with the modules, and the copy's passes record nothing.
 
 Several backward passes before one ``collect()`` (gradient accumulation) all add to
 the same statistic.
@@ -367,14 +369,26 @@ class ModelCapture:
         #: Dynamo held code for the model before these hooks existed (see _check_hooks_ran)
         self._compiled_before = False
         if model is not None:
-            self._model_handles.append(model.register_forward_pre_hook(self._count_pass))
+            self._model_handles.append(model.register_forward_pre_hook(self._pass_counter(model)))
             self._compiled_before = _has_compiled_code(model)
 
-    def _count_pass(self, module: nn.Module, args: tuple) -> None:
-        if _is_compiling():
-            # Counted in Python, never traced: a traced counter is a guard on its value,
-            # so a recompilation at every pass. The break is before any computation.
-            torch._dynamo.graph_break()
+    def _pass_counter(self, model: nn.Module) -> Callable[[nn.Module, tuple], None]:
+        """The forward pre-hook that counts ``model``'s passes: a function, not a bound
+        method, which ``copy.deepcopy(model)`` would copy along with this capture (and its
+        estimator); a copy of the model carries this same function and is not counted."""
+        model_ref = weakref.ref(model)
+
+        def count_pass(module: nn.Module, args: tuple) -> None:
+            if _is_compiling():
+                # Counted in Python, never traced: a traced counter is a guard on its value,
+                # so a recompilation at every pass. The break is before any computation.
+                torch._dynamo.graph_break()
+            if module is model_ref():
+                self._count_pass(module)
+
+        return count_pass
+
+    def _count_pass(self, module: nn.Module) -> None:
         self._pass += 1
         if self.recording and torch.is_grad_enabled() and (module.training or self.record_in_eval):
             self._expected += 1  # a pass the layer hooks should see
@@ -420,27 +434,37 @@ class ModelCapture:
         )
         return [layer for (layer, _), used in zip(candidates, nonzero, strict=True) if used]
 
+    def _records(self, module: nn.Module, args: tuple, output: Any) -> bool:
+        """Whether this call of a hooked layer is to be recorded (the conditions in the
+        module docstring). Under Dynamo it is traced: it reads only what Dynamo guards on
+        anyway (grad mode, training, the requires_grad of tensors) and the recording switch
+        (two variants at most), never counters."""
+        if not (self.recording and torch.is_grad_enabled()):
+            return False
+        if not (module.training or self.record_in_eval):
+            return False
+        return isinstance(output, Tensor) and output.requires_grad and bool(args)
+
     def _forward_hook(self, layer: LayerHelper, member: LayerHelper, tap_id: int) -> Callable:
+        # The module's id, not an `is` test: Dynamo guards on the id (an `is` it folds
+        # unguarded), so code traced for one module is not reused for a copy of it, whose
+        # hooks are these same functions. `member` keeps the module, so its id stays unique.
+        module_id = id(member.module)
+
         def hook(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+            if id(module) != module_id:
+                # a copy of the module (copy.deepcopy of the model copies its hooks): its
+                # passes belong to no statistic of ours
+                return None
             if _is_compiling():
                 if _tap is None:
                     torch._dynamo.graph_break()  # no custom operators: record in Python
-                # Traced: what Dynamo guards on anyway (grad mode, training, the requires_grad
-                # of tensors) and the recording switch (two variants at most), never counters.
-                if not (self.recording and torch.is_grad_enabled()):
-                    return None
-                if not (module.training or self.record_in_eval):
-                    return None
-                if not (isinstance(output, Tensor) and output.requires_grad) or not args:
+                if not self._records(module, args, output):
                     return None
                 return _tap(args[0].detach(), output, tap_id)[0]
             self._hook_calls += 1
             self._ran.add(layer.name)
-            if not (self.recording and torch.is_grad_enabled()):
-                return None
-            if not (module.training or self.record_in_eval):
-                return None
-            if not (isinstance(output, Tensor) and output.requires_grad) or not args:
+            if not self._records(module, args, output):
                 return None
             # one model forward pass is one set of examples, however many times (or
             # through however many tied modules) the layer ran in it

@@ -1,6 +1,9 @@
 """Dense float64 references, tolerances and tiny models shared by the tests.
 
-Nothing here imports the library's internals: these are independent oracles.
+Nothing here imports the library's internals: these are independent oracles. The one
+exception is the per-layer K-FAC refresh (``per_layer_refresh``), which runs the library's
+own solvers (``secondorder.linalg``) one matrix at a time: the reference that the batched
+refresh is compared with.
 
 The tolerance rule (``tolerance`` / ``assert_close``): a result computed in a dtype with
 machine epsilon ``eps`` is compared with a float64 reference, or with another code path in
@@ -27,10 +30,15 @@ process) never agree bit for bit on every CPU.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from secondorder.linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
 
 
 def tolerance(dtype: torch.dtype, *, n: int = 1, cond: float = 1.0, safety: float = 8.0) -> float:
@@ -168,6 +176,63 @@ def layer_grad_matrix(layer: nn.Module, groups: int = 1) -> Tensor:
     if layer.bias is None:
         return w
     return torch.cat([w, layer.bias.grad.reshape(groups, -1, 1)], dim=2)
+
+
+def per_layer_inverse(config: Any, a: Tensor, g: Tensor | None, damping: float) -> dict:
+    """The inverse a K-FAC refresh stores for one layer with factors ``a`` and ``g``, from
+    one solver call per matrix (the same keys, in the same order, as the batched refresh).
+    ``g`` None: a blocks layer whose Fisher blocks are ``a`` (``(C, k)`` in diagonal mode); a
+    diagonal ``A`` (``a`` one dimension short of ``g``) has the identity as eigenbasis,
+    ``q_a`` None. ``config`` is the estimator's ``KFACConfig``."""
+    dtype = config.inverse_dtype
+    eigen = config.inverse_method == "eigen"
+    if g is None:
+        if a.dim() == 2:
+            return {"block_diag": a.to(dtype).clamp_min(0)}
+        if eigen:
+            d, q = symmetric_eigh(a, dtype)
+            return {"block_d": d, "block_q": q}
+        return {"block_inv": damped_inverse_cholesky(a, damping, dtype)}
+    diagonal_a = a.dim() < g.dim()
+    if eigen:
+        d_a, q_a = (a.clamp_min(0).to(dtype), None) if diagonal_a else symmetric_eigh(a, dtype)
+        d_g, q_g = symmetric_eigh(g, dtype)
+        inverse = {"d_a": d_a, "q_a": q_a, "d_g": d_g, "q_g": q_g}
+        if config.damping_mode == "factored":
+            inverse["pi"] = factored_damping(a, g, 1.0)[0].to(dtype)  # λ applied per step
+        return inverse
+    a_damp, g_damp = factored_damping(a, g, damping)
+    if diagonal_a:
+        inverse = {"a_inv_diag": 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])}
+    else:
+        inverse = {"a_inv": damped_inverse_cholesky(a, a_damp, dtype)}
+    inverse["g_inv"] = damped_inverse_cholesky(g, g_damp, dtype)
+    return inverse
+
+
+def _fill_per_layer(estimator: Any, items: Sequence[tuple]) -> None:
+    """What ``KFACEstimator._compute_inverses`` does for ``(name, state, a, g, damping)``
+    items, one layer at a time with :func:`per_layer_inverse`."""
+    for _, state, a, g, damping in items:
+        state.inverse = per_layer_inverse(estimator.config, a, g, damping)
+        state.source = (a, g)
+        state.refresh_damping = float(damping)
+
+
+def per_layer_refresh(estimator: Any, damping: float) -> None:
+    """Fill the inverse of every layer of a K-FAC estimator (or a subclass's) that has
+    factors, one layer at a time: K-FAC's part of ``estimator.refresh(damping)`` without
+    the batching (an E-KFAC's scalings and a two-level coarse inverse are left alone)."""
+    ready = [(n, st) for n, st in estimator._state.items() if st.a_factor is not None]
+    _fill_per_layer(estimator, [(n, st, st.a_factor, st.g_factor, damping) for n, st in ready])
+
+
+def use_per_layer_refresh(estimator: Any) -> None:
+    """From now on, every refresh of ``estimator`` (``refresh``, distributed or not, and
+    ``load_state_dict``) computes the K-FAC inverses one layer at a time, as
+    :func:`per_layer_refresh` does; the rest of the refresh (E-KFAC's scalings, the coarse
+    inverse) is the estimator's own."""
+    estimator._compute_inverses = partial(_fill_per_layer, estimator)
 
 
 def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:

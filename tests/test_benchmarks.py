@@ -45,3 +45,18 @@ def test_mfac_bandwidth_against_the_roofline():
     low = 100 * max(ihvp_gbs - 0.05, 0) / (read_gbs + 0.05)
     high = 100 * (ihvp_gbs + 0.05) / max(read_gbs - 0.05, 1e-9)
     assert low - 1 <= roofline <= high + 1
+
+
+def test_refresh_times_the_per_layer_and_the_batched_refresh():
+    out = _run("bench_refresh.py", "--model", "mlp", "--method", "eigen,cholesky",
+               "--repeats", "1", "--warmup", "0", "--threads", "1")  # fmt: skip
+    calls = {}
+    for line in out.splitlines():
+        label, _, rest = line.strip().partition(": ")
+        if label in ("per-layer", "batched") and rest.endswith(" solver calls"):
+            calls.setdefault(label, []).append(int(rest.split(", ")[1].split()[0]))
+    # at least one call per matrix factor (74), against one per factor size (4), fallbacks
+    # (if any) aside
+    assert len(calls["per-layer"]) == len(calls["batched"]) == 2
+    for per_layer, batched in zip(calls["per-layer"], calls["batched"], strict=True):
+        assert per_layer >= 74 and batched < per_layer

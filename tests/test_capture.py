@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -122,6 +123,39 @@ def test_factors_equal_dense_definitions_on_a_batch():
         # float64 numbers: one forward and backward pass, read by hooks and retain_grad)
         assert_close(a, a_ref, dtype=torch.float64, n=7)
         assert_close(g, g_ref, dtype=torch.float64, n=7)
+
+
+def test_a_deepcopy_of_the_model_records_nothing_into_the_originals_optimizer():
+    # copy.deepcopy(model) copies the capture's hooks along with the modules
+    torch.manual_seed(0)
+    model = mlp([6, 5, 3])
+    reference = copy.deepcopy(model)  # copied before any hook exists
+    opt = KFAC(model, curvature_every=1)
+    opt_reference = KFAC(reference, curvature_every=1)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    _loss(twin, x, y).backward()
+    assert opt.capture.collect() == {}
+
+    # the original's own pass is recorded, with the copy's pass run inside it
+    opt.zero_grad()
+    out = model(x[:4])
+    _loss(twin, x[4:], y[4:]).backward()
+    F.cross_entropy(out, y[:4]).backward()
+    opt.step()
+    opt_reference.zero_grad()
+    _loss(reference, x[:4], y[:4]).backward()
+    opt_reference.step()
+    for name in ("0", "2"):
+        assert opt.estimator._state[name].updates == 1
+        # the same computation on the same numbers: float32 sums over 4 examples
+        for got, want in zip(
+            opt.estimator.factors(name), opt_reference.estimator.factors(name), strict=True
+        ):
+            assert_close(got, want, dtype=torch.float32, n=4)
+    _loss(twin, x, y).backward()  # after a step too: no error, nothing recorded
+    assert opt.capture.collect() == {}
 
 
 def test_frozen_and_skipped_layers_are_not_hooked():

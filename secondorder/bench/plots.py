@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report import TARGET_WINDOW, trailing_mean
+from .smoothing import TARGET_WINDOW, trailing_mean
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from .plots import plot_losses
+from .smoothing import TARGET_WINDOW, trailing_mean
+
 __all__ = [
     "BASELINE",
     "TARGET_WINDOW",
@@ -90,22 +93,6 @@ def add_overheads(results: Mapping[str, Any]) -> None:
         mine = run["summary"].get("mean_iter_ms")
         ok = base is not None and mine is not None and base > 0 and math.isfinite(mine)
         run["summary"]["overhead_vs_sgd"] = mine / base if ok else None
-
-
-TARGET_WINDOW = 10
-"""Steps in the trailing mean of the mini-batch loss that is compared with the target."""
-
-
-def trailing_mean(values: list[float], window: int = TARGET_WINDOW) -> list[float]:
-    """Mean of the last ``window`` values at every position (of all values so far before the
-    ``window``-th): the smoothed loss that the "to target" column and the plots use."""
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def steps_to_target(
@@ -275,7 +262,5 @@ def write_results(
         paths["trajectories"] = out / "trajectories.pt"
         torch.save(trajectories, paths["trajectories"])
     if plots:
-        from .plots import plot_losses
-
         paths.update(plot_losses(results, out))
     return paths

@@ -45,10 +45,8 @@ from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
 from ..layers import LayerHelper
 from ..linalg import (
-    damped_inverse_cholesky,
     damped_inverse_cholesky_many,
     factored_damping,
-    symmetric_eigh,
     symmetric_eigh_many,
 )
 from ..optimizer import CurvatureOptimizer
@@ -305,14 +303,10 @@ class KFACEstimator(CurvatureEstimator):
         return None if state.a_factor is None else (state.a_factor, state.g_factor)
 
     # ---- inverses -----------------------------------------------------------------------
-    #: refresh all layers together, one batched decomposition per factor size (False: one
-    #: layer at a time, by :meth:`_compute_inverse`; kept as the reference for the tests)
-    _batched_refresh: bool = True
-
     def refresh(self, damping: float) -> None:
         ready = {name: st for name, st in self._state.items() if st.a_factor is not None}
         if self.comm is None:
-            self._refresh_layers(
+            self._compute_inverses(
                 [(name, st, st.a_factor, st.g_factor, damping) for name, st in ready.items()]
             )
             return
@@ -321,7 +315,7 @@ class KFACEstimator(CurvatureEstimator):
         # batches the layers it owns, the results are broadcast, so every rank holds the
         # same inverses.
         def compute_many(names: Sequence[str]) -> dict[str, dict[str, Tensor | None]]:
-            self._refresh_layers(
+            self._compute_inverses(
                 [(n, ready[n], ready[n].a_factor, ready[n].g_factor, damping) for n in names]
             )
             return {n: ready[n].inverse for n in names}
@@ -345,31 +339,24 @@ class KFACEstimator(CurvatureEstimator):
             )
         )
 
-    def _refresh_layers(
-        self, items: Sequence[tuple[str, _LayerState, Tensor, Tensor | None, float]]
-    ) -> None:
-        """Fill the inverses of ``(name, state, a, g, damping)`` items: batched by
-        :meth:`_compute_inverses`, or one layer at a time by :meth:`_compute_inverse`
-        when ``_batched_refresh`` is False."""
-        if self._batched_refresh:
-            self._compute_inverses(items)
-            return
-        for _, state, a, g, damping in items:
-            self._compute_inverse(state, a, g, damping)
-
     def _compute_inverses(
         self, items: Sequence[tuple[str, _LayerState, Tensor, Tensor | None, float]]
     ) -> None:
-        """:meth:`_compute_inverse` for every ``(name, state, a, g, damping)`` item, with
-        one batched eigendecomposition (or Cholesky factorisation) per factor size: the
-        A and G factors of all layers and the blocks of the normalisation layers are
-        grouped by ``(n, dtype, device)`` (each possibly a ``(groups, n, n)`` batch
-        itself), decomposed together in ``inverse_dtype`` and split back. The results
-        are those of :meth:`_compute_inverse` up to the solver's round-off (a batched
-        and a single call need not sum in the same order; eigenvectors may differ in
-        sign, or by a rotation inside a cluster of equal eigenvalues, which changes no
-        preconditioned direction), fallbacks and jitter included, which stay per matrix.
-        Nothing is stored unless every decomposition succeeds."""
+        """Fill ``state.inverse`` (and the factors and damping it came from) for every
+        ``(name, state, a, g, damping)`` item: ``g`` None is a blocks layer whose Fisher
+        blocks are ``a``; a diagonal ``A`` (``a`` one dimension short of ``g``) has the
+        identity as eigenbasis, ``q_a`` None.
+
+        One batched eigendecomposition (or Cholesky factorisation) per factor size: the A
+        and G factors of all layers and the blocks of the normalisation layers are grouped
+        by ``(n, dtype, device)`` (each possibly a ``(groups, n, n)`` batch itself),
+        decomposed together in ``inverse_dtype`` and split back. The results are those of
+        one solver call per matrix (``per_layer_refresh`` in the tests' helpers) up to the
+        solver's round-off (a batched and a single call need not sum in the same order;
+        eigenvectors may differ in sign, or by a rotation inside a cluster of equal
+        eigenvalues, which changes no preconditioned direction), fallbacks and jitter
+        included, which stay per matrix. Nothing is stored unless every decomposition
+        succeeds."""
         cfg = self.config
         dtype = cfg.inverse_dtype
         eigen = cfg.inverse_method == "eigen"
@@ -426,51 +413,6 @@ class KFACEstimator(CurvatureEstimator):
             state.inverse = inv  # type: ignore[assignment]
             state.source = (a, g)
             state.refresh_damping = float(damping)
-
-    def _compute_inverse(
-        self, state: _LayerState, a: Tensor, g: Tensor | None, damping: float
-    ) -> None:
-        """Fill ``state.inverse`` from factors ``a`` and ``g`` (``g`` None: a blocks layer
-        whose Fisher blocks are ``a``). A diagonal ``A`` (``a`` one dimension short of
-        ``g``) has the identity as eigenbasis: ``q_a`` is None. One layer at a time: the
-        reference :meth:`_compute_inverses` (the batched refresh) is tested against."""
-        cfg = self.config
-        dtype = cfg.inverse_dtype
-        if g is None:
-            state.inverse = self._block_inverse(a, damping)
-        elif cfg.inverse_method == "eigen":
-            if a.dim() < g.dim():
-                d_a, q_a = a.clamp_min(0).to(dtype), None
-            else:
-                d_a, q_a = symmetric_eigh(a, dtype)
-            d_g, q_g = symmetric_eigh(g, dtype)
-            state.inverse = {"d_a": d_a, "q_a": q_a, "d_g": d_g, "q_g": q_g}
-            if cfg.damping_mode == "factored":
-                # π depends only on the factors: keep it, apply the current λ per step.
-                a_damp, _ = factored_damping(a, g, 1.0)
-                state.inverse["pi"] = a_damp.to(dtype)
-        else:
-            a_damp, g_damp = factored_damping(a, g, damping)
-            if a.dim() < g.dim():
-                a_inv = 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])
-                state.inverse = {"a_inv_diag": a_inv}
-            else:
-                state.inverse = {"a_inv": damped_inverse_cholesky(a, a_damp, dtype)}
-            state.inverse["g_inv"] = damped_inverse_cholesky(g, g_damp, dtype)
-        state.source = (a, g)
-        state.refresh_damping = float(damping)
-
-    def _block_inverse(self, fisher: Tensor, damping: float) -> dict[str, Tensor]:
-        """Blocks layers: eigendecomposition of each ``k x k`` block (current λ applied
-        at every step), or with ``inverse_method="cholesky"`` the damped inverse at
-        refresh time; in diagonal mode the diagonal itself."""
-        dtype = self.config.inverse_dtype
-        if fisher.dim() == 2:  # diagonal mode: (C, k)
-            return {"block_diag": fisher.to(dtype).clamp_min(0)}
-        if self.config.inverse_method == "eigen":
-            d, q = symmetric_eigh(fisher, dtype)
-            return {"block_d": d, "block_q": q}
-        return {"block_inv": damped_inverse_cholesky(fisher, damping, dtype)}
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
         out: dict[Tensor, Tensor] = {}
@@ -559,7 +501,7 @@ class KFACEstimator(CurvatureEstimator):
                 g_src = self._checked(layer, entry.get("source_g_factor", g), g_shape)
                 pending.append((name, st, a_src, g_src, entry["refresh_damping"]))
             new_states[name] = st
-        self._refresh_layers(pending)
+        self._compute_inverses(pending)
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 

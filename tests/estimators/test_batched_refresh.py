@@ -30,7 +30,7 @@ from secondorder.linalg import (
     symmetric_eigh_many,
 )
 
-from ..helpers import assert_close
+from ..helpers import assert_close, per_layer_refresh, use_per_layer_refresh
 
 
 class _Net(nn.Module):
@@ -84,7 +84,8 @@ def _run(opt_cls, steps: int = 3, batched: bool = True, **kwargs):
         model,
         **{"lr": 0.05, "damping": DAMPING, "curvature_every": 1, "inverse_every": 2, **kwargs},
     )
-    opt.estimator._batched_refresh = batched
+    if not batched:
+        use_per_layer_refresh(opt.estimator)
     for batch, y in _data(steps):
         opt.zero_grad()
         F.cross_entropy(model(batch), y).backward()
@@ -216,8 +217,7 @@ def test_batched_refresh_equals_per_layer_refresh(config) -> None:
     est.refresh(0.07)
     batched = _inverses(est)
     assert all(batched.values()), "every layer has factors"
-    est._batched_refresh = False
-    est.refresh(0.07)
+    per_layer_refresh(est, 0.07)
     _assert_same_inverses(batched, _inverses(est))
 
 
@@ -234,7 +234,7 @@ def test_ekfac_batched_refresh_equals_per_layer() -> None:
     est.refresh(0.07)
     batched = _inverses(est)
     scalings = {name: est.scalings(name).clone() for name in est.eigen_layers}
-    est._batched_refresh = False
+    use_per_layer_refresh(est)
     est.refresh(0.07)
     _assert_same_inverses(batched, _inverses(est))
     for name, s in scalings.items():
@@ -256,7 +256,7 @@ def test_two_level_batched_refresh_equals_per_layer() -> None:
     est = opt.estimator
     est.refresh(0.07)
     batched, coarse = _inverses(est), est._coarse_inverse.clone()
-    est._batched_refresh = False
+    use_per_layer_refresh(est)
     est.refresh(0.07)
     _assert_same_inverses(batched, _inverses(est))
     # the coarse matrix is built from the fine inverses: their error times its condition
@@ -299,7 +299,7 @@ def test_one_solver_call_per_factor_size(config, monkeypatch) -> None:
     # the 8 x 8 group: G of conv1, conv2, fc1, fc2 and the embedding
     assert (5, 8, 8) in calls
     calls.clear()
-    est._batched_refresh = False
+    use_per_layer_refresh(est)  # what the per-layer runs here use: one call per matrix
     est.refresh(0.07)
     assert len(calls) == count
 

@@ -9,6 +9,9 @@
   at every layer): the model compiles to one graph per value of the recording switch, and
   a model with more than ``recompile_limit`` (8) hooked layers of different shapes does not
   hit the limit.
+* A ``copy.deepcopy`` of the model carries copies of the hooks, which record nothing; code
+  compiled for the copy is not reused for the original (the hooks test the module's id,
+  which Dynamo guards on).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..test_hook_coverage import Attention
@@ -171,3 +175,17 @@ def test_attention_compiled_after_the_optimizer_is_not_blamed_on_compile():
     assert opt.unhooked_layers == ["attn.out_proj"]
     assert opt.estimator.layers == []
     assert opt.steps == STEPS
+
+
+def test_a_compiled_copy_of_the_model_records_nothing_and_its_code_is_not_the_originals():
+    model = tiny_model()
+    opt = make_optimizer("kfac", model, curvature_every=1)
+    twin = _compiled(copy.deepcopy(model))
+    x, y = batches(1)[0]
+    F.cross_entropy(twin(x), y).backward()
+    assert opt.capture.collect() == {}
+    # the original compiled after its copy, whose code (with the hooks traced as no-ops)
+    # Dynamo would reuse if it did not guard on the module
+    compiled = _compiled(model)
+    F.cross_entropy(compiled(x), y).backward()
+    assert sorted(opt.capture.collect()) == sorted(layer.name for layer in opt.estimator.layers)
