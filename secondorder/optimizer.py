@@ -130,13 +130,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     estimator (:meth:`build_estimator`); this class owns everything else: capture hooks,
     the update/refresh schedule, damping, KL clipping, the base update
     (:mod:`secondorder.base_updates`), weight decay and state saving. Adding a method is
-    one estimator, one config dataclass and a subclass of three lines::
+    one estimator, one config dataclass and a subclass of two lines::
 
         class MyMethod(CurvatureOptimizer):
             config_class = MyConfig
-
-            def build_estimator(self, layers, params):
-                return MyEstimator(layers, self.config)
+            estimator_class = MyEstimator  # built as MyEstimator(layers, config)
 
     Its keyword arguments, their defaults and checks, and the hyperparameter section of its
     docstring all come from the config.
@@ -205,6 +203,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     #: the dataclass of this optimizer's hyperparameters (its keyword arguments)
     config_class: ClassVar[type[OptimizerConfig]] = OptimizerConfig
+    #: the estimator :meth:`build_estimator` makes, as ``estimator_class(layers, config)``
+    estimator_class: ClassVar[type[CurvatureEstimator] | None] = None
     #: whether the first argument must be an nn.Module (hooks need the layers)
     requires_model: ClassVar[bool] = True
     #: coupled (L2) weight decay is added to the gradient *before* preconditioning (M-FAC's
@@ -261,12 +261,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def build_estimator(
         self, layers: list[LayerHelper], params: list[nn.Parameter]
     ) -> CurvatureEstimator | None:
-        """The estimator for the covered ``layers`` (and all ``params``); subclasses build
-        theirs from :attr:`config`. Called again with fewer layers when layers are left to
-        the base update after construction (hooks that never ran)."""
-        if self._estimator_factory is None:
-            return None
-        return self._estimator_factory(layers, params)
+        """The estimator for the covered ``layers`` (and all ``params``):
+        ``estimator_class(layers, self.config)``, or the ``estimator`` factory given to
+        ``CurvatureOptimizer`` itself; a subclass whose estimator needs more overrides it.
+        Called again with fewer layers when layers are left to the base update after
+        construction (hooks that never ran)."""
+        if self._estimator_factory is not None:
+            return self._estimator_factory(layers, params)
+        if self.estimator_class is not None:
+            return self.estimator_class(layers, self.config)
+        return None
 
     def _adopt_config(self, config: OptimizerConfig) -> None:
         """The config's schedule and option fields as the attributes the step reads."""

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import Interval, Schedule
 from .._host import to_host
@@ -529,10 +529,7 @@ class AdaFisher(CurvatureOptimizer):
 
     config_class = AdaFisherConfig
 
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> AdaFisherEstimator:
-        return AdaFisherEstimator(layers, self.config)
+    estimator_class = AdaFisherEstimator
 
 
 @dataclass(kw_only=True)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import Interval, check_interval, is_due
 from .._host import to_host
@@ -358,7 +358,4 @@ class EKFAC(CurvatureOptimizer):
 
     config_class = EKFACConfig
 
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> EKFACEstimator:
-        return EKFACEstimator(layers, self.config)
+    estimator_class = EKFACEstimator

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import Interval
 from .._host import to_host
@@ -583,7 +583,4 @@ class KFAC(CurvatureOptimizer):
 
     config_class = KFACConfig
 
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> KFACEstimator:
-        return KFACEstimator(layers, self.config)
+    estimator_class = KFACEstimator

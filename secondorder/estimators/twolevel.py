@@ -100,7 +100,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import check_number
 from ..config import hyperparameter
@@ -563,7 +563,4 @@ class TwoLevelKFAC(CurvatureOptimizer):
 
     config_class = TwoLevelKFACConfig
 
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> TwoLevelKFACEstimator:
-        return TwoLevelKFACEstimator(layers, self.config)
+    estimator_class = TwoLevelKFACEstimator
