@@ -133,6 +133,16 @@ class OptimizerConfig:
         1, "refresh the inverses at steps that are multiples of this (and after the first update)"
     )
     kl_clip: float | None = hyperparameter(None, "KL clipping constant κ > 0; None disables")
+    graft: str | None = hyperparameter(
+        None,
+        'take each parameter\'s step norm from a first-order method: ``"sgd"``, '
+        '``"adagrad"``, ``"rmsprop"`` or ``"adam"`` (then ``lr`` is that method\'s, and '
+        '``momentum`` defaults to 0); base="sgd" only; see :mod:`secondorder.grafting`',
+    )
+    graft_betas: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), "the grafted method's β₁ (adam) and β₂ (adam, rmsprop)"
+    )
+    graft_eps: float = hyperparameter(1e-8, "the grafted method's ε")
     skip_layers: Iterable[Any] | None = hyperparameter(
         None, "module names or regexes (full match) of layers to leave to the base update"
     )
@@ -183,11 +193,13 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.base not in _BASES:
             raise ValueError(f"base must be one of {_BASES[:2]}, got {self.base!r}")
+        self._check_graft()
         if self.base == "sgd":
             if self.betas is not None or self.eps is not None:
                 raise ValueError("betas and eps apply to base='adam'; base='sgd' uses momentum")
             if self.momentum is None:
-                self.momentum = self.default_momentum
+                # Adam's step carries its own momentum
+                self.momentum = 0.0 if self.graft == "adam" else self.default_momentum
         elif self.base == "adam":
             if self.momentum is not None or self.dampening != 0 or self.nesterov:
                 raise ValueError(
@@ -221,6 +233,23 @@ class OptimizerConfig:
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}"
             )
+
+    def _check_graft(self) -> None:
+        from .base_updates import check_betas
+        from .grafting import GRAFTS
+
+        if self.graft is None:
+            return
+        if self.graft not in GRAFTS:
+            raise ValueError(f"graft must be None or one of {GRAFTS}, got {self.graft!r}")
+        if self.base != "sgd":
+            raise ValueError(
+                f"graft applies to base='sgd' (the grafted method brings its own moments), "
+                f"got base={self.base!r}"
+            )
+        check_betas(self.graft_betas)
+        self.graft_betas = tuple(self.graft_betas)
+        self.graft_eps = check_number("graft_eps", self.graft_eps)
 
     def _check_fisher_type(self) -> None:
         if self.fisher_type not in _FISHER_TYPES:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +45,7 @@ from .config import OptimizerConfig, config_fields
 from .distributed import Communicator, default_communicator, scale_output_statistics
 from .estimators.base import CurvatureEstimator
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
+from .grafting import graft_directions
 from .layers import LayerHelper
 
 #: builds the estimator from the covered layers and the optimizer's parameters
@@ -557,8 +558,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         if p in grads:
                             grads[p] = grads[p].add(p, alpha=group["weight_decay"])
         directions: Mapping[Tensor, Tensor] = grads
+        preconditioned: Collection[Tensor] = ()
         if curvature:
-            directions = self._precondition(k, grads)
+            directions, preconditioned = self._precondition(k, grads)
         elif self.capture is not None:
             self.capture.discard()  # curvature off (use_curvature): nothing is absorbed
 
@@ -566,11 +568,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.estimator if curvature and self.estimator.acts_on == "moment" else None
         )
         for group in self.param_groups:
+            group_directions = directions
+            weight_decay = 0.0 if l2_first else group["weight_decay"]
+            if self.config.graft is not None:
+                group_directions, weight_decay = graft_directions(
+                    self, group, grads, directions, preconditioned, weight_decay=weight_decay
+                )
             self.base_update.step(
                 self,
                 group,
-                directions,
-                weight_decay=0.0 if l2_first else group["weight_decay"],
+                group_directions,
+                weight_decay=weight_decay,
                 curvature=moment_curvature,
             )
 
@@ -698,7 +706,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._stat_scale = 1.0 if self.fisher_type == "mc" else stat_scale
         return grads
 
-    def _precondition(self, k: int, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+    def _precondition(
+        self, k: int, grads: dict[Tensor, Tensor]
+    ) -> tuple[dict[Tensor, Tensor], Collection[Tensor]]:
+        """The directions of step ``k`` (raw gradients where the curvature gives none)
+        and the parameters whose direction the curvature gave."""
         if self.capture is not None and self._updates == 0:
             self._check_coverage(grads)  # may replace the estimator
         est = self.estimator
@@ -734,14 +746,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             est.refresh(damping)
             self._refreshes += self._updates > 0
         if est.acts_on == "moment":  # the base update divides its moment by the curvature
-            return grads
+            return grads, ()
         pre = est.precondition(grads, damping)
         if self.kl_clip is not None and pre:
             lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
             nu = kl_clip_factor(((u, grads[p], lr_of[p]) for p, u in pre.items()), self.kl_clip)
             if nu < 1.0:
                 pre = {p: u * nu for p, u in pre.items()}
-        return {**grads, **pre}
+        return {**grads, **pre}, pre.keys()
 
     # ---- layers whose hooks never run ------------------------------------------------------
     def _check_coverage(self, grads: Mapping[Tensor, Tensor]) -> None:

@@ -1,0 +1,183 @@
+"""Grafting (``graft=``): the preconditioned direction with a first-order method's step norm.
+
+Pinned: with the curvature off, ``graft="adam"`` *is* ``torch.optim.Adam`` / ``AdamW`` (the
+same code path: bit for bit); with the curvature on, each parameter's step has the grafted
+method's norm (a float64 reference of that method) and the preconditioned direction; the
+grafted method's state resumes exactly; bad arguments name the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import secondorder as so
+from secondorder.grafting import GRAFTS
+
+from .helpers import assert_close, mlp
+
+
+def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _step(model, opt, batch) -> None:
+    x, y = batch
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reference"),
+    [
+        ({}, lambda p: torch.optim.Adam(p, lr=3e-3)),
+        ({"weight_decay": 0.1}, lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.1)),
+        (
+            {"weight_decay": 0.1, "decoupled_weight_decay": True},
+            lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1),
+        ),
+        (
+            {"graft_betas": (0.8, 0.99), "graft_eps": 1e-6},
+            lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.8, 0.99), eps=1e-6),
+        ),
+    ],
+)
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC, so.MFAC], ids=lambda c: c.__name__)
+def test_adam_graft_with_the_curvature_off_is_adam_bit_for_bit(cls, kwargs, reference):
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    twin = copy.deepcopy(model)
+    opt = cls(model, lr=3e-3, graft="adam", precondition=False, **kwargs)
+    ref = reference(twin.parameters())
+    for batch in _batches(6):
+        _step(model, opt, batch)
+        _step(twin, ref, batch)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)  # the same arithmetic: adam_update is torch's, op for op
+
+
+def test_adam_graft_is_adam_at_steps_where_use_curvature_is_off():
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    twin = copy.deepcopy(model)
+    opt = so.KFAC(model, lr=3e-3, graft="adam", use_curvature=[(100, None)])
+    ref = torch.optim.Adam(twin.parameters(), lr=3e-3)
+    for batch in _batches(4):
+        _step(model, opt, batch)
+        _step(twin, ref, batch)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _reference_steps(graft: str, grads: list[torch.Tensor], betas=(0.9, 0.999), eps=1e-8):
+    """The grafted method's step at each of the given gradients, in float64."""
+    beta1, beta2 = betas
+    m = v = s = torch.zeros_like(grads[0], dtype=torch.float64)
+    steps = []
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        if graft == "sgd":
+            steps.append(g)
+        elif graft == "adagrad":
+            s = s + g * g
+            steps.append(g / (s.sqrt() + eps))
+        elif graft == "rmsprop":
+            v = beta2 * v + (1 - beta2) * g * g
+            steps.append(g / (v.sqrt() + eps))
+        else:
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            steps.append((m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps))
+    return steps
+
+
+@pytest.mark.parametrize("graft", GRAFTS)
+def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(graft):
+    """lr 1, momentum 0, no decay: Δw = (‖a‖/‖u‖) u per parameter, with ``a`` the grafted
+    method's step (float64 reference over the same gradients) and ``u`` the K-FAC direction
+    (asked of the estimator after the step, whose inverses did not change since)."""
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    opt = so.KFAC(
+        model,
+        lr=1.0,
+        momentum=0.0,
+        damping=0.1,
+        curvature_every=1,
+        inverse_every=1,
+        kl_clip=None,
+        graft=graft,
+    )
+    history: dict[torch.Tensor, list[torch.Tensor]] = {p: [] for p in model.parameters()}
+    for batch in _batches(4):
+        before = {p: p.detach().clone() for p in model.parameters()}
+        x, y = batch
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = {p: p.grad.detach().clone() for p in model.parameters()}
+        for p, g in grads.items():
+            history[p].append(g)
+        opt.step()
+        directions = opt.estimator.precondition(grads, opt.current_damping())
+        assert set(directions) == set(grads)  # every parameter is covered
+        for p, u in directions.items():
+            moved = (before[p] - p.detach()).double()
+            a = _reference_steps(graft, history[p])[-1]
+            want = u.double() * (a.norm() / u.double().norm())
+            # a handful of roundings per entry in float32, relative to the step's size
+            assert_close(moved, want, dtype=torch.float32, n=16, scale=float(want.abs().max()))
+            assert_close(moved.norm(), a.norm(), dtype=torch.float32, n=16 * moved.numel())
+
+
+def test_graft_state_resumes_exactly():
+    torch.manual_seed(0)
+    batches = _batches(6)
+    model = mlp([5, 7, 3])
+    start = copy.deepcopy(model.state_dict())
+    kwargs = dict(lr=1e-2, graft="rmsprop", curvature_every=1, inverse_every=2)
+    opt = so.KFAC(model, **kwargs)
+    for batch in batches:
+        _step(model, opt, batch)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model.load_state_dict(start)
+    opt = so.KFAC(model, **kwargs)
+    for batch in batches[:3]:
+        _step(model, opt, batch)
+    saved = copy.deepcopy(opt.state_dict())
+    assert any(k.startswith("graft_") for st in saved["state"].values() for k in st)
+    resumed = so.KFAC(model, **kwargs)
+    resumed.load_state_dict(saved)
+    for batch in batches[3:]:
+        _step(model, resumed, batch)
+    for p, q in zip(model.parameters(), straight, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_momentum_defaults_to_zero_under_the_adam_graft_only():
+    assert so.KFAC(mlp([5, 3]), graft="adam").param_groups[0]["momentum"] == 0.0
+    assert so.KFAC(mlp([5, 3]), graft="rmsprop").param_groups[0]["momentum"] == 0.9
+    assert so.KFAC(mlp([5, 3]), graft="adam", momentum=0.5).param_groups[0]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (so.KFAC, {"graft": "lion"}, "graft must be None or one of"),
+        (so.KFAC, {"graft": "adam", "base": "adam"}, "graft applies to base='sgd'"),
+        (so.KFAC, {"graft": "adam", "graft_betas": (1.0, 0.9)}, r"betas\[0\] must be in"),
+        (so.KFAC, {"graft": "adam", "graft_eps": -1.0}, "graft_eps must be"),
+        (so.AdaFisher, {"graft": "adam"}, "graft applies to base='sgd'"),
+    ],
+)
+def test_bad_graft_arguments_name_the_argument(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(mlp([5, 3]), **kwargs)
