@@ -22,7 +22,8 @@ moments, learning rate and weight decay. One class per kind, selected by the con
 Each owns its param-group keys: :meth:`BaseUpdate.defaults` builds them from the config,
 :meth:`BaseUpdate.check_group` validates a group (the constructor's and every
 ``add_param_group``'s), :meth:`BaseUpdate.step` updates one group. The functional cores
-(:func:`sgd_update`, :func:`adam_update`, :func:`adahessian_update`) see plain lists of tensors, never the optimizer.
+(:func:`sgd_update`, :func:`adam_update`, :func:`adahessian_update`) see plain lists of
+tensors, never the optimizer.
 """
 
 from __future__ import annotations

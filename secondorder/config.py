@@ -105,7 +105,7 @@ class OptimizerConfig:
         "sgd",
         '``"sgd"`` (SGD with momentum) or ``"adam"`` (Adam-style moments of the '
         'preconditioned direction); AdaFisher\'s is ``"momentum"`` (the bias-corrected '
-        "first moment over ``F̃ = D + λ``), AdaHessian's ``\"adahessian\"`` (Adam whose "
+        'first moment over ``F̃ = D + λ``), AdaHessian\'s ``"adahessian"`` (Adam whose '
         "second moment averages the squared Hessian diagonal)",
     )
     momentum: float | None = hyperparameter(
