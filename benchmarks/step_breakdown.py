@@ -8,8 +8,8 @@ Trains a few steps with every method and times, per iteration:
     update        estimator.update (factor / statistics update)
     refresh       estimator.refresh (eigendecompositions / inverses / Cholesky)
     precondition  estimator.precondition
-    hutchinson    AdaHessian's Hessian-diagonal estimate (its ``_estimate``: the
-                  Hutchinson Hessian-vector products)
+    hutchinson    AdaHessian's Hessian-diagonal estimate (its estimator's ``update``:
+                  the Hutchinson Hessian-vector products)
     base          the rest of optimizer.step(): gradient collection, finiteness check,
                   KL clip, the base (SGD / Adam / AdaFisher / AdaHessian) update
 
@@ -159,11 +159,11 @@ def instrument(opt: torch.optim.Optimizer, timer: StageTimer) -> None:
     if isinstance(opt, CurvatureOptimizer) and opt.estimator is not None:
         est = opt.estimator
         for stage in ("update", "refresh", "precondition"):
-            setattr(est, stage, timer.wrap(getattr(est, stage), stage))
+            # AdaHessian's update is the Hutchinson estimate (Hessian-vector products)
+            name = "hutchinson" if stage == "update" and est.needs_graph else stage
+            setattr(est, stage, timer.wrap(getattr(est, stage), name))
         if opt.capture is not None:
             opt.capture.accumulate = timer.wrap(opt.capture.accumulate, "capture")
-    elif hasattr(opt, "_estimate"):  # AdaHessian: the Hutchinson estimate
-        opt._estimate = timer.wrap(opt._estimate, "hutchinson")
 
 
 def make_task(task: str, batch: int, device: str) -> tuple[nn.Module, torch.Tensor, int]:

@@ -12,12 +12,18 @@ moments, learning rate and weight decay. One class per kind, selected by the con
 * ``"momentum"`` (:class:`MomentumBase`): the bias-corrected first moment divided by a
   diagonal curvature, ``w ← w − η (m̂ / (D + λ))`` with ``D`` from the estimator's
   :meth:`~secondorder.estimators.base.CurvatureEstimator.moment_curvature` and ``D = 1``
-  where it gives none (AdaFisher's update).
+  where it gives none (AdaFisher's update);
+* ``"adahessian"`` (:class:`HessianAdamBase`): Adam whose second moment averages ``D²``,
+  ``D`` from the estimator's
+  :meth:`~secondorder.estimators.base.CurvatureEstimator.second_moment` (AdaHessian: the
+  Hessian diagonal), with the denominator ``(√v̂)^k + ε``; plain Adam / AdamW where it
+  gives none or curvature is off.
 
 Each owns its param-group keys: :meth:`BaseUpdate.defaults` builds them from the config,
 :meth:`BaseUpdate.check_group` validates a group (the constructor's and every
 ``add_param_group``'s), :meth:`BaseUpdate.step` updates one group. The functional cores
-(:func:`sgd_update`, :func:`adam_update`) see plain lists of tensors, never the optimizer.
+(:func:`sgd_update`, :func:`adam_update`, :func:`adahessian_update`) see plain lists of
+tensors, never the optimizer.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ __all__ = [
     "BaseUpdate",
     "ColumnLayout",
     "DiagonalCurvature",
+    "HessianAdamBase",
     "MomentumBase",
     "SGDBase",
+    "adahessian_update",
     "adam_update",
     "sgd_update",
 ]
@@ -119,6 +127,53 @@ def adam_update(
         step_size = lr / bias_correction1
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def adahessian_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hessians: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    hessian_power: float,
+    weight_decay: float,
+    decoupled: bool = True,
+) -> None:
+    r"""One AdaHessian update of ``params`` in place (state tensors too).
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) D^2, \quad
+        w \leftarrow w - \text{lr}\Bigl(\frac{\hat m}{\hat v^{k/2} + \epsilon} + \text{wd}\, w\Bigr)
+
+    with ``m̂ = m/(1 − β1^t)``, ``v̂ = v/(1 − β2^t)``, ``t`` the parameter's step count
+    after the increment. ``hessians`` may have size-1 dims (a spatially averaged diagonal):
+    they broadcast against the parameter. ``decoupled=False`` adds ``wd w`` to the gradient
+    instead (L2).
+    """
+    for i, param in enumerate(params):
+        exp_avg, exp_hessian_sq, step_t = exp_avgs[i], exp_hessian_sqs[i], steps[i]
+        hessian, grad = hessians[i], grads[i]
+        step_t += 1
+        if weight_decay != 0 and not decoupled:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_hessian_sq.mul_(beta2).addcmul_(hessian, hessian, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = exp_hessian_sq / bias_correction2
+        denom = denom.sqrt_() if hessian_power == 1 else denom.pow_(hessian_power / 2)
+        denom.add_(eps)
+        if weight_decay != 0 and decoupled:
+            param.mul_(1 - lr * weight_decay)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 # ---- the diagonal curvature of the "momentum" base ---------------------------------------
@@ -421,6 +476,95 @@ class MomentumBase(BaseUpdate):
             layout.write(exp_avg, m)
 
 
+class HessianAdamBase(BaseUpdate):
+    r"""Adam whose second moment averages the square of the estimator's
+    :meth:`~secondorder.estimators.base.CurvatureEstimator.second_moment` ``D`` in place
+    of ``g²`` (AdaHessian's update, :func:`adahessian_update`):
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) D^2, \quad
+        w \leftarrow w - \eta\Bigl(\frac{\hat m}{(\sqrt{\hat v})^k + \epsilon}
+            + \kappa_W w\Bigr)
+
+    State: ``step``, ``exp_avg``, ``exp_hessian_diag_sq`` and ``hessian_diag``, the ``D``
+    of the last update. A parameter without ``D`` (uncovered, or curvature off) takes the
+    plain Adam / AdamW update (:func:`adam_update`, its second moment ``exp_avg_sq``), so
+    that with ``precondition=False`` this is ``torch.optim.Adam`` / ``AdamW``."""
+
+    name = "adahessian"
+
+    def defaults(self, config: OptimizerConfig) -> dict[str, Any]:
+        return {
+            "lr": config.lr,
+            "weight_decay": config.weight_decay,
+            "betas": config.betas,
+            "eps": config.eps,
+            "hessian_power": config.hessian_power,  # type: ignore[attr-defined]
+        }
+
+    def check_group(self, group: Mapping[str, Any]) -> None:
+        super().check_group(group)
+        check_betas(group["betas"])
+        # > 0: with eps = 0 a coordinate without gradient and curvature (an input that is
+        # always 0, an unused output) would take the step 0/0 = NaN
+        check_number("eps", group["eps"], low_open=True)
+        check_number("hessian_power", group["hessian_power"], high=1.0)
+
+    def step(self, opt, group, directions, *, weight_decay, curvature):
+        params = [p for p in group["params"] if p in directions]
+        if not params:
+            return
+        hessian, plain = [], []
+        for p in params:
+            diag = None if curvature is None else curvature.second_moment(p)
+            state = opt.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if diag is None:
+                if "exp_avg_sq" not in state:
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                plain.append(p)
+                continue
+            if "exp_hessian_diag_sq" not in state:
+                state["exp_hessian_diag_sq"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+            state["hessian_diag"] = diag
+            hessian.append(p)
+        beta1, beta2 = group["betas"]
+        common = {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": weight_decay,
+            "decoupled": opt.decoupled_weight_decay,
+        }
+        state = opt.state
+        if hessian:
+            adahessian_update(
+                hessian,
+                [directions[p] for p in hessian],
+                [state[p]["hessian_diag"] for p in hessian],
+                [state[p]["exp_avg"] for p in hessian],
+                [state[p]["exp_hessian_diag_sq"] for p in hessian],
+                [state[p]["step"] for p in hessian],
+                hessian_power=group["hessian_power"],
+                **common,
+            )
+        if plain:
+            adam_update(
+                plain,
+                [directions[p] for p in plain],
+                [state[p]["exp_avg"] for p in plain],
+                [state[p]["exp_avg_sq"] for p in plain],
+                [state[p]["step"] for p in plain],
+                **common,
+            )
+
+
 def _check_beta(beta: Any) -> float:
     beta = check_number("beta", beta, high=1.0)
     if beta >= 1.0:
@@ -441,4 +585,6 @@ def _one(p: Tensor) -> Tensor:
 
 
 #: every base update, by the ``base`` value that selects it
-BASE_UPDATES: dict[str, BaseUpdate] = {b.name: b for b in (SGDBase(), AdamBase(), MomentumBase())}
+BASE_UPDATES: dict[str, BaseUpdate] = {
+    b.name: b for b in (SGDBase(), AdamBase(), MomentumBase(), HessianAdamBase())
+}

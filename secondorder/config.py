@@ -55,7 +55,7 @@ from .fisher import check_likelihood
 
 __all__ = ["OptimizerConfig", "config_fields", "fixed", "fixed_fields", "hyperparameter"]
 
-_BASES = ("sgd", "adam", "momentum")
+_BASES = ("sgd", "adam", "momentum", "adahessian")
 _NONFINITE = ("skip", "raise")
 _FISHER_TYPES = ("empirical", "mc")
 
@@ -108,7 +108,8 @@ class OptimizerConfig:
         "sgd",
         '``"sgd"`` (SGD with momentum) or ``"adam"`` (Adam-style moments of the '
         'preconditioned direction); AdaFisher\'s is ``"momentum"`` (the bias-corrected '
-        "first moment over ``F̃ = D + λ``)",
+        'first moment over ``F̃ = D + λ``), AdaHessian\'s ``"adahessian"`` (Adam whose '
+        "second moment averages the squared Hessian diagonal)",
     )
     momentum: float | None = hyperparameter(
         None, "SGD momentum, in [0, 1]; sgd only (None: the method's default)"

@@ -43,7 +43,7 @@ from .base_updates import BASE_UPDATES, BaseUpdate, adam_update, sgd_update
 from .capture import ModelCapture, describe_unsupported, find_layers, module_name
 from .config import OptimizerConfig, config_fields
 from .distributed import Communicator, default_communicator, scale_output_statistics
-from .estimators.base import CurvatureEstimator
+from .estimators.base import CurvatureEstimator, NonFiniteStatistics
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .grafting import graft_directions
 from .layers import LayerHelper
@@ -517,7 +517,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (see the class docstring for the order)."""
+        """Perform one optimisation step (see the class docstring for the order).
+
+        With an estimator that differentiates the gradients' graph
+        (:attr:`~secondorder.estimators.base.CurvatureEstimator.needs_graph`), the
+        gradients of ``loss.backward(create_graph=True)`` keep their graph until the
+        estimator's ``update`` and lose it at the end of the step, whatever happened
+        (``p.grad`` replaced by a detached tensor: this frees the graph and the
+        parameter -> ``.grad`` -> graph -> parameter reference cycle).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -532,6 +540,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                             f"{type(self).__name__} does not support sparse gradients"
                         )
                     grads[p] = p.grad
+        try:
+            self._step_on(grads)
+        finally:
+            if self.estimator is not None and self.estimator.needs_graph:
+                for p, g in grads.items():
+                    if g.requires_grad:
+                        p.grad = g.detach()
+        return loss
+
+    def _step_on(self, grads: dict[Tensor, Tensor]) -> None:
+        """:meth:`step` on the collected gradients."""
         if self.fisher_type == "mc" and self.capture is not None:
             self._check_fisher_sampled(grads)
         found_inf = getattr(self, "found_inf", None)
@@ -540,13 +559,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if self.capture is not None:
                     self.capture.discard()
                 self.skipped_steps += 1
-                return loss
+                return
             grads = self._unscale(grads, getattr(self, "grad_scale", None))
         else:
             self._stat_scale = 1.0
+        if self.comm is not None and self.estimator.needs_graph:
+            self._average_gradients(grads)
         if not self._all_finite(grads):
             self._skip_step(grads)
-            return loss
+            return
 
         k = self._step
         curvature = self.estimator is not None and self.curvature_on(k)
@@ -560,12 +581,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         directions: Mapping[Tensor, Tensor] = grads
         preconditioned: Collection[Tensor] = ()
         if curvature:
-            directions, preconditioned = self._precondition(k, grads)
+            try:
+                directions, preconditioned = self._precondition(k, grads)
+            except NonFiniteStatistics as err:  # the estimator's state is unchanged
+                self._skip_step(grads, err)
+                return
         elif self.capture is not None:
             self.capture.discard()  # curvature off (use_curvature): nothing is absorbed
 
-        moment_curvature = (
-            self.estimator if curvature and self.estimator.acts_on == "moment" else None
+        # the base updates that read the curvature themselves (acts_on "moment" and
+        # "second_moment") get the estimator
+        base_curvature = (
+            self.estimator if curvature and self.estimator.acts_on != "gradient" else None
         )
         for group in self.param_groups:
             group_directions = directions
@@ -579,13 +606,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 group,
                 group_directions,
                 weight_decay=weight_decay,
-                curvature=moment_curvature,
+                curvature=base_curvature,
             )
 
         self._step += 1
         if self.capture is not None:
             self.capture.recording = self._records_at(self._step)
-        return loss
+
+    def _average_gradients(self, grads: dict[Tensor, Tensor]) -> None:
+        """Average the gradients over :attr:`comm`, in place: a ``needs_graph`` estimator's
+        run cannot use ``DistributedDataParallel`` (no double backward)."""
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        layout = torch.zeros(len(index), dtype=torch.float64)
+        for p in grads:
+            layout[index[p]] = 1.0
+        if not self.comm.same_everywhere(layout):
+            raise RuntimeError(
+                f"{type(self).__name__} (distributed): the ranks disagree on which parameters "
+                "have a gradient at this step; every rank must run the same model on its own "
+                "batch"
+            )
+        values = list(grads.values())
+        for tensor, mean in zip(values, self.comm.average(values), strict=True):
+            tensor.copy_(mean)
 
     # ---- Monte-Carlo Fisher ---------------------------------------------------------------
     def sample_fisher(
@@ -694,10 +737,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             stat_scale = float(grad_scale)
         elif self.grad_scaler is not None:
             stat_scale = float(self.grad_scaler.get_scale())
-        elif self.capture is not None and self.capture.recording:
+        elif (self.capture is not None and self.capture.recording) or (
+            self.estimator is not None and self.estimator.needs_graph
+        ):
             raise RuntimeError(
                 f"{type(self).__name__}: the gradients were unscaled by scaler.unscale_(opt), "
-                "but the curvature statistics still carry the loss scale: pass the scaler "
+                "but the curvature statistics (or the gradients' graph) still carry the loss "
+                "scale: pass the scaler "
                 f"to the optimizer, {type(self).__name__}(model, ..., grad_scaler=scaler)"
             )
         else:
@@ -733,6 +779,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 est.update(stats)
                 updated = True
         elif self._statistics_due(k) or first:
+            if est.needs_graph:  # the derivatives of the gradients' graph carry the scale
+                est.loss_scale = self._stat_scale
             est.update(grads)
             updated = True
         self._updates += updated
@@ -745,7 +793,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ):
             est.refresh(damping)
             self._refreshes += self._updates > 0
-        if est.acts_on == "moment":  # the base update divides its moment by the curvature
+        if est.acts_on != "gradient":  # the base update reads the curvature itself
             return grads, ()
         pre = est.precondition(grads, damping)
         if self.kl_clip is not None and pre:
@@ -815,18 +863,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return True
         return all(to_host([torch.isfinite(g).all() for g in grads.values()]))
 
-    def _skip_step(self, grads: Mapping[Tensor, Tensor]) -> None:
+    def _skip_step(
+        self, grads: Mapping[Tensor, Tensor], statistics: NonFiniteStatistics | None = None
+    ) -> None:
+        """Skip the step (or raise) for a non-finite gradient, or for the non-finite
+        ``statistics`` an estimator's update raised."""
         if self.capture is not None:
             self.capture.discard()
+        what = "gradient" if statistics is None else f"gradient or {statistics.what}"
         if self.nonfinite == "raise":
-            bad = [self._names.get(p, "?") for p, g in grads.items() if not torch.isfinite(g).all()]
+            if statistics is None:
+                bad = [p for p, g in grads.items() if not torch.isfinite(g).all()]
+            else:
+                bad = statistics.params
+            names = [self._names.get(p, "?") for p in bad]
             raise FloatingPointError(
-                f"{type(self).__name__}: non-finite gradient at step {self._step} in {bad}; "
+                f"{type(self).__name__}: non-finite {what} at step {self._step} in {names}; "
                 "set nonfinite='skip' to skip such steps"
             )
         self.skipped_steps += 1
         warnings.warn(
-            f"{type(self).__name__}: non-finite gradient, step skipped "
+            f"{type(self).__name__}: non-finite {what}, step skipped "
             "(parameters, optimizer state and curvature unchanged; see skipped_steps)",
             RuntimeWarning,
             stacklevel=caller_stacklevel(),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
+import pkgutil
 import warnings
 
 import pytest
@@ -506,3 +509,27 @@ def test_a_subclass_may_take_keywords_of_its_own_from_its_kwargs():
     assert str(info.value) == (
         "Mine.__init__() got an unexpected keyword argument 'dampng'. Did you mean 'damping'?"
     )
+
+
+def test_no_method_overrides_a_private_method_of_the_base_class():
+    """Every method is a CurvatureOptimizer through its public hooks (config_class,
+    build_estimator, the estimator protocol): no class under secondorder/estimators/
+    redefines a ``_``-prefixed method of CurvatureOptimizer (Python's dunders aside)."""
+    import secondorder.estimators as package
+
+    private = {
+        name
+        for name, _ in inspect.getmembers(CurvatureOptimizer)
+        if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    }
+    assert "_precondition" in private and "_skip_step" in private  # the check sees them
+    offenders, seen = [], []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__:
+                continue
+            seen.append(cls.__name__)
+            offenders += [f"{cls.__qualname__}.{name}" for name in vars(cls) if name in private]
+    assert {"KFAC", "AdaFisher", "AdaHessian", "MFAC"} <= set(seen)
+    assert offenders == []

@@ -1,7 +1,7 @@
 """Curvature estimators, one file per method."""
 
 from .adafisher import AdaFisher, AdaFisherConfig, AdaFisherEstimator, AdaFisherW
-from .adahessian import AdaHessian
+from .adahessian import AdaHessian, AdaHessianConfig, AdaHessianEstimator
 from .base import CurvatureEstimator
 from .ekfac import EKFAC, EKFACConfig, EKFACEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
@@ -17,6 +17,8 @@ __all__ = [
     "AdaFisherEstimator",
     "AdaFisherW",
     "AdaHessian",
+    "AdaHessianConfig",
+    "AdaHessianEstimator",
     "CurvatureEstimator",
     "EKFACConfig",
     "EKFACEstimator",

@@ -12,44 +12,48 @@ model's own forward passes automatically) switches attention to the math backend
 For the others (``nn.Hardsigmoid``, ``nn.EmbeddingBag``, ...) the Hessian-vector product
 raises a ``RuntimeError`` naming the operation and the way out (:func:`hutchinson_diagonal`).
 
-AdaHessian builds on ``torch.optim.Optimizer`` directly rather than on
-:class:`~secondorder.CurvatureOptimizer`: its two moments are of *different* quantities (the
-gradient, and the squared Hessian diagonal), which the base's Adam update over one
-preconditioned direction cannot express, and its hyperparameters (betas, eps, Hessian power)
-are per param group, as in ``torch.optim.Adam``. It shares the base's conventions: argument
-checks, ``nonfinite="skip"``/``"raise"``, :attr:`~AdaHessian.steps`,
-:attr:`~AdaHessian.skipped_steps`, and a ``state_dict`` that resumes the same trajectory.
+AdaHessian is a :class:`~secondorder.CurvatureOptimizer`: :class:`AdaHessianEstimator`
+(``needs_graph``: it differentiates the gradients' graph in ``update``) keeps ``D``, and the
+``"adahessian"`` base update (:class:`~secondorder.base_updates.HessianAdamBase`, its core
+:func:`adahessian_update`) is Adam whose second moment averages ``D²``
+(:meth:`~secondorder.estimators.base.CurvatureEstimator.second_moment`). Its
+hyperparameters (betas, eps, Hessian power) are per param group, as in ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import re
-import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._checks import (
-    Interval,
-    caller_stacklevel,
-    check_interval,
-    check_number,
-    checked_keywords,
-    is_due,
-)
+from .._checks import Interval, Schedule, check_interval, is_due
 from .._host import to_host
-from ..distributed import Communicator, default_communicator
+from ..base_updates import adahessian_update
+from ..config import OptimizerConfig, fixed, hyperparameter
+from ..distributed import Communicator
+from ..layers import LayerHelper
 from ..optimizer import CurvatureOptimizer
+from .base import CurvatureEstimator, NonFiniteStatistics
 
-__all__ = ["AdaHessian", "adahessian_update", "hutchinson_diagonal"]
+__all__ = [
+    "AdaHessian",
+    "AdaHessianConfig",
+    "AdaHessianEstimator",
+    "adahessian_update",
+    "hutchinson_diagonal",
+]
 
-_NONFINITE = ("skip", "raise")
+#: stands for ``lr`` not given (the config's, or the default)
+_UNSET: Any = object()
 
 # ---- operations without a second derivative ---------------------------------------------
 # PyTorch's two wordings: "derivative for aten::OP is not implemented" and "the derivative
@@ -260,52 +264,288 @@ def _hook_math_attention(module: nn.Module, optimizer: weakref.ref) -> list[Any]
     ]
 
 
-# ---- the functional core -----------------------------------------------------------------
-def adahessian_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    hessians: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    hessian_power: float,
-    weight_decay: float,
-) -> None:
-    r"""One AdaHessian update of ``params`` in place (state tensors too).
+# ---- the config ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class AdaHessianConfig(OptimizerConfig):
+    """AdaHessian's hyperparameters (see :class:`AdaHessian`)."""
 
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
-        v \leftarrow \beta_2 v + (1-\beta_2) D^2, \quad
-        w \leftarrow w - \text{lr}\Bigl(\frac{\hat m}{\hat v^{k/2} + \epsilon} + \text{wd}\, w\Bigr)
+    lr: float = hyperparameter(0.15, "learning rate (the paper's)")
+    betas: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), "decay of the gradient moment ``m`` and of the squared-Hessian moment ``v``"
+    )
+    eps: float = hyperparameter(1e-4, "added to the denominator, > 0")
+    weight_decay: float = hyperparameter(0.0, "decoupled weight decay, AdamW-style, >= 0")
+    hessian_power: float = hyperparameter(
+        1.0,
+        "``k`` in ``[0, 1]``: the denominator is ``(√v̂)^k + eps``; 0 leaves bias-corrected "
+        "momentum SGD, ``lr·m̂/(1 + eps)``",
+    )
+    n_probes: int = hyperparameter(1, "Rademacher probes per Hessian estimate, averaged")
+    hessian_every: Interval = hyperparameter(
+        1,
+        "estimate the Hessian at steps that are multiples of this (or a callable of the "
+        "step), reuse the last estimate in between",
+    )
+    spatial_average: bool = hyperparameter(
+        True, "average ``D`` over the spatial dims of weights with ``dim >= 3``"
+    )
+    seed: int | None = hyperparameter(
+        0,
+        "seed of the optimizer's own ``torch.Generator`` for the probes (saved in "
+        "``state_dict``); None draws one from PyTorch's global generator",
+    )
+    math_attention: bool | None = hyperparameter(
+        None,
+        "run the model's forward passes with ``F.scaled_dot_product_attention``'s math "
+        "backend while ``needs_hessian`` (None: on when given the model)",
+    )
+    base: str = fixed("adahessian")
+    decoupled_weight_decay: bool = fixed(True)
+    momentum: float | None = fixed(None)
+    dampening: float = fixed(0.0)
+    nesterov: bool = fixed(False)
+    # AdaHessian regularises with eps; the base's damping schedule is not read
+    damping: Schedule = fixed(1e-3)
+    # the estimator keeps its own schedule (hessian_every) and is asked at every step
+    curvature_every: Interval = fixed(1)
+    inverse_every: Interval = fixed(1)
+    kl_clip: float | None = fixed(None)
+    skip_layers: Iterable[Any] | None = fixed(None)
+    layer_options: Mapping[str, Any] | None = fixed(None)
+    record_in_eval: bool = fixed(False)
+    fisher_type: str = fixed("empirical")
+    likelihood: str | None = fixed(None)
+    likelihood_sigma: float | None = fixed(None)
 
-    with ``m̂ = m/(1 − β1^t)``, ``v̂ = v/(1 − β2^t)``, ``t`` the parameter's step count
-    after the increment. ``hessians`` may have size-1 dims (a spatially averaged diagonal):
-    they broadcast against the parameter.
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        super().__post_init__()
+        if (
+            not isinstance(self.n_probes, numbers.Integral)
+            or isinstance(self.n_probes, bool)
+            or self.n_probes < 1
+        ):
+            raise ValueError(f"n_probes must be a positive int, got {self.n_probes!r}")
+        self.n_probes = int(self.n_probes)
+        self.hessian_every = check_interval("hessian_every", self.hessian_every)
+        if not isinstance(self.spatial_average, bool):
+            raise TypeError(
+                f"spatial_average must be a bool, got {type(self.spatial_average).__name__}"
+            )
+        if self.seed is not None and (
+            not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)
+        ):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.math_attention is not None and not isinstance(self.math_attention, bool):
+            raise TypeError(
+                f"math_attention must be a bool or None, got {type(self.math_attention).__name__}"
+            )
+
+
+# ---- the estimator ------------------------------------------------------------------------
+class AdaHessianEstimator(CurvatureEstimator):
+    """The Hessian diagonal ``D = mean_spatial |mean v ⊙ Hv|`` of every parameter, from
+    Hutchinson's estimate (:func:`hutchinson_diagonal`) on the gradients' graph
+    (``needs_graph``), at the steps ``hessian_every`` says, and in between for parameters
+    without a ``D`` yet; diagonals given with :meth:`set_hessian_diagonal` take the
+    estimate's place. The ``"adahessian"`` base update averages ``D²``
+    (:meth:`second_moment`).
+
+    Args:
+        params (list[Tensor]): the parameters, in the optimizer's order.
+        names (list[str]): their names, for messages.
+        config (AdaHessianConfig): ``n_probes``, ``hessian_every``, ``spatial_average``,
+            ``seed`` (None: drawn from PyTorch's global generator).
     """
-    for i, param in enumerate(params):
-        exp_avg, exp_hessian_sq, step_t = exp_avgs[i], exp_hessian_sqs[i], steps[i]
-        hessian = hessians[i]
-        step_t += 1
-        exp_avg.lerp_(grads[i], 1 - beta1)
-        exp_hessian_sq.mul_(beta2).addcmul_(hessian, hessian, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = exp_hessian_sq / bias_correction2
-        denom = denom.sqrt_() if hessian_power == 1 else denom.pow_(hessian_power / 2)
-        denom.add_(eps)
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    requires_capture = False
+    needs_graph = True
+    acts_on = "second_moment"
+
+    def __init__(
+        self, params: Sequence[Tensor], names: Sequence[str], config: AdaHessianConfig
+    ) -> None:
+        super().__init__([])
+        self._params = list(params)
+        self.names = dict(zip(self._params, names, strict=True))
+        self.n_probes = config.n_probes
+        self.hessian_every = config.hessian_every
+        self.spatial_average = config.spatial_average
+        seed = config.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self._params[0].device).manual_seed(self.seed)
+        #: the ``D`` of each parameter (``|·|`` and spatially averaged), the last estimate
+        self.diagonals: dict[Tensor, Tensor] = {}
+        #: signed diagonals given with :meth:`set_hessian_diagonal`, for the next step
+        self.given: dict[Tensor, Tensor] = {}
+        self._comm: Communicator | None = None
+        self._hessian_due = False
+
+    @property
+    def params(self) -> list[Tensor]:
+        return list(self._params)
+
+    @property
+    def comm(self) -> Communicator | None:  # type: ignore[override]
+        """The ranks of a distributed run: the probes are drawn with rank 0's seed."""
+        return self._comm
+
+    @comm.setter
+    def comm(self, comm: Communicator | None) -> None:
+        self._comm = comm
+        if comm is not None:  # the same probes on every rank
+            self.seed = comm.broadcast_int(self.seed)
+            self.generator.manual_seed(self.seed)
+
+    # ---- the schedule ---------------------------------------------------------------------
+    def hessian_due(self, step: int) -> bool:
+        """Whether ``hessian_every`` estimates the Hessian at ``step``."""
+        return is_due("hessian_every", self.hessian_every, step)
+
+    def needs_hessian(self, step: int) -> bool:
+        """Whether ``step`` differentiates the gradients' graph: it is due and not every
+        parameter that requires grad has a given diagonal."""
+        return self.hessian_due(step) and any(
+            p.requires_grad and p not in self.given for p in self._params
+        )
+
+    def wants_statistics(self, step: int, *, curvature_due: bool, refresh_due: bool) -> bool:
+        # Asked about the step that update() absorbs next: remember whether it estimates.
+        self._hessian_due = self.hessian_due(step)
+        return (
+            self._hessian_due
+            or bool(self.given)
+            or self.comm is not None  # every rank averages at every step
+            or any(p.requires_grad and p not in self.diagonals for p in self._params)
+        )
+
+    def set_hessian_diagonal(self, diagonals: Mapping[Tensor, Tensor]) -> None:
+        """See :meth:`AdaHessian.set_hessian_diagonal`."""
+        checked: dict[Tensor, Tensor] = {}
+        for p, diag in diagonals.items():
+            if p not in self.names:
+                shape = tuple(p.shape) if isinstance(p, Tensor) else p
+                raise ValueError(
+                    f"set_hessian_diagonal: a diagonal is given for a parameter of shape "
+                    f"{shape} that this optimizer does not hold"
+                )
+            if not isinstance(diag, Tensor):
+                raise TypeError(
+                    f"set_hessian_diagonal: the diagonal of {self.names[p]} (shape "
+                    f"{tuple(p.shape)}) must be a tensor, got {type(diag).__name__}"
+                )
+            if diag.shape != p.shape:
+                raise ValueError(
+                    f"set_hessian_diagonal: {self.names[p]} has shape {tuple(p.shape)}; its "
+                    f"diagonal must have that shape, got {tuple(diag.shape)}"
+                )
+            checked[p] = diag.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        self.given.update(checked)
+
+    # ---- the protocol -----------------------------------------------------------------------
+    def update(self, stats: Mapping[Tensor, Tensor]) -> None:
+        """Estimate ``D`` from the gradients ``stats`` (with their graph) where due, take
+        the given diagonals, average across the ranks, and keep the result. A non-finite
+        estimate raises :class:`NonFiniteStatistics` with nothing changed (the probe
+        generator rewound); a due estimate without a graph raises ``RuntimeError``."""
+        grads = stats
+        due = self._hessian_due
+        signed = {p: self.given[p] for p in grads if p in self.given}
+        wanted = [p for p in grads if p not in signed and (due or p not in self.diagonals)]
+        # A skipped step must not consume probes either: the generator is rewound on a skip,
+        # so that the run goes on exactly as if the step had never been attempted.
+        generator_state = self.generator.get_state()
+        if wanted:
+            if not any(grads[p].requires_grad for p in wanted):
+                first = "" if due else f" ({', '.join(self.names[p] for p in wanted)} had none yet)"
+                raise RuntimeError(
+                    f"AdaHessian: this step estimates the Hessian diagonal{first}, but the "
+                    "gradients carry no graph. Call loss.backward(create_graph=True) before "
+                    "optimizer.step() on steps where optimizer.needs_hessian is True (a plain "
+                    "loss.backward() is enough on the others), or give the diagonal with "
+                    "optimizer.set_hessian_diagonal({param: tensor}) before this step."
+                )
+            diags = hutchinson_diagonal(
+                wanted, [grads[p] for p in wanted], self.n_probes, self.generator
+            )
+            scale = self.loss_scale
+            for p, diag in zip(wanted, diags, strict=True):
+                signed[p] = diag if scale == 1.0 else diag / scale
+        if self.comm is not None:
+            self._average_across_ranks(grads, signed)
+        fresh = {}
+        for p, diag in signed.items():
+            diag = diag.abs()
+            fresh[p] = average_spatial_dims(diag) if self.spatial_average else diag
+        finite = to_host([torch.isfinite(d).all() for d in fresh.values()]) if fresh else []
+        bad = [p for p, ok in zip(fresh, finite, strict=True) if not ok]
+        if bad:
+            self.generator.set_state(generator_state)
+            raise NonFiniteStatistics("Hessian estimate", bad)
+        self.diagonals.update(fresh)
+        self.given.clear()
+
+    def _average_across_ranks(
+        self, grads: Mapping[Tensor, Tensor], signed: dict[Tensor, Tensor]
+    ) -> None:
+        """Average the signed estimates over the ranks, in place."""
+        index = {p: i for i, p in enumerate(self._params)}
+        layout = torch.zeros(len(index), dtype=torch.float64)
+        for p in signed:
+            layout[index[p]] = 1.0
+        if not self.comm.same_everywhere(layout):
+            raise RuntimeError(
+                "AdaHessian (distributed): the ranks disagree on which parameters have a "
+                "Hessian estimate at this step; every rank must run the same model on its "
+                "own batch"
+            )
+        ordered = [p for p in self._params if p in signed]
+        means = self.comm.average([signed[p] for p in ordered])
+        signed.update(zip(ordered, means, strict=True))
+
+    def refresh(self, damping: float) -> None:
+        """Nothing to recompute: ``D`` is used as estimated."""
+
+    def second_moment(self, param: Tensor) -> Tensor | None:
+        return self.diagonals.get(param)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The probe generator's state and the given diagonals not used yet (by parameter
+        index). ``D`` itself is saved by the optimizer, as each parameter's
+        ``hessian_diag`` (see :meth:`AdaHessian.load_state_dict`)."""
+        index = {p: i for i, p in enumerate(self._params)}
+        return {
+            "generator": self.generator.get_state(),
+            "given": {index[p]: d for p, d in self.given.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        given = {}
+        for i, diag in state.get("given", {}).items():
+            i = int(i)
+            if not 0 <= i < len(self._params):
+                raise ValueError(
+                    f"AdaHessian state has a given Hessian diagonal for parameter index {i}; "
+                    f"this optimizer has {len(self._params)} parameters"
+                )
+            p = self._params[i]
+            if tuple(diag.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"AdaHessian state has a given Hessian diagonal of shape "
+                    f"{tuple(diag.shape)} for parameter {self.names[p]} of shape "
+                    f"{tuple(p.shape)}; was it saved from a different model?"
+                )
+            given[p] = diag.to(device=p.device, dtype=p.dtype)
+        self.generator.set_state(state["generator"].cpu())
+        self.given = given
 
 
 # ---- the optimizer -----------------------------------------------------------------------
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(CurvatureOptimizer):
     r"""AdaHessian (Yao et al., 2021): Adam with the squared Hessian diagonal in place of
     the squared gradient.
 
@@ -347,61 +587,47 @@ class AdaHessian(torch.optim.Optimizer):
     weights ``(out, in, *kernel)``): ``D`` is averaged over all dims after the first two,
     so the ``(out, in)`` structure is kept; parameters with ``dim <= 2`` are untouched.
 
+    **Distributed.** DDP cannot run the double backward: do not wrap the model in
+    ``DistributedDataParallel``. With ``distributed`` every rank back-propagates its own
+    batch with ``create_graph=True`` and :meth:`step` averages the gradients and the signed
+    Hessian estimates across the ranks of ``process_group``, with the same probes on every
+    rank (the seed is rank 0's), so every rank takes the update of the concatenated batch.
+
+    **Non-finite values.** ``nonfinite="skip"`` skips a step whose gradient or Hessian
+    estimate has a NaN/Inf, leaving parameters, moments, the last ``D``, the step count and
+    the probe generator untouched (counted in :attr:`skipped_steps`, with a warning);
+    ``"raise"`` raises ``FloatingPointError`` naming the parameters.
+
+    **AMP.** ``scaler.step(opt)`` hands AdaHessian the scale: it unscales the gradients
+    and the Hessian-vector products and skips overflow steps. ``grad_scaler`` is needed
+    only when you call ``scaler.unscale_(opt)`` before ``scaler.step(opt)``: the gradients'
+    graph still carries the scale then.
+
+    **math_attention.** Given the model, AdaHessian runs its forward passes (calls of
+    ``model(...)``) with ``F.scaled_dot_product_attention``'s math backend while
+    :attr:`needs_hessian` and gradients are enabled, i.e. exactly the passes whose graph
+    the next step differentiates twice (the fused kernels cannot be); other passes keep the
+    fast kernels. A forward pre-hook and a forward hook on the model do it
+    (:meth:`remove_hooks` detaches them); :meth:`hessian_graph` does the same for forward
+    passes that are not ``model(...)``.
+
+    **Curvature off.** With ``precondition=False`` (or at a step ``use_curvature`` switches
+    off) the update is ``torch.optim.AdamW``'s (``torch.optim.Adam``'s without weight
+    decay) on the raw gradient, with its own second moment ``exp_avg_sq``.
+
     Args:
-        model_or_params (nn.Module or iterable): the model (its parameters that require
-            grad) or parameters / param-group dicts, as for any ``torch.optim`` optimizer.
+        model (nn.Module or iterable): the model (its parameters that require grad) or
+            parameters / param-group dicts, as for any ``torch.optim`` optimizer.
         lr (float, optional): learning rate (default: 0.15, the paper's).
-        betas (tuple[float, float], optional): decay of the gradient moment ``m`` and of the
-            squared-Hessian moment ``v`` (default: (0.9, 0.999)).
-        eps (float, optional): added to the denominator, > 0 (default: 1e-4).
-        weight_decay (float, optional): decoupled weight decay, AdamW-style (default: 0).
-        hessian_power (float, optional): ``k`` in ``[0, 1]``: the denominator is
-            ``(√v̂)^k + eps``; 0 leaves bias-corrected momentum SGD, ``lr·m̂/(1 + eps)``
-            (default: 1, the paper's range is [0, 1]).
-        n_probes (int, optional): Rademacher probes per Hessian estimate, averaged
-            (default: 1).
-        hessian_every (int or callable, optional): estimate the Hessian at steps that are
-            multiples of this, reuse the last estimate in between (default: 1).
-        spatial_average (bool, optional): average ``D`` over the spatial dims of weights
-            with ``dim >= 3`` (default: True).
-        seed (int or None, optional): seed of the optimizer's own ``torch.Generator`` for
-            the probes (on the first parameter's device); its state is saved in
-            :meth:`state_dict`. None draws a seed from PyTorch's global generator
-            (default: 0).
-        nonfinite (str, optional): a step whose gradient or Hessian estimate has a NaN/Inf:
-            ``"skip"`` leaves parameters, moments, the last ``D``, the step count and
-            the probe generator untouched (counted in :attr:`skipped_steps`, with a
-            warning), so the run goes on as if the step had not been tried; ``"raise"``
-            raises ``FloatingPointError`` naming the parameters (default: ``"skip"``).
-        distributed (bool, optional): data-parallel without DDP (which cannot run the
-            double backward): every rank back-propagates its own batch with
-            ``create_graph=True`` and :meth:`step` averages the gradients and the signed
-            Hessian estimates across the ranks of ``process_group``, with the same probes
-            on every rank (the seed is rank 0's), so every rank takes the update of the
-            concatenated batch. Do not wrap the model in ``DistributedDataParallel``.
-            None: when ``torch.distributed`` is initialised with more than one rank
-            (default: None).
-        process_group (ProcessGroup, optional): the ranks to average over (default: all).
-        math_attention (bool or None, optional): run the model's forward passes (calls of
-            ``model(...)``) with ``F.scaled_dot_product_attention``'s math backend while
-            :attr:`needs_hessian` and gradients are enabled, i.e. exactly the passes whose
-            graph the next step differentiates twice (the fused kernels, flash attention
-            on the CPU, cannot be); other passes keep the fast kernels. A forward pre-hook
-            and a forward hook on the model do it (:meth:`remove_hooks` detaches them);
-            :meth:`hessian_graph` does the same for forward passes that are not
-            ``model(...)``. None: on when given the model (default: None).
-        grad_scaler (torch.amp.GradScaler, optional): only needed when you call
-            ``scaler.unscale_(opt)`` before ``scaler.step(opt)``: AdaHessian supports AMP
-            scaling itself (``scaler.step`` hands it the scale; it unscales the gradients
-            and the Hessian-vector products and skips overflow steps, counted in
-            :attr:`skipped_steps` without a warning), but after ``unscale_`` the
-            gradients' graph still carries the scale (default: None).
+        params (iterable, optional): parameters or param-group dicts of ``model``.
+        config (AdaHessianConfig, optional): the hyperparameters as a config.
 
     ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``hessian_power`` may differ per param
     group.
 
     Attributes:
         skipped_steps (int): steps skipped because of non-finite values.
+        estimator (AdaHessianEstimator or None): the Hessian-diagonal estimate.
 
     Example::
 
@@ -413,73 +639,23 @@ class AdaHessian(torch.optim.Optimizer):
             opt.step()
     """
 
-    @checked_keywords
+    config_class = AdaHessianConfig
+    requires_model = False
+
     def __init__(
         self,
-        model_or_params: nn.Module | Iterable[Any],
-        lr: float = 0.15,
+        model: nn.Module | Iterable[Any],
+        lr: Any = _UNSET,
         *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-4,
-        weight_decay: float = 0.0,
-        hessian_power: float = 1.0,
-        n_probes: int = 1,
-        hessian_every: Interval = 1,
-        spatial_average: bool = True,
-        seed: int | None = 0,
-        nonfinite: str = "skip",
-        distributed: bool | None = None,
-        process_group: Any = None,
-        math_attention: bool | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
+        params: Iterable[Any] | None = None,
+        config: AdaHessianConfig | None = None,
+        **hyperparameters: Any,
     ) -> None:
-        if isinstance(model_or_params, nn.Module):
-            module: nn.Module | None = model_or_params
-            params: list[Any] = [p for p in module.parameters() if p.requires_grad]
-        else:
-            module, params = None, list(model_or_params)
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "hessian_power": hessian_power,
-        }
-        super().__init__(params, defaults)  # add_param_group checks every group
-        if not isinstance(n_probes, numbers.Integral) or isinstance(n_probes, bool) or n_probes < 1:
-            raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
-        self.n_probes = int(n_probes)
-        self.hessian_every = check_interval("hessian_every", hessian_every)
-        if not isinstance(spatial_average, bool):
-            raise TypeError(f"spatial_average must be a bool, got {type(spatial_average).__name__}")
-        self.spatial_average = spatial_average
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
-        self.grad_scaler = grad_scaler
-        self.comm: Communicator | None = default_communicator(distributed, process_group)
-        if self.comm is not None:
-            seed = self.comm.broadcast_int(int(seed))  # the same probes on every rank
-
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self._names = CurvatureOptimizer._param_names(module, all_params)
-        self.generator = torch.Generator(device=all_params[0].device).manual_seed(int(seed))
-        self.skipped_steps = 0
-        self._step = 0
-        self._given: dict[Tensor, Tensor] = {}  # set_hessian_diagonal, for the next step
-        if math_attention is not None and not isinstance(math_attention, bool):
-            raise TypeError(
-                f"math_attention must be a bool or None, got {type(math_attention).__name__}"
-            )
+        if lr is not _UNSET:
+            hyperparameters["lr"] = lr
+        super().__init__(model, None, params=params, config=config, **hyperparameters)
+        math_attention = self.config.math_attention
+        module = model if isinstance(model, nn.Module) else None
         if math_attention and module is None:
             raise ValueError(
                 "math_attention=True needs the model (AdaHessian(model, ...)) to hook its "
@@ -490,38 +666,11 @@ class AdaHessian(torch.optim.Optimizer):
         if module is not None and math_attention is not False:
             self._hooks = _hook_math_attention(module, weakref.ref(self))
 
-    #: ``torch.amp.GradScaler.step`` hands the scale and overflow flag to ``step``
-    _step_supports_amp_scaling = True
-
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
-        check_number("lr", group["lr"])
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-        for i, beta in enumerate(betas):
-            check_number(f"betas[{i}]", beta)
-            if beta >= 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-        # > 0: with eps = 0 a coordinate without gradient and curvature (an input that is
-        # always 0, an unused output) would take the step 0/0 = NaN
-        check_number("eps", group["eps"], low_open=True)
-        check_number("weight_decay", group["weight_decay"])
-        check_number("hessian_power", group["hessian_power"], high=1.0)
-        for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_group(self.param_groups[-1])
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
-        if hasattr(self, "_names"):
-            for p in self.param_groups[-1]["params"]:
-                self._names.setdefault(p, f"param[{len(self._names)}]")
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> AdaHessianEstimator:
+        names = [self._names[p] for p in params]
+        return AdaHessianEstimator(params, names, self.config)
 
     # ---- the forward pass ------------------------------------------------------------------
     def hessian_graph(self) -> contextlib.AbstractContextManager:
@@ -546,26 +695,17 @@ class AdaHessian(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        super().remove_hooks()
 
     # ---- the schedule ----------------------------------------------------------------------
-    @property
-    def steps(self) -> int:
-        """Number of steps taken (skipped steps excluded)."""
-        return self._step
-
     @property
     def needs_hessian(self) -> bool:
         """Whether the next :meth:`step` estimates the Hessian, so that the backward pass
         before it must be ``loss.backward(create_graph=True)``: its index is a multiple of
         ``hessian_every`` and :meth:`set_hessian_diagonal` has not supplied the diagonal
-        of every parameter that requires grad."""
-        if not is_due("hessian_every", self.hessian_every, self._step):
-            return False
-        return any(
-            p.requires_grad and p not in self._given
-            for group in self.param_groups
-            for p in group["params"]
-        )
+        of every parameter that requires grad (False without curvature)."""
+        est = self.estimator
+        return est is not None and self.curvature_on() and est.needs_hessian(self.steps)
 
     def set_hessian_diagonal(self, diagonals: Mapping[Tensor, Tensor]) -> None:
         """Use these Hessian diagonals at the next step instead of Hutchinson's estimate.
@@ -580,244 +720,50 @@ class AdaHessian(torch.optim.Optimizer):
             diagonals (Mapping[Tensor, Tensor]): parameter -> tensor of its shape.
 
         Raises:
-            ValueError: a parameter this optimizer does not hold, or a wrong shape.
+            ValueError: a parameter this optimizer does not hold, or a wrong shape; or
+                the optimizer has no curvature (``precondition=False``).
             TypeError: a value is not a tensor.
         """
-        known = {p for group in self.param_groups for p in group["params"]}
-        checked: dict[Tensor, Tensor] = {}
-        for p, diag in diagonals.items():
-            if p not in known:
-                shape = tuple(p.shape) if isinstance(p, Tensor) else p
-                raise ValueError(
-                    f"set_hessian_diagonal: a diagonal is given for a parameter of shape "
-                    f"{shape} that this optimizer does not hold"
-                )
-            if not isinstance(diag, Tensor):
-                raise TypeError(
-                    f"set_hessian_diagonal: the diagonal of {self._names[p]} (shape "
-                    f"{tuple(p.shape)}) must be a tensor, got {type(diag).__name__}"
-                )
-            if diag.shape != p.shape:
-                raise ValueError(
-                    f"set_hessian_diagonal: {self._names[p]} has shape {tuple(p.shape)}; its "
-                    f"diagonal must have that shape, got {tuple(diag.shape)}"
-                )
-            checked[p] = diag.detach().to(device=p.device, dtype=p.dtype, copy=True)
-        self._given.update(checked)
-
-    # ---- the step --------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (see the class docstring).
-
-        Raises:
-            RuntimeError: the step estimates the Hessian but the gradients carry no graph.
-            FloatingPointError: ``nonfinite="raise"`` and a gradient or estimate has a NaN/Inf.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        params: list[Tensor] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("AdaHessian does not support sparse gradients")
-                    params.append(p)
-        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
-        if found_inf is not None and float(found_inf) > 0:
-            for p in params:  # an overflow step: release the graph, take no step
-                if p.grad.requires_grad:
-                    p.grad = p.grad.detach()
-            self.skipped_steps += 1
-            return loss
-        scale = self._loss_scale(found_inf is not None)
-        # A skipped step must not consume probes either: the generator is rewound on a skip,
-        # so that the run goes on exactly as if the step had never been attempted.
-        generator_state = self.generator.get_state()
-        try:
-            estimate = self._estimate(params)
-        finally:
-            # Release the graph of create_graph=True (and the parameter <-> .grad cycle).
-            for p in params:
-                if p.grad.requires_grad:
-                    p.grad = p.grad.detach()
-        if found_inf is not None:
-            grad_scale = getattr(self, "grad_scale", None)
-            for p in params:
-                if grad_scale is not None:
-                    p.grad.mul_(1.0 / grad_scale.to(device=p.grad.device, dtype=p.grad.dtype))
-                if p in estimate and p not in self._given:
-                    estimate[p] = estimate[p] / scale
-        if self.comm is not None:
-            self._average_across_ranks(params, estimate)
-
-        hessians: dict[Tensor, Tensor] = {}
-        for p in params:
-            diag = estimate.get(p)
-            if diag is not None:
-                diag = diag.abs()
-                hessians[p] = average_spatial_dims(diag) if self.spatial_average else diag
-        if not self._all_finite([p.grad for p in params] + list(hessians.values())):
-            self.generator.set_state(generator_state)
-            self._skip_step(params, hessians)
-            return loss
-
-        for group in self.param_groups:
-            group_params = [p for p in group["params"] if p.grad is not None]
-            if not group_params:
-                continue
-            for p in group_params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_hessian_diag_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                if p in hessians:
-                    state["hessian_diag"] = hessians[p]
-            beta1, beta2 = group["betas"]
-            adahessian_update(
-                group_params,
-                [p.grad for p in group_params],
-                [self.state[p]["hessian_diag"] for p in group_params],
-                [self.state[p]["exp_avg"] for p in group_params],
-                [self.state[p]["exp_hessian_diag_sq"] for p in group_params],
-                [self.state[p]["step"] for p in group_params],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                hessian_power=group["hessian_power"],
-                weight_decay=group["weight_decay"],
-            )
-        self._given.clear()
-        self._step += 1
-        return loss
-
-    def _loss_scale(self, scaled: bool) -> float:
-        """The loss scale the gradients' graph carries (1 outside a GradScaler step)."""
-        if not scaled:
-            return 1.0
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            return float(grad_scale)
-        if self.grad_scaler is None:
-            raise RuntimeError(
-                "AdaHessian: the gradients were unscaled by scaler.unscale_(opt), but their "
-                "graph (the Hessian-vector products) still carries the loss scale: pass the "
-                "scaler to the optimizer, AdaHessian(model, ..., grad_scaler=scaler)"
-            )
-        return float(self.grad_scaler.get_scale())
-
-    def _average_across_ranks(self, params: list[Tensor], estimate: dict[Tensor, Tensor]) -> None:
-        """Average the gradients and the signed estimates over the ranks, in place."""
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        layout = torch.zeros(2, len(index), dtype=torch.float64)
-        for p in params:
-            layout[0, index[p]] = 1.0
-            layout[1, index[p]] = float(p in estimate)
-        if not self.comm.same_everywhere(layout):
-            raise RuntimeError(
-                "AdaHessian (distributed): the ranks disagree on which parameters have a "
-                "gradient or a Hessian estimate at this step; every rank must run the same "
-                "model on its own batch"
-            )
-        values = [p.grad for p in params] + [estimate[p] for p in params if p in estimate]
-        for tensor, mean in zip(values, self.comm.average(values), strict=True):
-            tensor.copy_(mean)
-
-    def _estimate(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
-        """The signed diagonal estimates this step uses: the given ones, and Hutchinson's
-        for the others when the Hessian is due (or for parameters without a ``D`` yet)."""
-        due = is_due("hessian_every", self.hessian_every, self._step)
-        estimate = {p: self._given[p] for p in params if p in self._given}
-        wanted = [
-            p
-            for p in params
-            if p not in estimate and (due or "hessian_diag" not in self.state.get(p, {}))
-        ]
-        if not wanted:
-            return estimate
-        if not any(p.grad.requires_grad for p in wanted):
-            first = "" if due else f" ({', '.join(self._names[p] for p in wanted)} had none yet)"
-            raise RuntimeError(
-                f"AdaHessian: step {self._step} estimates the Hessian diagonal{first}, but the "
-                "gradients carry no graph. Call loss.backward(create_graph=True) before "
-                "optimizer.step() on steps where optimizer.needs_hessian is True (a plain "
-                "loss.backward() is enough on the others), or give the diagonal with "
-                "optimizer.set_hessian_diagonal({param: tensor}) before this step."
-            )
-        diags = hutchinson_diagonal(wanted, [p.grad for p in wanted], self.n_probes, self.generator)
-        estimate.update(zip(wanted, diags, strict=True))
-        return estimate
-
-    @staticmethod
-    def _all_finite(tensors: list[Tensor]) -> bool:
-        if not tensors:
-            return True
-        return all(to_host([torch.isfinite(t).all() for t in tensors]))
-
-    def _skip_step(self, params: list[Tensor], hessians: Mapping[Tensor, Tensor]) -> None:
-        if self.nonfinite == "raise":
-            bad = [
-                self._names.get(p, "?")
-                for p in params
-                if not torch.isfinite(p.grad).all()
-                or (p in hessians and not torch.isfinite(hessians[p]).all())
-            ]
-            raise FloatingPointError(
-                f"AdaHessian: non-finite gradient or Hessian estimate at step {self._step} in "
-                f"{bad}; set nonfinite='skip' to skip such steps"
-            )
-        self.skipped_steps += 1
-        warnings.warn(
-            "AdaHessian: non-finite gradient or Hessian estimate, step skipped (parameters, "
-            "moments and the last Hessian estimate unchanged; see skipped_steps)",
-            RuntimeWarning,
-            stacklevel=caller_stacklevel(),
-        )
+        if self.estimator is None:
+            raise ValueError("set_hessian_diagonal needs curvature (precondition=True)")
+        self.estimator.set_hessian_diagonal(diagonals)
 
     # ---- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The per-parameter state (``step``, ``exp_avg``, ``exp_hessian_diag_sq``, and the
         last estimate ``hessian_diag``, kept for the steps that reuse it) plus
-        ``"adahessian"``: the step counters, the probe generator's state and any diagonals
+        ``"curvature"``: the step counters, the probe generator's state and any diagonals
         given with :meth:`set_hessian_diagonal` and not yet used."""
-        state = super().state_dict()
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state["adahessian"] = {
-            "step": self._step,
-            "skipped_steps": self.skipped_steps,
-            "generator": self.generator.get_state(),
-            "given": {index[p]: d for p, d in self._given.items()},
-        }
-        return state
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next step continues the same trajectory,
-        probes included."""
+        """Restore :meth:`state_dict` (also one saved before AdaHessian was a
+        :class:`~secondorder.CurvatureOptimizer`, with an ``"adahessian"`` entry); the next
+        step continues the same trajectory, probes included."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("adahessian", None)
-        if extra is None:
+        legacy = state_dict.pop("adahessian", None)
+        if legacy is not None and "curvature" not in state_dict:
+            state_dict["curvature"] = {
+                "step": legacy["step"],
+                "updates": legacy["step"],
+                "refreshes": legacy["step"],
+                "skipped_steps": legacy["skipped_steps"],
+                "estimator": {"generator": legacy["generator"], "given": legacy["given"]},
+            }
+        if "curvature" not in state_dict:
             raise ValueError(
-                "this state_dict has no 'adahessian' entry: it was not saved by an AdaHessian"
+                "this state_dict has no 'curvature' entry: it was not saved by an AdaHessian"
             )
-        self._check_saved_shapes(state_dict, extra)
+        self._check_saved_shapes(state_dict)
         super().load_state_dict(state_dict)
-        self._step = int(extra["step"])
-        self.skipped_steps = int(extra["skipped_steps"])
-        self.generator.set_state(extra["generator"].cpu())
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._given = {
-            params[int(i)]: d.to(device=params[int(i)].device, dtype=params[int(i)].dtype)
-            for i, d in extra["given"].items()
-        }
+        if self.estimator is not None:  # D lives in the per-parameter state
+            self.estimator.diagonals = {
+                p: self.state[p]["hessian_diag"]
+                for p in self.estimator.params
+                if "hessian_diag" in self.state.get(p, {})
+            }
 
-    def _check_saved_shapes(self, state_dict: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    def _check_saved_shapes(self, state_dict: Mapping[str, Any]) -> None:
         """``ValueError`` naming the parameter when a saved moment, Hessian estimate or given
         diagonal does not fit this optimizer's parameter (a state saved from another model:
         ``torch.optim.Optimizer.load_state_dict`` checks only the number of parameters).
@@ -852,12 +798,21 @@ class AdaHessian(torch.optim.Optimizer):
                 if key != "step" and isinstance(value, Tensor):
                     if not fits(value, p, broadcast=key == "hessian_diag"):
                         fail(p, f"{key!r}", value)
-        for i, diag in extra.get("given", {}).items():
-            i = int(i)
-            if not 0 <= i < len(params):
-                raise ValueError(
-                    f"AdaHessian state has a given Hessian diagonal for parameter index {i}; "
-                    f"this optimizer has {len(params)} parameters"
-                )
-            if not fits(diag, params[i], broadcast=False):
-                fail(params[i], "a given Hessian diagonal", diag)
+
+
+def _init_signature() -> inspect.Signature:
+    """``AdaHessian(model, lr, *, params, config, **fields of AdaHessianConfig)``."""
+    kinds = inspect.Parameter
+    return inspect.Signature(
+        [
+            kinds("self", kinds.POSITIONAL_OR_KEYWORD),
+            kinds("model", kinds.POSITIONAL_OR_KEYWORD),
+            kinds("lr", kinds.POSITIONAL_OR_KEYWORD, default=AdaHessianConfig.lr),
+            kinds("params", kinds.KEYWORD_ONLY, default=None),
+            kinds("config", kinds.KEYWORD_ONLY, default=None),
+            *AdaHessianConfig.signature_parameters(),
+        ]
+    )
+
+
+AdaHessian.__init__.__signature__ = _init_signature()  # type: ignore[attr-defined]

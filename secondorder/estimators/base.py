@@ -15,6 +15,9 @@ optimizer knows nothing of Kronecker factors. Between them pass only:
     E-KFAC, two-level K-FAC, M-FAC);
   - ``"moment"``: ``moment_curvature(param)``, a diagonal ``D`` that the ``"momentum"``
     base update divides its bias-corrected first moment by, ``m̂ / (D + λ)`` (AdaFisher);
+  - ``"second_moment"``: ``second_moment(param)``, the quantity ``D`` whose square the
+    Adam-style second moment of the ``"adahessian"`` base update averages in place of
+    ``g²``, ``v ← β₂ v + (1 − β₂) D²`` (AdaHessian: ``D`` the Hessian diagonal);
 
 * ``state_dict()`` / ``load_state_dict()``.
 
@@ -22,6 +25,11 @@ Class attributes say what the estimator needs from the optimizer: hooks
 (:attr:`~CurvatureEstimator.requires_capture`), a backward pass with a graph
 (:attr:`~CurvatureEstimator.needs_graph`), data-parallel support
 (:attr:`~CurvatureEstimator.supports_distributed`).
+
+An estimator whose statistics turn out non-finite drops them where it can (K-FAC: per
+layer, the step goes on); one that cannot raises :class:`NonFiniteStatistics` from
+:meth:`~CurvatureEstimator.update` with its state unchanged, and the optimizer treats the
+step as one with a non-finite gradient (``nonfinite="skip"`` / ``"raise"``).
 """
 
 from __future__ import annotations
@@ -38,7 +46,28 @@ if TYPE_CHECKING:
     from ..base_updates import DiagonalCurvature
     from ..distributed import Communicator
 
-_STAGES = ("gradient", "moment")
+_STAGES = ("gradient", "moment", "second_moment")
+_HOOKS = {
+    "gradient": "precondition",
+    "moment": "moment_curvature",
+    "second_moment": "second_moment",
+}
+
+
+class NonFiniteStatistics(FloatingPointError):
+    """Raised by :meth:`CurvatureEstimator.update`, its state left unchanged, when the
+    statistics of the step are not finite and cannot be dropped alone: the optimizer
+    skips the step (or raises, with ``nonfinite="raise"``).
+
+    Args:
+        what (str): what is not finite, in words (``"Hessian estimate"``).
+        params (Sequence[Tensor]): the parameters whose statistics are not finite.
+    """
+
+    def __init__(self, what: str, params: Sequence[Tensor]) -> None:
+        super().__init__(f"non-finite {what}")
+        self.what = what
+        self.params = list(params)
 
 
 class CurvatureEstimator(ABC):
@@ -54,20 +83,29 @@ class CurvatureEstimator(ABC):
     #: whether the estimator works data-parallel: its statistics reduce across ranks
     #: (:mod:`secondorder.distributed`), or it needs none (built from DDP's gradients)
     supports_distributed: ClassVar[bool] = True
-    #: where the curvature acts: ``"gradient"`` (:meth:`precondition`) or ``"moment"``
-    #: (:meth:`moment_curvature`, for the ``"momentum"`` base update)
+    #: where the curvature acts: ``"gradient"`` (:meth:`precondition`), ``"moment"``
+    #: (:meth:`moment_curvature`, for the ``"momentum"`` base update) or
+    #: ``"second_moment"`` (:meth:`second_moment`, for the ``"adahessian"`` base update)
     acts_on: ClassVar[str] = "gradient"
     #: whether the gradients must come from ``loss.backward(create_graph=True)``
-    #: (Hessian-vector products)
+    #: (Hessian-vector products). Such an estimator (``requires_capture = False``) gets
+    #: the gradients in :meth:`update` with their graph, unscaled in place under AMP but
+    #: still differentiating the scaled loss (:attr:`loss_scale`); the optimizer releases
+    #: the graph at the end of every step (``p.grad`` detached) and, since
+    #: ``DistributedDataParallel`` cannot run a double backward, averages the gradients
+    #: across the ranks of a distributed run itself.
     needs_graph: ClassVar[bool] = False
     #: set by the optimizer in a distributed run: refreshes may share work through it
     comm: Communicator | None = None
+    #: set by the optimizer before :meth:`update`: the loss scale (AMP) that derivatives
+    #: taken through the gradients' graph carry (1 outside a ``GradScaler`` step)
+    loss_scale: float = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.acts_on not in _STAGES:
             raise TypeError(f"{cls.__name__}.acts_on must be one of {_STAGES}, got {cls.acts_on!r}")
-        hook = "precondition" if cls.acts_on == "gradient" else "moment_curvature"
+        hook = _HOOKS[cls.acts_on]
         if getattr(cls, hook) is getattr(CurvatureEstimator, hook) and not getattr(
             cls, "__abstractmethods__", None
         ):
@@ -124,6 +162,13 @@ class CurvatureEstimator(ABC):
         """For ``acts_on = "moment"``: the diagonal curvature ``D`` of ``param`` that the
         ``"momentum"`` base update divides the bias-corrected first moment by
         (``m̂ / (D + λ)``), or None for ``D = 1`` (an uncovered parameter)."""
+        raise NotImplementedError(f"{type(self).__name__} acts on the {self.acts_on}")
+
+    def second_moment(self, param: Tensor) -> Tensor | None:
+        """For ``acts_on = "second_moment"``: the quantity ``D`` of ``param`` (its shape,
+        or broadcastable to it) whose square the ``"adahessian"`` base update's second
+        moment averages, ``v ← β₂ v + (1 − β₂) D²``, in place of the gradient's ``g²``;
+        or None for the gradient itself (plain Adam: an uncovered parameter)."""
         raise NotImplementedError(f"{type(self).__name__} acts on the {self.acts_on}")
 
     @abstractmethod

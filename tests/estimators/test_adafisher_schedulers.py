@@ -114,7 +114,9 @@ def test_adafisher_follows_a_cycling_beta_step_by_step(cls):
         sched.step()
         for i, g in enumerate(grads):
             w = want[i]
-            moments[i] = beta * moments[i] + (1 - beta) * (g if opt.decoupled_weight_decay else g + wd * w)
+            moments[i] = beta * moments[i] + (1 - beta) * (
+                g if opt.decoupled_weight_decay else g + wd * w
+            )
             step = moments[i] / (1 - beta**t) / (1 + damping)
             want[i] = w - lr * (step + wd * w) if opt.decoupled_weight_decay else w - lr * step
     assert len(set(betas_used)) == len(betas_used)  # the scheduler did change β every step

@@ -4,6 +4,7 @@ the update formula written out by hand, and as an optimizer."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 import weakref
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from secondorder import AdaHessian
-from secondorder.estimators.adahessian import hutchinson_diagonal
+from secondorder import AdaHessian, AdaHessianConfig, CurvatureOptimizer
+from secondorder.config import config_fields
+from secondorder.estimators.adahessian import AdaHessianEstimator, hutchinson_diagonal
 
 from ..helpers import assert_close, digits_data, mlp, tolerance
 
@@ -547,3 +549,69 @@ def test_adahessian_trains_digits_below_adam():
             results[name] = F.cross_entropy(model(x_train), y_train).item()
     print("digits train loss after 3 epochs:", results, "seconds:", seconds)
     assert results["adahessian"] < results["adam1e-2"] < results["adam1e-3"]
+
+
+# ---- one base class ---------------------------------------------------------------------------
+def test_adahessian_is_a_curvature_optimizer_built_from_its_config():
+    opt = AdaHessian(mlp([4, 3]))
+    assert isinstance(opt, CurvatureOptimizer)
+    assert isinstance(opt.config, AdaHessianConfig)
+    assert isinstance(opt.estimator, AdaHessianEstimator)
+    assert opt.estimator.needs_graph and not opt.estimator.requires_capture
+    parameters = inspect.signature(AdaHessian).parameters
+    for f in config_fields(AdaHessianConfig):
+        assert f.name in parameters, f.name
+        assert parameters[f.name].default == f.default, f.name
+    for name in ("momentum", "kl_clip", "inverse_every", "fisher_type", "damping"):
+        assert name not in parameters
+        with pytest.raises(TypeError, match="AdaHessian sets it itself"):
+            AdaHessian(mlp([4, 3]), **{name: None})
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_without_curvature_it_is_adam_bit_for_bit(weight_decay):
+    """``precondition=False``: torch.optim.AdamW's arithmetic (Adam's without weight
+    decay), so the same code runs: bit-equal parameters and moments."""
+    model, batches = _model(), _batches(4)
+    reference = copy.deepcopy(model)
+    kwargs = dict(lr=0.05, betas=(0.8, 0.99), eps=1e-8, weight_decay=weight_decay)
+    opt = AdaHessian(model, precondition=False, **kwargs)
+    assert opt.estimator is None and not opt.needs_hessian
+    torch_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    adam = torch_cls(reference.parameters(), foreach=False, **kwargs)
+    for batch in batches:
+        for m, o in ((model, opt), (reference, adam)):
+            o.zero_grad()
+            _loss(m, batch).backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(opt.state[a]["exp_avg_sq"], adam.state[b]["exp_avg_sq"])
+
+
+def test_a_state_saved_before_it_was_a_curvature_optimizer_resumes():
+    """The former layout (an ``"adahessian"`` entry beside the per-parameter state) loads
+    and continues the same trajectory, probes included."""
+    model, batches = _model(), _batches(6, seed=2)
+    kwargs = dict(lr=0.05, hessian_every=2, seed=5)
+    reference = copy.deepcopy(model)
+    _train(reference, AdaHessian(reference, **kwargs), batches)
+
+    opt = AdaHessian(model, **kwargs)
+    _train(model, opt, batches[:3])
+    state = copy.deepcopy(opt.state_dict())
+    curvature = state.pop("curvature")
+    state["adahessian"] = {
+        "step": curvature["step"],
+        "skipped_steps": curvature["skipped_steps"],
+        "generator": curvature["estimator"]["generator"],
+        "given": curvature["estimator"]["given"],
+    }
+    resumed_model = copy.deepcopy(model)
+    resumed = AdaHessian(resumed_model, lr=0.05, hessian_every=2, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.steps == 3 and resumed.needs_hessian is False
+    _train(resumed_model, resumed, batches[3:])
+    for a, b in zip(reference.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -133,14 +133,8 @@ def all_finite(model: nn.Module) -> bool:
 
 def curvature_state(opt: torch.optim.Optimizer) -> Any:
     """What the optimizer keeps beyond the per-parameter base state: the estimator's state
-    (CurvatureOptimizer) or AdaHessian's per-parameter Hessian estimate and generator."""
-    state = opt.state_dict()
-    if "curvature" in state:
-        return state["curvature"]["estimator"]
-    return {
-        "hessian_diag": {k: v.get("hessian_diag") for k, v in state["state"].items()},
-        "generator": state["adahessian"]["generator"],
-    }
+    (AdaHessian's probe generator; its Hessian estimate is per-parameter state)."""
+    return opt.state_dict()["curvature"]["estimator"]
 
 
 def updates_of(opt: torch.optim.Optimizer) -> int:
