@@ -248,6 +248,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers = self._find_layers(module, all_params)
         self._build_curvature(module, layers, all_params)
         self._connect_ranks()
+        self.attach(module)
         covered = set(self.estimator.params) if self.estimator is not None else set()
         self.uncovered_parameters = [self._names[p] for p in all_params if p not in covered]
         if self.estimator is not None and self.uncovered_parameters:
@@ -272,6 +273,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.estimator_class is not None:
             return self.estimator_class(layers, self.config)
         return None
+
+    def attach(self, model: nn.Module | None) -> None:
+        """Called once at the end of construction with the model (None when the optimizer
+        was given parameters): a method that hooks the model itself beyond the layers'
+        capture (AdaHessian's math attention) does it here. Default: nothing."""
 
     def _adopt_config(self, config: OptimizerConfig) -> None:
         """The config's schedule and option fields as the attributes the step reads."""

@@ -25,7 +25,15 @@ from secondorder.estimators.base import CurvatureEstimator
 
 from .helpers import assert_close, mlp
 
-CURVATURE = [so.KFAC, so.EKFAC, so.TwoLevelKFAC, so.MFAC, so.AdaFisher, so.AdaFisherW]
+CURVATURE = [
+    so.KFAC,
+    so.EKFAC,
+    so.TwoLevelKFAC,
+    so.MFAC,
+    so.AdaFisher,
+    so.AdaFisherW,
+    so.AdaHessian,
+]
 
 
 def _batch(seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -37,7 +45,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> None
     for t in range(steps):
         x, y = _batch(t)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y).backward(create_graph=getattr(opt, "needs_hessian", False))
         opt.step()
 
 
@@ -64,7 +72,9 @@ def test_a_config_and_keywords_build_the_same_optimizer(cls):
     model_a = mlp([4, 6, 3])
     model_b = mlp([4, 6, 3])
     model_b.load_state_dict(model_a.state_dict())
-    keywords = {"lr": 0.05, "damping": 0.02, "curvature_every": 1}
+    fields = {f.name for f in config_fields(cls.config_class)}
+    candidates = {"lr": 0.05, "damping": 0.02, "curvature_every": 1, "hessian_every": 2}
+    keywords = {k: v for k, v in candidates.items() if k in fields}
     config = cls.config_class(**keywords)
     opt_a = cls(model_a, **keywords, weight_decay=0.01)
     opt_b = cls(model_b, config=config, weight_decay=0.01)

@@ -23,7 +23,6 @@ hyperparameters (betas, eps, Hessian power) are per param group, as in ``torch.o
 from __future__ import annotations
 
 import contextlib
-import inspect
 import numbers
 import re
 import weakref
@@ -53,7 +52,6 @@ __all__ = [
 ]
 
 #: stands for ``lr`` not given (the config's, or the default)
-_UNSET: Any = object()
 
 # ---- operations without a second derivative ---------------------------------------------
 # PyTorch's two wordings: "derivative for aten::OP is not implemented" and "the derivative
@@ -642,29 +640,18 @@ class AdaHessian(CurvatureOptimizer):
     config_class = AdaHessianConfig
     requires_model = False
 
-    def __init__(
-        self,
-        model: nn.Module | Iterable[Any],
-        lr: Any = _UNSET,
-        *,
-        params: Iterable[Any] | None = None,
-        config: AdaHessianConfig | None = None,
-        **hyperparameters: Any,
-    ) -> None:
-        if lr is not _UNSET:
-            hyperparameters["lr"] = lr
-        super().__init__(model, None, params=params, config=config, **hyperparameters)
+    def attach(self, model: nn.Module | None) -> None:
+        """Hook the model's attention modules for the math backend (``math_attention``)."""
         math_attention = self.config.math_attention
-        module = model if isinstance(model, nn.Module) else None
-        if math_attention and module is None:
+        if math_attention and model is None:
             raise ValueError(
                 "math_attention=True needs the model (AdaHessian(model, ...)) to hook its "
                 "forward passes; with parameters, wrap the forward pass in "
                 "`with opt.hessian_graph():`"
             )
         self._hooks: list[Any] = []
-        if module is not None and math_attention is not False:
-            self._hooks = _hook_math_attention(module, weakref.ref(self))
+        if model is not None and math_attention is not False:
+            self._hooks = _hook_math_attention(model, weakref.ref(self))
 
     def build_estimator(
         self, layers: list[LayerHelper], params: list[nn.Parameter]
@@ -798,21 +785,3 @@ class AdaHessian(CurvatureOptimizer):
                 if key != "step" and isinstance(value, Tensor):
                     if not fits(value, p, broadcast=key == "hessian_diag"):
                         fail(p, f"{key!r}", value)
-
-
-def _init_signature() -> inspect.Signature:
-    """``AdaHessian(model, lr, *, params, config, **fields of AdaHessianConfig)``."""
-    kinds = inspect.Parameter
-    return inspect.Signature(
-        [
-            kinds("self", kinds.POSITIONAL_OR_KEYWORD),
-            kinds("model", kinds.POSITIONAL_OR_KEYWORD),
-            kinds("lr", kinds.POSITIONAL_OR_KEYWORD, default=AdaHessianConfig.lr),
-            kinds("params", kinds.KEYWORD_ONLY, default=None),
-            kinds("config", kinds.KEYWORD_ONLY, default=None),
-            *AdaHessianConfig.signature_parameters(),
-        ]
-    )
-
-
-AdaHessian.__init__.__signature__ = _init_signature()  # type: ignore[attr-defined]
