@@ -50,7 +50,13 @@ import torch
 from torch import Tensor, nn
 
 from ._host import to_host
-from .layers import LayerHelper, helper_class_for, registered_helpers, supported_types
+from .layers import (
+    KroneckerHelper,
+    LayerHelper,
+    helper_class_for,
+    registered_helpers,
+    supported_types,
+)
 
 #: ``accumulate(layer, inputs, grad_output, acc) -> acc``; ``acc`` is None on the first
 #: pass since the last collect.
@@ -209,7 +215,7 @@ def find_layers(
 
 def _tie_compatible(a: LayerHelper, b: LayerHelper) -> bool:
     """Whether two helpers of one shared weight can pool their statistics."""
-    if type(a) is not type(b) or a.kind != "kronecker":
+    if type(a) is not type(b) or not isinstance(a, KroneckerHelper):
         return False
     return (a.groups, a.a_dim, a.g_dim) == (b.groups, b.a_dim, b.g_dim)
 

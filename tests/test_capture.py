@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secondorder import KFAC
+from secondorder.layers import BlockHelper, KroneckerHelper
 
 from .helpers import assert_close, kfac_factors, mlp, small_cnn, with_ones
 
@@ -177,8 +178,8 @@ def test_timm_resnet_with_inplace_activations_gets_every_layer():
         warnings.simplefilter("error")  # every parameter is covered: no warning
         opt = KFAC(model, curvature_every=1)
     assert opt.uncovered_parameters == []
-    kron = [layer for layer in opt.estimator.layers if layer.kind == "kronecker"]
-    norms = [layer for layer in opt.estimator.layers if layer.kind == "blocks"]
+    kron = [layer for layer in opt.estimator.layers if isinstance(layer, KroneckerHelper)]
+    norms = [layer for layer in opt.estimator.layers if isinstance(layer, BlockHelper)]
     assert len(kron) == n_layers == 21 and len(norms) == n_norms == 20
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     _loss(model, x, y).backward()

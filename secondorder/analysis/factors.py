@@ -35,6 +35,7 @@ from ..capture import ModelCapture, SkipPattern, find_layers
 from ..estimators.adafisher import AdaFisherConfig, AdaFisherEstimator
 from ..estimators.base import CurvatureEstimator
 from ..estimators.kfac import KFACConfig, KFACEstimator
+from ..layers import KroneckerHelper
 from .spectra import diagonal_dominance, factor_summary
 
 __all__ = [
@@ -87,7 +88,7 @@ def kfac_factors(optimizer: Any) -> dict[str, FactorPair]:
     out = {}
     for layer in est.layers:
         pair = est.factors(layer.name)
-        if layer.kind == "kronecker" and pair is not None:
+        if isinstance(layer, KroneckerHelper) and pair is not None:
             out[layer.name] = (factor_matrix(pair[0]), factor_matrix(pair[1]))
     return out
 
@@ -111,7 +112,7 @@ def adafisher_diagonals(optimizer: Any, *, raw: bool = True) -> dict[str, Factor
         )
     out = {}
     for layer in est.layers:
-        if layer.kind != "kronecker":
+        if not isinstance(layer, KroneckerHelper):
             continue
         pair = est.last_raw_diagonals(layer.name) if raw else est.diagonals(layer.name)
         if pair is not None:

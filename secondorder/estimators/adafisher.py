@@ -81,7 +81,7 @@ from .._host import to_host
 from ..base_updates import ColumnLayout, DiagonalCurvature
 from ..config import OptimizerConfig, fixed, hyperparameter
 from ..distributed import stat_field
-from ..layers import LayerHelper
+from ..layers import BlockHelper, LayerHelper
 from ..optimizer import CurvatureOptimizer
 from .base import CurvatureEstimator
 
@@ -227,8 +227,8 @@ class AdaFisherEstimator(CurvatureEstimator):
 
     acts_on = "moment"
 
-    def _add_targets(self, layer: Any) -> None:
-        if layer.kind == "blocks":
+    def _add_targets(self, layer: LayerHelper) -> None:
+        if isinstance(layer, BlockHelper):
             shape = (layer.block_count, 1)
             self._targets[layer.weight] = _Target(ColumnLayout(shape), layer.name, 0)
             if layer.bias is not None:
@@ -253,8 +253,8 @@ class AdaFisherEstimator(CurvatureEstimator):
             return DiagonalCurvature(target.layout, first[:, target.columns], one)
         return DiagonalCurvature(target.layout, first, second[..., target.columns])
 
-    def _shapes(self, layer: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        if layer.kind == "blocks":
+    def _shapes(self, layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        if isinstance(layer, BlockHelper):
             return (layer.block_count, layer.block_size), None
         return (layer.groups, layer.g_dim), (layer.groups, layer.a_dim)
 
@@ -275,7 +275,7 @@ class AdaFisherEstimator(CurvatureEstimator):
         acc: DiagonalStats | BlockDiagonalStats | None,
     ) -> DiagonalStats | BlockDiagonalStats:
         dtype = self.config.factor_dtype
-        if layer.kind == "blocks":
+        if isinstance(layer, BlockHelper):
             d = layer.per_example_grads(inputs, grad_output).to(dtype)
             sq = d.square().sum(0)
             if acc is None:
@@ -285,15 +285,7 @@ class AdaFisherEstimator(CurvatureEstimator):
             acc.examples += d.shape[0]
             return acc
         g_sq = layer.g_rows(grad_output).to(dtype).square().sum(1)
-        if layer.a_diagonal:
-            a_sq = layer.a_diag_sum(inputs).to(dtype)  # one-hot rows: ã² = ã
-            rows = layer.rows_count(inputs)
-        elif hasattr(layer, "a_square_sum"):  # convolutions: no patch matrix
-            a_sq, rows = layer.a_square_sum(inputs.to(dtype))
-        else:
-            a = layer.a_rows(inputs)
-            rows = a.shape[1]
-            a_sq = a.to(dtype).square().sum(1)
+        a_sq, rows = layer.a_square_sum(inputs, dtype)
         if acc is None:
             acc = DiagonalStats(a_sq_sum=a_sq, g_sq_sum=g_sq)
         else:

@@ -37,9 +37,10 @@ factor steps; projected per-example squares at scale steps, except at refresh st
 reset would overwrite them) and before the first basis exists: the estimator tells the
 optimizer which passes to record (:meth:`EKFACEstimator.wants_statistics`).
 
-Layers: every ``kind == "kronecker"`` layer with a full ``A`` (Linear, Conv2d) gets E-KFAC.
-Kronecker layers with a diagonal ``A`` (``a_diagonal``: Embedding) and ``kind == "blocks"``
-layers (normalisation) are left to the plain :class:`KFACEstimator` code path: their
+Layers: every Kronecker layer (:class:`~secondorder.layers.KroneckerHelper`) with a full ``A``
+(Linear, Conv2d) gets E-KFAC. Kronecker layers with a diagonal ``A`` (``a_diagonal``:
+Embedding) and block layers (:class:`~secondorder.layers.BlockHelper`: normalisation) are
+left to the plain :class:`KFACEstimator` code path: their
 statistics, inverses and directions are K-FAC's (they are recorded at factor steps only).
 
 Approximations: the per-example statistics of a layer run several times in one forward pass
@@ -56,13 +57,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .._checks import Interval, check_interval, is_due
 from .._host import to_host
 from ..config import hyperparameter
 from ..distributed import stat_field
-from ..layers import LayerHelper
+from ..layers import KroneckerHelper, LayerHelper
 from ..optimizer import CurvatureOptimizer
 from .kfac import KFACConfig, KFACEstimator, KroneckerStats
 
@@ -145,7 +147,7 @@ class EKFACEstimator(KFACEstimator):
         self.eigen_layers = [
             layer.name
             for layer in self.layers
-            if layer.kind == "kronecker" and not layer.a_diagonal
+            if isinstance(layer, KroneckerHelper) and not layer.a_diagonal
         ]
         self._eigen = set(self.eigen_layers)
         self._kfac_params = {
@@ -201,11 +203,10 @@ class EKFACEstimator(KFACEstimator):
         if per_example == 1:
             # One row per example: (Q_Gᵀ g)(Q_Aᵀ ã)ᵀ squared is (Q_Gᵀ g)² ((Q_Aᵀ ã)²)ᵀ.
             return g_proj.square().transpose(-1, -2) @ a_proj.square()
-        groups = a.shape[0]
         grads = torch.einsum(
             "xnlg,xnla->xnga",
-            g_proj.reshape(groups, n, per_example, -1),
-            a_proj.reshape(groups, n, per_example, -1),
+            rearrange(g_proj, "x (n l) g -> x n l g", n=n),
+            rearrange(a_proj, "x (n l) a -> x n l a", n=n),
         )
         return grads.square_().sum(1)
 

@@ -43,7 +43,7 @@ from .._host import to_host
 from ..config import OptimizerConfig, hyperparameter
 from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
-from ..layers import LayerHelper
+from ..layers import BlockHelper, KroneckerHelper, LayerHelper
 from ..linalg import (
     damped_inverse_cholesky_many,
     factored_damping,
@@ -138,9 +138,9 @@ class KroneckerStats:
 
 @dataclass
 class BlockStats:
-    """Sums accumulated for a ``"blocks"`` layer (normalisation): per-example gradient
-    outer products ``Σ_n d_n d_nᵀ`` per channel, ``(C, k, k)`` (``(C, k)`` squares in
-    diagonal mode)."""
+    """Sums accumulated for a :class:`~secondorder.layers.BlockHelper` layer
+    (normalisation): per-example gradient outer products ``Σ_n d_n d_nᵀ`` per channel,
+    ``(C, k, k)`` (``(C, k)`` squares in diagonal mode)."""
 
     fisher_sum: Tensor = field(metadata=stat_field("output", symmetric=True))
     examples: int = 0
@@ -182,44 +182,27 @@ class KFACEstimator(CurvatureEstimator):
         grad_output: Tensor,
         acc: KroneckerStats | BlockStats | None,
     ) -> KroneckerStats | BlockStats:
-        if layer.kind == "blocks":
+        if isinstance(layer, BlockHelper):
             return self._accumulate_blocks(layer, inputs, grad_output, acc)
         g = layer.g_rows(grad_output)
-        if layer.a_diagonal:
+        if acc is None:
             dtype = self.config.stat_dtype
-            a_diag = layer.a_diag_sum(inputs).to(dtype)
-            if acc is None:
-                acc = KroneckerStats(
-                    a_sum=a_diag,
-                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
-                )
-                beta = 0.0
-            else:
-                acc.a_sum.add_(a_diag)
-                beta = 1.0
-            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
-            acc.rows += layer.rows_count(inputs)
-        elif hasattr(layer, "a_factor_update"):
-            # convolutions: A without the patch matrix of the whole input
-            if acc is None:
-                dtype = self.config.stat_dtype
-                acc = KroneckerStats(
-                    a_sum=g.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
-                    g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
-                )
-                beta = 0.0
-            else:
-                beta = 1.0
-            layer.a_factor_update(inputs, acc.a_sum, beta=beta)
-            symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
-            acc.rows += g.shape[1]  # one output-gradient row per patch
+            a_shape, g_shape = self._factor_shapes(layer)
+            acc = KroneckerStats(
+                a_sum=g.new_empty(a_shape, dtype=dtype), g_sum=g.new_empty(g_shape, dtype=dtype)
+            )
+            beta = 0.0  # the fresh buffers' contents are ignored
         else:
-            acc = self._accumulate_rows(layer, layer.a_rows(inputs), g, acc)
+            beta = 1.0
+        # the helper's own way (a convolution's skips the patch matrix of the whole input)
+        layer.a_factor_update(inputs, acc.a_sum, beta=beta)
+        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+        acc.rows += g.shape[1]  # one output-gradient row per input row
         acc.examples += layer.batch_size(inputs)
         return acc
 
     def _accumulate_rows(
-        self, layer: LayerHelper, a: Tensor, g: Tensor, acc: KroneckerStats | None
+        self, layer: KroneckerHelper, a: Tensor, g: Tensor, acc: KroneckerStats | None
     ) -> KroneckerStats:
         """Fold rows already built (``a_rows`` / ``g_rows`` of a layer with a full ``A``)
         into ``acc`` (a new one when None): ``Σ ã ãᵀ``, ``Σ g gᵀ`` and the row count, not
@@ -240,7 +223,7 @@ class KFACEstimator(CurvatureEstimator):
         return acc
 
     def _accumulate_blocks(
-        self, layer: Any, inputs: Tensor, grad_output: Tensor, acc: BlockStats | None
+        self, layer: BlockHelper, inputs: Tensor, grad_output: Tensor, acc: BlockStats | None
     ) -> BlockStats:
         d = layer.per_example_grads(inputs, grad_output).to(self.config.stat_dtype)
         if layer.block_mode == "full":
@@ -420,7 +403,7 @@ class KFACEstimator(CurvatureEstimator):
             inv = self._state[layer.name].inverse
             if not inv or layer.weight not in grads:
                 continue
-            if layer.kind == "blocks":
+            if isinstance(layer, BlockHelper):
                 blocks = layer.grad_blocks(grads)
                 direction = self._apply_blocks(inv, blocks, damping).to(blocks.dtype)
                 out.update(layer.split_blocks(direction))
@@ -506,9 +489,9 @@ class KFACEstimator(CurvatureEstimator):
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
     @staticmethod
-    def _factor_shapes(layer: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    def _factor_shapes(layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers)."""
-        if layer.kind == "blocks":
+        if isinstance(layer, BlockHelper):
             c, k = layer.block_count, layer.block_size
             return ((c, k, k) if layer.block_mode == "full" else (c, k)), None
         a = (

@@ -21,9 +21,9 @@ method adds a coarse-space correction, as in two-level domain decomposition
   with ``s^a`` the row sum of ``ã`` (the bias column's 1 included) and ``s^g`` the row
   sum of ``g``: the ``L x L`` coarse matrix needs only two scalars per row and layer.
 
-**Which layers.** The coarse space holds the ``"kronecker"`` layers with a full ``A``
+**Which layers.** The coarse space holds the Kronecker layers with a full ``A``
 (Linear, convolutions). Other covered layers (an Embedding's diagonal ``A``, the
-``"blocks"`` normalisation layers) get ``ω_1`` times their K-FAC block preconditioner
+block normalisation layers) get ``ω_1`` times their K-FAC block preconditioner
 and no coarse correction. A layer with no K-FAC direction at a step (no statistics
 yet, or no gradient) is left out of the coarse correction at that step: the correction
 is then ``R_Tᵀ (R_T F R_Tᵀ + λ_c I)⁻¹ R_T g`` over the layers ``T`` that have one.
@@ -100,11 +100,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .._checks import check_number
 from ..config import hyperparameter
-from ..layers import LayerHelper
+from ..layers import KroneckerHelper, LayerHelper
 from ..linalg import damped_inverse_cholesky
 from ..optimizer import CurvatureOptimizer
 from .kfac import KFACConfig, KFACEstimator
@@ -261,7 +262,7 @@ class TwoLevelKFACEstimator(KFACEstimator):
         self.coarse_layers = [
             layer
             for layer in self.layers
-            if config.w2 != 0.0 and layer.kind == "kronecker" and not layer.a_diagonal
+            if config.w2 != 0.0 and isinstance(layer, KroneckerHelper) and not layer.a_diagonal
         ]
         self._coarse_index = {layer.name: i for i, layer in enumerate(self.coarse_layers)}
         size = len(self.coarse_layers)
@@ -278,8 +279,8 @@ class TwoLevelKFACEstimator(KFACEstimator):
     # ---- statistics ---------------------------------------------------------------------
     def accumulate(self, layer: LayerHelper, inputs: Tensor, grad_output: Tensor, acc: Any) -> Any:
         # `layer` may be a tied module's helper (its name differs from the primary's);
-        # tied helpers have the primary's type, so the kind tells coarse membership.
-        if not self.coarse_layers or layer.kind != "kronecker" or layer.a_diagonal:
+        # tied helpers have the primary's type, so the type tells coarse membership.
+        if not (self.coarse_layers and isinstance(layer, KroneckerHelper) and not layer.a_diagonal):
             return super().accumulate(layer, inputs, grad_output, acc)
         if acc is None:
             acc = TwoLevelStats()
@@ -295,12 +296,12 @@ class TwoLevelKFACEstimator(KFACEstimator):
         if n == 0 or rows % n:
             return acc  # cannot split rows by example: no coarse statistics from this pass
         positions = rows // n
-        spatial = getattr(layer, "spatial_dims", 0)
+        spatial = layer.spatial_dims
         grid = tuple(grad_output.shape[-spatial:]) if spatial else ()
         if math.prod(grid) != positions or not grid:
             grid = (positions,)
-        a = a.reshape(layer.groups, n, positions).transpose(0, 1)
-        g = g.reshape(layer.groups, n, positions).transpose(0, 1)
+        a = rearrange(a, "x (n p) -> n x p", n=n)
+        g = rearrange(g, "x (n p) -> n x p", n=n)
         acc.passes.append(_PassSums(a=a, g=g, grid=grid))
         return acc
 

@@ -1,6 +1,7 @@
 """Layer helpers and the registry that maps module types to them.
 
-Only this package knows ``nn.Module`` types. Add support for a new layer family with
+Only this package knows ``nn.Module`` types. Add support for a new layer family with a
+:class:`KroneckerHelper` or :class:`BlockHelper` subclass and
 :func:`register_layer_helper`.
 """
 
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LayerHelper
+from .base import BlockHelper, KroneckerHelper, LayerHelper
 from .conv import Conv1dHelper, Conv2dHelper, Conv3dHelper
 from .embedding import EmbeddingHelper
 from .linear import LinearHelper
 from .norm import BatchNormHelper, GroupNormHelper, LayerNormHelper, NormHelper
 
-_REGISTRY: dict[type[nn.Module], type[LayerHelper]] = {
+_REGISTRY: dict[type[nn.Module], type[KroneckerHelper | BlockHelper]] = {
     nn.Linear: LinearHelper,
     nn.Conv1d: Conv1dHelper,
     nn.Conv2d: Conv2dHelper,
@@ -29,16 +30,21 @@ _REGISTRY: dict[type[nn.Module], type[LayerHelper]] = {
 }
 
 
-def register_layer_helper(module_type: type[nn.Module], helper: type[LayerHelper]) -> None:
+def register_layer_helper(
+    module_type: type[nn.Module], helper: type[KroneckerHelper | BlockHelper]
+) -> None:
     """Use ``helper`` for modules of ``module_type`` (and its subclasses)."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    if not (isinstance(helper, type) and issubclass(helper, LayerHelper)):
-        raise TypeError(f"helper must be a LayerHelper subclass, got {helper!r}")
+    if not (isinstance(helper, type) and issubclass(helper, (KroneckerHelper, BlockHelper))):
+        raise TypeError(
+            "helper must be a LayerHelper subclass of one family, KroneckerHelper or "
+            f"BlockHelper; got {helper!r}"
+        )
     _REGISTRY[module_type] = helper
 
 
-def helper_class_for(module: nn.Module) -> type[LayerHelper] | None:
+def helper_class_for(module: nn.Module) -> type[KroneckerHelper | BlockHelper] | None:
     """The helper class registered for ``module``'s type (nearest base class), or None."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
@@ -46,7 +52,7 @@ def helper_class_for(module: nn.Module) -> type[LayerHelper] | None:
     return None
 
 
-def registered_helpers() -> list[type[LayerHelper]]:
+def registered_helpers() -> list[type[KroneckerHelper | BlockHelper]]:
     """The distinct helper classes in the registry."""
     return list(dict.fromkeys(_REGISTRY.values()))
 
@@ -58,11 +64,13 @@ def supported_types() -> list[str]:
 
 __all__ = [
     "BatchNormHelper",
+    "BlockHelper",
     "Conv1dHelper",
     "Conv2dHelper",
     "Conv3dHelper",
     "EmbeddingHelper",
     "GroupNormHelper",
+    "KroneckerHelper",
     "LayerHelper",
     "LayerNormHelper",
     "LinearHelper",

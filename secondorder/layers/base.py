@@ -1,10 +1,22 @@
 """The one place that knows module types: a helper per layer family.
 
-A :class:`LayerHelper` turns what a module saw in one forward/backward pass into
-matrices the estimators understand, and reads and writes the module's gradient as
-a matrix. Estimators never call ``isinstance(module, ...)``; they only use helpers.
+A helper turns what a module saw in one forward/backward pass into what the
+estimators understand, and reads and writes the module's gradient in that shape.
+Estimators never call ``isinstance(module, ...)``; they only use helpers. Every
+helper is one of two families, each an abstract class with its own contract, and
+an estimator tells them apart with ``isinstance`` on these classes:
 
-Conventions shared by every helper (and relied on by every estimator):
+* :class:`KroneckerHelper` (Linear, convolutions, Embedding): the Fisher block is
+  approximated by ``A ⊗ G`` built from input rows ``ã`` and output-gradient rows
+  ``g``. A helper with :attr:`~KroneckerHelper.a_diagonal` (Embedding: one-hot
+  inputs) has a diagonal ``A``; estimators represent it by that diagonal and its
+  eigenbasis by the identity.
+* :class:`BlockHelper` (BatchNorm, LayerNorm, GroupNorm): ``C`` small independent
+  blocks of ``k`` parameters (a channel's scale and shift); the helper provides
+  per-example gradients ``(n, C, k)`` and the estimator keeps the exact empirical
+  Fisher of each block (``k x k``, or its diagonal).
+
+Conventions of the Kronecker family (relied on by every estimator):
 
 * A layer's weight (and bias) is viewed as ``groups`` independent blocks, each a
   matrix of shape ``(g_dim, a_dim)``; ``groups`` is 1 except for grouped convolutions.
@@ -14,20 +26,7 @@ Conventions shared by every helper (and relied on by every estimator):
 * Input rows ``a_rows`` and output-gradient rows ``g_rows`` have shape
   ``(groups, rows, dim)``; every position of every example (a token, a spatial
   location) is one row, rows of one example contiguous (example-major), so that
-  ``rows.view(groups, n, rows_per_example, dim)`` splits them by example.
-
-Two kinds of helper (:attr:`LayerHelper.kind`):
-
-* ``"kronecker"`` (Linear, convolutions, Embedding): the Fisher block is approximated
-  by ``A ⊗ G`` built from ``a_rows`` / ``g_rows``. A helper with ``a_diagonal = True``
-  (Embedding: one-hot inputs) has a diagonal ``A``; it provides :meth:`a_diag_sum`
-  (the row sum of ``ã²``, i.e. token counts) instead of ``a_rows``, and ``a_rows``
-  raises. Estimators represent its ``A`` by that diagonal, its eigenbasis by the
-  identity.
-* ``"blocks"`` (BatchNorm, LayerNorm): ``C`` small independent blocks of ``k``
-  parameters (a channel's scale and shift); the helper provides per-example
-  gradients ``(n, C, k)`` and the estimator keeps the exact empirical Fisher of each
-  block (``k x k``, or its diagonal).
+  ``rearrange(rows, "x (n l) d -> x n l d", n=n)`` splits them by example.
 
 Helpers may accept keyword options (:attr:`LayerHelper.options` names them), passed
 by the optimizers as ``layer_options={"name": value}``.
@@ -42,23 +41,29 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..kernels import symmetric_factor_update
+
 
 class LayerHelper(ABC):
-    """Adapter between one module and the curvature estimators.
+    """What every helper has: the module, its name and the parameters it covers.
+
+    Subclass :class:`KroneckerHelper` or :class:`BlockHelper`, not this class.
 
     Args:
         module (nn.Module): the layer.
         name (str): its qualified name in the model (``model.named_modules()``).
-        include_bias (bool, optional): fold the bias in as the homogeneous column;
-            None means "if the module has a bias that requires grad" (default: None).
+        include_bias (bool, optional): cover the bias too; None means "if the module
+            has a bias that requires grad" (default: None).
     """
 
-    #: ``"kronecker"`` or ``"blocks"`` (see the module docstring)
-    kind: ClassVar[str] = "kronecker"
-    #: Kronecker helpers whose ``A`` is diagonal provide :meth:`a_diag_sum`, not ``a_rows``
-    a_diagonal: ClassVar[bool] = False
     #: keyword options this helper accepts (``layer_options`` of the optimizers)
     options: ClassVar[tuple[str, ...]] = ()
+    #: number of dimensions of one unbatched example (1 for Linear, 3 for Conv2d)
+    unbatched_dims: int = 1
+    #: set by ``find_layers`` on a tied module whose weight's primary layer has a bias
+    #: that this module does not use: its rows get a 0 (not a 1) in the bias column, so
+    #: they add nothing to the bias statistics
+    zero_bias_column: bool = False
 
     def __init__(self, module: nn.Module, name: str, *, include_bias: bool | None = None) -> None:
         self.module = module
@@ -75,23 +80,50 @@ class LayerHelper(ABC):
             raise ValueError(f"layer {name!r} has no trainable bias to include")
         self.bias: nn.Parameter | None = bias if has_bias and include_bias is not False else None
 
-    # ---- shape of the blocks -------------------------------------------------------
+    @property
+    @abstractmethod
+    def kind(self) -> str:
+        """``"kronecker"`` or ``"blocks"``: the family's name, for messages and reports.
+        Code that depends on the family tests ``isinstance`` with
+        :class:`KroneckerHelper` / :class:`BlockHelper` instead."""
+
     @property
     def has_bias(self) -> bool:
-        """Whether the input rows have a last (homogeneous) column: the bias folded in,
-        or a zero column for a tied module whose own bias is not the tied one."""
+        """Whether the statistics have a bias entry: the bias covered, or (Kronecker
+        helpers) a zero column for a tied module whose own bias is not the tied one."""
         return self.bias is not None or self.zero_bias_column
-
-    #: set by ``find_layers`` on a tied module whose weight's primary layer has a bias
-    #: that this module does not use: its rows get a 0 (not a 1) in the bias column, so
-    #: they add nothing to the bias statistics
-    zero_bias_column: bool = False
 
     @property
     def params(self) -> list[nn.Parameter]:
         """The parameters this helper covers: weight, then bias if trainable."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    def batch_size(self, inputs: Tensor) -> int:
+        """Number of examples in ``inputs`` (its leading dimension)."""
+        return int(inputs.shape[0]) if inputs.dim() > self.unbatched_dims else 1
+
+
+class KroneckerHelper(LayerHelper):
+    """A layer whose Fisher block is approximated by ``A ⊗ G`` (module docstring).
+
+    Subclasses provide :attr:`a_dim`, :attr:`g_dim`, :meth:`a_rows` (or, with
+    :attr:`a_diagonal`, :meth:`a_diag_sum`), :meth:`g_rows` and
+    :meth:`weight_matrix_shape`; the other methods have defaults built on those, which
+    a subclass may override with something cheaper.
+    """
+
+    #: ``A`` is diagonal (one-hot inputs): the helper provides :meth:`a_diag_sum`, and
+    #: :meth:`a_rows` (one column per possible input) is never built
+    a_diagonal: ClassVar[bool] = False
+    #: number of spatial dimensions whose positions are rows (2 for Conv2d, 0 when the
+    #: rows of an example have no grid)
+    spatial_dims: ClassVar[int] = 0
+
+    @property
+    def kind(self) -> str:
+        return "kronecker"
+
+    # ---- shape of the blocks -------------------------------------------------------
     @property
     def groups(self) -> int:
         """Number of independent blocks (1 unless a grouped convolution)."""
@@ -117,19 +149,28 @@ class LayerHelper(ABC):
         """Output-gradient rows ``(groups, rows, g_dim)``, in the order of :meth:`a_rows`."""
 
     def a_diag_sum(self, inputs: Tensor) -> Tensor:
-        """For ``a_diagonal`` helpers: ``Σ_rows ã²`` per block, ``(groups, a_dim)``."""
+        """For :attr:`a_diagonal` helpers: ``Σ_rows ã²`` per block, ``(groups, a_dim)``."""
         raise NotImplementedError(f"{type(self).__name__} has a full A: use a_rows")
+
+    def a_factor_update(self, inputs: Tensor, a: Tensor, *, beta: float) -> None:
+        """``a <- beta a + Σ_rows ã ãᵀ``, ``a`` of shape ``(groups, a_dim, a_dim)``
+        (``(groups, a_dim)``, the diagonal, for :attr:`a_diagonal` helpers); with
+        ``beta = 0`` the contents of ``a`` are ignored. The default builds
+        :meth:`a_rows`; convolutions override it to skip the patch matrix, diagonal
+        helpers to add :meth:`a_diag_sum`."""
+        symmetric_factor_update(a, self.a_rows(inputs), beta=beta, alpha=1.0)
+
+    def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
+        """``(Σ_rows ã², rows)``: the diagonal of ``A``'s sum, ``(groups, a_dim)``, in
+        ``dtype`` (default: the rows' own), and the number of rows. The default squares
+        :meth:`a_rows`; convolutions override it to skip the patch matrix, diagonal
+        helpers to return :meth:`a_diag_sum` (one-hot rows: ``ã² = ã``)."""
+        a = self.a_rows(inputs)
+        return (a if dtype is None else a.to(dtype)).square().sum(1), int(a.shape[1])
 
     def rows_count(self, inputs: Tensor) -> int:
         """Number of rows ``a_rows(inputs)`` (or ``a_diag_sum``) covers."""
         return int(self.a_rows(inputs).shape[1])
-
-    def batch_size(self, inputs: Tensor) -> int:
-        """Number of examples in ``inputs`` (its leading dimension)."""
-        return int(inputs.shape[0]) if inputs.dim() > self.unbatched_dims else 1
-
-    #: number of dimensions of one unbatched example (1 for Linear, 3 for Conv2d)
-    unbatched_dims: int = 1
 
     def append_ones(self, rows: Tensor) -> Tensor:
         """Append the homogeneous column when the layer has a bias."""
@@ -171,4 +212,49 @@ class LayerHelper(ABC):
         return (
             f"{type(self).__name__}({self.name!r}, groups={self.groups}, "
             f"a_dim={self.a_dim}, g_dim={self.g_dim})"
+        )
+
+
+class BlockHelper(LayerHelper):
+    """A layer whose parameters form ``C`` small independent blocks of ``k`` entries,
+    each with its exact empirical Fisher (module docstring).
+
+    Subclasses provide :attr:`block_count`, :attr:`block_size`, :attr:`block_mode` and
+    :meth:`per_example_grads`, :meth:`grad_blocks` and :meth:`split_blocks`.
+    """
+
+    #: ``"full"`` (each block's ``k x k`` Fisher) or ``"diagonal"`` (its diagonal)
+    block_mode: str = "full"
+
+    @property
+    def kind(self) -> str:
+        return "blocks"
+
+    @property
+    @abstractmethod
+    def block_count(self) -> int:
+        """``C``: the number of blocks."""
+
+    @property
+    @abstractmethod
+    def block_size(self) -> int:
+        """``k``: the number of parameters in one block."""
+
+    @abstractmethod
+    def per_example_grads(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        """Each example's contribution to the gradient, ``(n, C, k)``."""
+
+    @abstractmethod
+    def grad_blocks(self, grads: Mapping[Tensor, Tensor]) -> Tensor:
+        """The gradient as ``(C, k)`` (``grads`` maps each of :attr:`params` to its
+        gradient; a missing bias gradient counts as zero)."""
+
+    @abstractmethod
+    def split_blocks(self, blocks: Tensor) -> dict[nn.Parameter, Tensor]:
+        """Inverse of :meth:`grad_blocks`: ``(C, k)`` back to per-parameter tensors."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, blocks={self.block_count}x{self.block_size}, "
+            f"mode={self.block_mode!r})"
         )

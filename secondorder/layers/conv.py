@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..kernels import symmetric_factor_update
 from ..kernels.conv_factor import CHUNK_ELEMENTS, conv2d_factor_update
-from .base import LayerHelper
+from .base import KroneckerHelper
 
 
-class _ConvNdHelper(LayerHelper):
-    """Shared code of the convolution helpers; subclasses set :attr:`spatial_dims`
-    (and ``unbatched_dims = spatial_dims + 1``)."""
+class _ConvNdHelper(KroneckerHelper):
+    """Shared code of the convolution helpers; subclasses set
+    :attr:`~secondorder.layers.base.KroneckerHelper.spatial_dims` (and
+    ``unbatched_dims = spatial_dims + 1``)."""
 
     module: nn.Conv1d | nn.Conv2d | nn.Conv3d
-    #: number of spatial dimensions of the convolution
-    spatial_dims: ClassVar[int]
 
     @property
     def groups(self) -> int:
@@ -72,12 +71,11 @@ class _ConvNdHelper(LayerHelper):
             x = x.unfold(2 + d, dil * (k - 1) + 1, s)
             if dil > 1:
                 x = x[..., ::dil]
-        # (B, C, L1..LN, k1..kN) -> (B, L1..LN, C, k1..kN): the weight's column order
-        x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-        b = x.shape[0]
-        length = math.prod(x.shape[1 : 1 + n])
-        patches = x.reshape(b * length, m.groups, self._patch_size)
-        return self.append_ones(patches.transpose(0, 1))
+        # x is (B, C, L1..LN, k1..kN): rows example-major, then output positions; each
+        # patch channel-major, then kernel offsets, as the weight's columns
+        kernel = " ".join(f"k{d}" for d in range(n))
+        patches = rearrange(x, f"b (x c) ... {kernel} -> x (b ...) (c {kernel})", x=m.groups)
+        return self.append_ones(patches)
 
     def a_factor_update(self, inputs: Tensor, a: Tensor, *, beta: float) -> None:
         """``a <- beta a + Σ_rows ã ãᵀ`` (``a`` is ``(groups, a_dim, a_dim)``) without the
@@ -114,12 +112,11 @@ class _ConvNdHelper(LayerHelper):
             groups=m.groups, bias=self.has_bias, beta=beta,
         )  # fmt: skip
 
-    def a_square_sum(self, inputs: Tensor) -> tuple[Tensor, int]:
-        """``(Σ_rows ã², rows)``: the diagonal of ``A``'s sum, ``(groups, a_dim)``, and the
-        number of rows, without building the patches: for each kernel offset one strided
-        sum of the squared (padded) input over the examples and output positions."""
+    def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
+        """``(Σ_rows ã², rows)`` without building the patches: for each kernel offset one
+        strided sum of the squared (padded) input over the examples and output positions."""
         m = self.module
-        x = self._batched(inputs)
+        x = self._batched(inputs if dtype is None else inputs.to(dtype))
         pad = m._reversed_padding_repeated_twice
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -148,9 +145,7 @@ class _ConvNdHelper(LayerHelper):
 
     def g_rows(self, grad_output: Tensor) -> Tensor:
         g = self._batched(grad_output)
-        b, c = g.shape[:2]
-        g = g.reshape(b, c, -1).transpose(1, 2).reshape(-1, self.groups, self.g_dim)
-        return g.transpose(0, 1)
+        return rearrange(g, "b (x o) ... -> x (b ...) o", x=self.groups)
 
 
 class Conv1dHelper(_ConvNdHelper):

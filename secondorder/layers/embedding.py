@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import LayerHelper
+from .base import KroneckerHelper
 
 
-class EmbeddingHelper(LayerHelper):
+class EmbeddingHelper(KroneckerHelper):
     """Helper for :class:`torch.nn.Embedding`.
 
     The lookup ``out = W[token]`` is a linear layer applied to the one-hot vector of
@@ -58,6 +58,14 @@ class EmbeddingHelper(LayerHelper):
             ids = ids[ids != self.module.padding_idx]
         counts = torch.bincount(ids, minlength=self.a_dim)
         return counts.unsqueeze(0)
+
+    def a_factor_update(self, inputs: Tensor, a: Tensor, *, beta: float) -> None:
+        counts = self.a_diag_sum(inputs).to(a.dtype)
+        a.copy_(counts if beta == 0.0 else torch.add(counts, a, alpha=beta))
+
+    def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
+        counts = self.a_diag_sum(inputs)  # one-hot rows: ã² = ã
+        return (counts if dtype is None else counts.to(dtype)), self.rows_count(inputs)
 
     def rows_count(self, inputs: Tensor) -> int:
         return int(inputs.numel())

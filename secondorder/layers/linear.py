@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import LayerHelper
+from .base import KroneckerHelper
 
 _SEQUENCE_MODES = ("expand", "reduce")
 
 
-class LinearHelper(LayerHelper):
+class LinearHelper(KroneckerHelper):
     """Helper for :class:`torch.nn.Linear` (and subclasses that call its forward).
 
     Inputs ``(batch, in_features)`` give one row per example. For inputs with
@@ -40,7 +40,8 @@ class LinearHelper(LayerHelper):
     Args:
         module (nn.Linear): the layer.
         name (str): its qualified name in the model.
-        include_bias (bool, optional): see :class:`LayerHelper` (default: None).
+        include_bias (bool, optional): see :class:`~secondorder.layers.base.LayerHelper`
+            (default: None).
         linear_sequence (str, optional): ``"expand"`` or ``"reduce"`` (default:
             ``"expand"``); passed by the optimizers' ``layer_options``.
     """

@@ -15,6 +15,7 @@ these contributions are what the gradient is a sum of).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -22,24 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerHelper
+from .base import BlockHelper
 
 _BLOCK_MODES = ("full", "diagonal")
 
 
-class NormHelper(LayerHelper):
-    """Base of the normalisation helpers (``kind = "blocks"``).
-
-    Provides what the estimators use for blocks: :attr:`block_count` (``C``, the
-    number of affine channels), :attr:`block_size` (``k``), :meth:`per_example_grads`
-    ``(n, C, k)``, :meth:`grad_blocks` and :meth:`split_blocks`.
+class NormHelper(BlockHelper):
+    """Base of the normalisation helpers: one block per affine channel (``C`` blocks
+    of ``k`` = scale, then shift). Subclasses say how the forward pass normalised
+    (:meth:`normalized`) and how to sum over everything but examples and channels.
 
     Args:
         norm_blocks (str, optional): ``"full"`` (each channel's ``k x k`` Fisher) or
             ``"diagonal"`` (its diagonal) (default: ``"full"``).
     """
 
-    kind = "blocks"
     options: ClassVar[tuple[str, ...]] = ("norm_blocks",)
 
     def __init__(
@@ -58,23 +56,23 @@ class NormHelper(LayerHelper):
     # ---- blocks --------------------------------------------------------------------
     @property
     def block_count(self) -> int:
+        """The number of affine channels."""
         return self.weight.numel()
 
     @property
     def block_size(self) -> int:
         return 1 + int(self.has_bias)
 
+    @abstractmethod
     def normalized(self, inputs: Tensor) -> Tensor:
         """``x̂``: the input normalised as the forward pass did, without the affine map."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _channel_sums(self, t: Tensor) -> Tensor:
         """Sum ``t`` (shaped like the input) over everything but examples and channels:
         ``(n, C)``."""
-        raise NotImplementedError
 
     def per_example_grads(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
-        """Each example's contribution to the gradient, ``(n, C, k)`` (scale, shift)."""
         x_hat = self.normalized(inputs)
         g = grad_output.to(x_hat.dtype)
         parts = [self._channel_sums(g * x_hat)]
@@ -83,7 +81,6 @@ class NormHelper(LayerHelper):
         return torch.stack(parts, dim=-1)
 
     def grad_blocks(self, grads: Mapping[Tensor, Tensor]) -> Tensor:
-        """The gradient as ``(C, k)``: scale, then shift (a missing bias grad is zero)."""
         w = grads[self.weight].reshape(-1)
         if self.bias is None:
             return w.unsqueeze(-1)
@@ -92,35 +89,10 @@ class NormHelper(LayerHelper):
         return torch.stack([w, b], dim=-1)
 
     def split_blocks(self, blocks: Tensor) -> dict[nn.Parameter, Tensor]:
-        """Inverse of :meth:`grad_blocks`."""
         out = {self.weight: blocks[:, 0].reshape(self.weight.shape)}
         if self.bias is not None:
             out[self.bias] = blocks[:, 1].reshape(self.bias.shape)
         return out
-
-    # ---- the Kronecker interface does not apply ---------------------------------------
-    @property
-    def a_dim(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
-
-    @property
-    def g_dim(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
-
-    def a_rows(self, inputs: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
-
-    def g_rows(self, grad_output: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
-
-    def weight_matrix_shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError(f"{type(self).__name__} has blocks, not Kronecker factors")
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.name!r}, blocks={self.block_count}x{self.block_size}, "
-            f"mode={self.block_mode!r})"
-        )
 
 
 class BatchNormHelper(NormHelper):

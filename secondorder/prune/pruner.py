@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..layers import KroneckerHelper, helper_class_for
 from .inverse import StaticFisherInverse
 
 __all__ = [
@@ -48,15 +49,22 @@ __all__ = [
     "save_checkpoint",
 ]
 
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def _prunable(module: nn.Module) -> bool:
+    """Whether ``module``'s weight multiplies its input: its registered helper is a
+    Kronecker helper with a full ``A`` (Linear, Conv1d/2d/3d), not a lookup table (an
+    Embedding's diagonal ``A``) nor a normalisation layer's per-channel blocks."""
+    helper = helper_class_for(module)
+    return helper is not None and issubclass(helper, KroneckerHelper) and not helper.a_diagonal
 
 
 def default_prunable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{name: weight}`` of every Linear and Conv1d/2d/3d layer of ``model`` that is trained
-    (biases, normalisation layers and embeddings are left out)."""
+    """``{name: weight}`` of every Linear and Conv1d/2d/3d layer of ``model`` (any module
+    type registered with a Kronecker helper with a full ``A``) that is trained (biases,
+    normalisation layers and embeddings are left out)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, _PRUNABLE) and module.weight.requires_grad:
+        if _prunable(module) and module.weight.requires_grad:
             out[f"{name}.weight" if name else "weight"] = module.weight
     return out
 
