@@ -5,10 +5,9 @@ one where no curvature covers the parameter) into a parameter change, with its o
 moments, learning rate and weight decay. One class per kind, selected by the config's
 ``base``:
 
-* ``"sgd"`` (:class:`SGDBase`): SGD with momentum, operation for operation
-  ``torch.optim.SGD`` (``foreach=False``);
-* ``"adam"`` (:class:`AdamBase`): Adam / AdamW, operation for operation
-  ``torch.optim.Adam`` / ``AdamW``;
+* ``"sgd"`` (:class:`SGDBase`): SGD with momentum, through ``torch.optim.SGD``'s own
+  functional update (multi-tensor kernels where torch uses them);
+* ``"adam"`` (:class:`AdamBase`): Adam / AdamW, through ``torch.optim.Adam``'s;
 * ``"momentum"`` (:class:`MomentumBase`): the bias-corrected first moment divided by a
   diagonal curvature, ``w ← w − η (m̂ / (D + λ))`` with ``D`` from the estimator's
   :meth:`~secondorder.estimators.base.CurvatureEstimator.moment_curvature` and ``D = 1``
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
 
 from ._checks import check_number
 from .kernels import adafisher_update
@@ -72,26 +73,25 @@ def sgd_update(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    """SGD with momentum on ``directions``, exactly as ``torch.optim.SGD`` (foreach=False).
-
-    ``momentum_buffers`` is updated in place (``None`` entries are created).
-    """
-    for i, param in enumerate(params):
-        d_p = directions[i]
-        if weight_decay != 0:
-            if decoupled:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                d_p = d_p.add(param, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = torch.clone(d_p).detach()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(d_p, alpha=-lr)
+    """SGD with momentum on ``directions``: ``torch.optim.SGD``'s own functional update
+    (``torch.optim.sgd.sgd``; multi-tensor ``foreach`` kernels where torch would use them,
+    e.g. on CUDA), so the arithmetic is torch's. ``decoupled=True`` first shrinks the
+    parameters, ``w ← w (1 − lr·wd)`` (SGDW). ``momentum_buffers`` is updated in place
+    (``None`` entries are created)."""
+    if weight_decay != 0 and decoupled:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        weight_decay = 0.0
+    _torch_sgd(
+        params,
+        directions,
+        momentum_buffers,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=False,
+    )
 
 
 def adam_update(
@@ -108,25 +108,25 @@ def adam_update(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    """Adam (``decoupled=False``) or AdamW on ``directions``, exactly as
-    ``torch.optim.Adam``/``AdamW`` (foreach=False). State tensors update in place."""
-    for i, param in enumerate(params):
-        d_p = directions[i]
-        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
-        step_t += 1
-        if weight_decay != 0:
-            if decoupled:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                d_p = d_p.add(param, alpha=weight_decay)
-        exp_avg.lerp_(d_p, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(d_p, d_p, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+    """Adam (``decoupled=False``) or AdamW on ``directions``: ``torch.optim.Adam``'s own
+    functional update (``torch.optim.adam.adam``, with torch's choice of ``foreach``
+    kernels), so the arithmetic is torch's. State tensors update in place."""
+    _torch_adam(
+        params,
+        directions,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        decoupled_weight_decay=decoupled,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+    )
 
 
 def adahessian_update(

@@ -865,9 +865,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _all_finite(grads: Mapping[Tensor, Tensor]) -> bool:
+        """Whether every gradient is finite: one multi-tensor max-norm per (device, dtype)
+        (NaN and Inf propagate through it, and it cannot overflow) and one host sync per
+        device, instead of a check and a sync per tensor."""
         if not grads:
             return True
-        return all(to_host([torch.isfinite(g).all() for g in grads.values()]))
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for g in grads.values():
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        checks = [
+            torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+            for tensors in groups.values()
+        ]
+        return all(to_host(checks))
 
     def _skip_step(
         self, grads: Mapping[Tensor, Tensor], statistics: NonFiniteStatistics | None = None
