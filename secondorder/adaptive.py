@@ -341,7 +341,10 @@ class AdaptiveState:
         if not directions:
             return directions
         record = Adaptation(
-            step=k, damping=float(opt.damping), next_damping=float(opt.damping), loss=_as_float(loss)
+            step=k,
+            damping=float(opt.damping),
+            next_damping=float(opt.damping),
+            loss=_as_float(loss),
         )
         self.last = record
         if not self.replaces_base_update:
