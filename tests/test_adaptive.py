@@ -199,7 +199,7 @@ def test_alpha_mu_are_the_closed_form_minimiser(weight_decay):
     eye = torch.eye(4, dtype=torch.float64)
     curvature = hessian + (damping + weight_decay) * eye
     previous = None
-    for step in range(3):
+    for _ in range(3):
         theta = model.weight.detach().reshape(-1).clone()
         grad = _flat_grad(model, x, y) + weight_decay * theta
         opt.step(_closure(opt, model, x, y))
@@ -329,7 +329,7 @@ def test_adaptive_damping_works_with_the_adam_base():
     assert opt.last_adaptation.rho is not None
 
 
-# ---- (f) off: unchanged ---------------------------------------------------------------------------
+# ---- (f) off: unchanged --------------------------------------------------------------------------
 def test_off_calls_the_closure_once_and_saves_nothing_new():
     model, x, y, _ = _linear_problem()
     opt = KFAC(model)
@@ -362,7 +362,7 @@ def test_extra_closure_calls_leave_grads_and_statistics_alone():
     assert opt.estimator.state_dict() is not None
 
 
-# ---- integration: digits with no lr ---------------------------------------------------------------
+# ---- integration: digits with no lr -------------------------------------------------------------
 def _train(make_opt, steps: int) -> float:
     x_train, y_train, _, _ = digits_data()
     torch.manual_seed(0)
