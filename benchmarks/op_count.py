@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,9 +77,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, torch.randint(0, 10, (8,))
 
 
-def measure(
-    name: str, model_name: str, hparams: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def measure(name: str, model_name: str, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plain-step and curvature-step operation counts of optimizer ``name`` (the bench's
     registry) on ``model_name``, with intervals that make step 1 a plain step."""
     model, x, y = _model(model_name)
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
     rows = []
-    print(f"| optimizer | plain step: aten ops | syncs | curvature step: aten ops | syncs |")
+    print("| optimizer | plain step: aten ops | syncs | curvature step: aten ops | syncs |")
     print("|---|---|---|---|---|")
     for name in names:
         row = measure(name, args.model, {"ngrads": 8} if "mfac" in name else None)

@@ -190,11 +190,38 @@ class OptimizerConfig:
         "the ``torch.amp.GradScaler`` of a mixed-precision loop that calls "
         "``scaler.unscale_(opt)`` before ``scaler.step(opt)``",
     )
+    adaptive_damping: bool = hyperparameter(
+        False,
+        "adapt λ by the Levenberg–Marquardt rule on the reduction ratio ρ of the step (needs "
+        "``step(closure)``; λ starts at ``damping``, a number; secondorder/docs/optimizer.md)",
+    )
+    damping_adaptation_interval: int = hyperparameter(
+        5, "adaptive_damping: adapt λ every this many steps (positive int)"
+    )
+    damping_adaptation_decay: float = hyperparameter(
+        0.95**5, "adaptive_damping: ω in (0, 1): λ ← ωλ if ρ > 3/4, λ ← λ/ω if ρ < 1/4"
+    )
+    min_damping: float = hyperparameter(1e-8, "adaptive_damping: lower bound of λ, > 0")
+    max_damping: float | None = hyperparameter(
+        None, "adaptive_damping: upper bound of λ (None: none)"
+    )
+    adaptive_lr: bool = hyperparameter(
+        False,
+        "choose the step size α on the direction each step by minimising the damped quadratic "
+        "model with exact Hessian-vector products (needs ``step(closure)`` and "
+        '``base="sgd"``; ``lr`` is then only the fallback)',
+    )
+    adaptive_momentum: bool = hyperparameter(
+        False,
+        "choose the coefficient μ on the previous step likewise (M&G's momentum, which "
+        'replaces SGD momentum: needs ``base="sgd"`` and ``momentum`` unset or 0)',
+    )
 
     def __post_init__(self) -> None:
         if self.base not in _BASES:
             raise ValueError(f"base must be one of {_BASES[:2]}, got {self.base!r}")
         self._check_graft()
+        self._check_adaptive()  # before momentum=None takes the method's default
         if self.base == "sgd":
             if self.betas is not None or self.eps is not None:
                 raise ValueError("betas and eps apply to base='adam'; base='sgd' uses momentum")
@@ -251,6 +278,82 @@ class OptimizerConfig:
         check_betas(self.graft_betas)
         self.graft_betas = tuple(self.graft_betas)
         self.graft_eps = check_number("graft_eps", self.graft_eps)
+
+    def _check_adaptive(self) -> None:
+        """The adaptive damping / learning rate / momentum options (secondorder/adaptive.py)."""
+        for name in ("adaptive_damping", "adaptive_lr", "adaptive_momentum"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        interval = self.damping_adaptation_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ValueError(
+                f"damping_adaptation_interval must be a positive int, got {interval!r}"
+            )
+        decay = check_number("damping_adaptation_decay", self.damping_adaptation_decay)
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"damping_adaptation_decay must be in (0, 1), got {decay!r}")
+        self.damping_adaptation_decay = decay
+        self.min_damping = check_number("min_damping", self.min_damping, low_open=True)
+        if self.max_damping is not None:
+            self.max_damping = check_number("max_damping", self.max_damping, low_open=True)
+            if self.max_damping < self.min_damping:
+                raise ValueError(
+                    f"max_damping ({self.max_damping!r}) must be >= min_damping "
+                    f"({self.min_damping!r})"
+                )
+        if self.adaptive_damping:
+            if callable(self.damping):
+                raise ValueError(
+                    "adaptive_damping adapts λ from the number damping= gives; it cannot be "
+                    "combined with a damping schedule (a callable damping)"
+                )
+            damping = check_number("damping", self.damping, low_open=True)
+            if damping < self.min_damping or (
+                self.max_damping is not None and damping > self.max_damping
+            ):
+                raise ValueError(
+                    f"adaptive_damping: damping ({damping!r}) must lie in [min_damping, "
+                    f"max_damping] = [{self.min_damping!r}, {self.max_damping!r}]"
+                )
+        adaptive = [n for n in ("adaptive_lr", "adaptive_momentum") if getattr(self, n)]
+        if adaptive and self.graft is not None:
+            raise ValueError(
+                f"{' and '.join(adaptive)} choose the step's size themselves; graft= sets it "
+                "from another method: use one or the other"
+            )
+        if adaptive and self.base != "sgd":
+            raise ValueError(
+                f"{' and '.join(adaptive)} choose the step δ = α(−Δ) + μ δ_prev themselves and "
+                f'need base="sgd"; base={self.base!r} has its own moments (use adaptive_damping '
+                "alone with it)"
+            )
+        if adaptive and (self.nesterov or self.dampening != 0):
+            raise ValueError(
+                f"{' and '.join(adaptive)}: the step is α(−Δ) + μ δ_prev, with no nesterov or "
+                "dampening; leave them unset"
+            )
+        if adaptive and self.decoupled_weight_decay:
+            raise ValueError(
+                f"{' and '.join(adaptive)}: decoupled_weight_decay scales the decay by lr, "
+                "which the adaptive step replaces; use coupled weight decay (the default)"
+            )
+        if self.adaptive_momentum:
+            if self.momentum not in (None, 0, 0.0):
+                raise ValueError(
+                    f"adaptive_momentum chooses μ each step; leave momentum unset (got "
+                    f"momentum={self.momentum!r})"
+                )
+            self.momentum = 0.0  # no SGD momentum buffer: μ δ_prev replaces it
+        if adaptive or self.adaptive_damping:
+            on = [
+                n
+                for n in ("adaptive_damping", "adaptive_lr", "adaptive_momentum")
+                if getattr(self, n)
+            ]
+            if self.grad_scaler is not None:
+                raise ValueError(f"{', '.join(on)} do not support grad_scaler (AMP)")
+            if self.distributed:
+                raise ValueError(f"{', '.join(on)} do not support distributed training")
 
     def _check_fisher_type(self) -> None:
         if self.fisher_type not in _FISHER_TYPES:

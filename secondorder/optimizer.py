@@ -39,6 +39,7 @@ from ._checks import (
     resolve_schedule,
 )
 from ._host import to_host
+from .adaptive import Adaptation, AdaptiveState
 from .base_updates import BASE_UPDATES, BaseUpdate, adam_update, sgd_update
 from .capture import ModelCapture, describe_unsupported, find_layers, module_name
 from .config import OptimizerConfig, config_fields
@@ -521,6 +522,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The damping the next step will use."""
         return resolve_schedule("damping", self.damping, self._step, low_open=True)
 
+    @property
+    def adaptive_state(self) -> AdaptiveState | None:
+        """The adaptive damping / learning rate / momentum of this optimizer
+        (:class:`~secondorder.adaptive.AdaptiveState`; None when ``adaptive_damping``,
+        ``adaptive_lr`` and ``adaptive_momentum`` are all off)."""
+        if "_adaptive_state" not in self.__dict__:
+            self._adaptive_state = AdaptiveState.from_config(self.config)
+        return self._adaptive_state
+
+    @property
+    def last_adaptation(self) -> Adaptation | None:
+        """What the adaptive options chose at the last step (α, μ, λ, ρ; for logging)."""
+        adaptive = self.adaptive_state
+        return None if adaptive is None else adaptive.last
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (see the class docstring for the order).
@@ -547,7 +563,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         )
                     grads[p] = p.grad
         try:
-            self._step_on(grads)
+            self._step_on(grads, closure, loss)
         finally:
             if self.estimator is not None and self.estimator.needs_graph:
                 for p, g in grads.items():
@@ -555,8 +571,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         p.grad = g.detach()
         return loss
 
-    def _step_on(self, grads: dict[Tensor, Tensor]) -> None:
-        """:meth:`step` on the collected gradients."""
+    def _step_on(
+        self, grads: dict[Tensor, Tensor], closure: Callable[[], Any] | None, loss: Any
+    ) -> None:
+        """:meth:`step` on the collected gradients (``closure`` and its ``loss``: for the
+        adaptive options)."""
         if self.fisher_type == "mc" and self.capture is not None:
             self._check_fisher_sampled(grads)
         found_inf = getattr(self, "found_inf", None)
@@ -600,6 +619,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         base_curvature = (
             self.estimator if curvature and self.estimator.acts_on != "gradient" else None
         )
+        adaptive = self.adaptive_state
+        if adaptive is not None:  # adaptive damping / lr / momentum (secondorder/adaptive.py)
+            directions = adaptive.before_base_update(
+                self, closure, loss, grads, directions, l2_applied=l2_first
+            )
         for group in self.param_groups:
             group_directions = directions
             weight_decay = 0.0 if l2_first else group["weight_decay"]
@@ -614,6 +638,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 curvature=base_curvature,
             )
+        if adaptive is not None:
+            adaptive.after_base_update(self, closure, grads)
 
         self._step += 1
         if self.capture is not None:
@@ -922,6 +948,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "estimator": None if self.estimator is None else self.estimator.state_dict(),
             "unhooked_layers": list(self.unhooked_layers),
         }
+        if self.adaptive_state is not None:
+            state["curvature"]["adaptive"] = self.adaptive_state.state_dict(self)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -975,6 +1003,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._updates = int(curvature["updates"])
         self._refreshes = int(curvature["refreshes"])
         self.skipped_steps = int(curvature["skipped_steps"])
+        if self.adaptive_state is not None:
+            self.adaptive_state.load_state_dict(self, curvature.get("adaptive"))
         if self.capture is not None:
             self.capture.discard()
             self.capture.recording = self._records_at(self._step)
