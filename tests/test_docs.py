@@ -1,20 +1,18 @@
 """The documentation a person reads: README.md stays short, its code compiles, every relative
 link in it and in ``secondorder/docs/`` leads somewhere, and each method page names every
-keyword its optimizer takes. The keywords are read at run time from the constructors and from
-the method's config dataclass (``KFACConfig``, ...) where the package exports one, so a
-keyword or field added to either fails here until its page documents it."""
+keyword its config declares (the shared ones: optimizer.md). The keywords are read at run time
+from the config dataclasses (``KFACConfig``, ...; ``OptimizerConfig``), so a field added to
+one fails here until its page documents it."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
 from pathlib import Path
 
 import pytest
 
-import secondorder
 from secondorder import EKFAC, KFAC, MFAC, AdaFisher, AdaFisherW, AdaHessian, TwoLevelKFAC
+from secondorder.config import OptimizerConfig, config_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -91,38 +89,36 @@ def test_the_index_lists_every_page() -> None:
     assert not missing, f"index.md does not link {sorted(missing)}"
 
 
-def _config_class(cls: type) -> type | None:
-    """The method's config dataclass (``AdaFisherW`` shares ``AdaFisher``'s), if exported."""
-    name = "AdaFisher" if cls is AdaFisherW else cls.__name__
-    config = getattr(secondorder, f"{name}Config", None)
-    return config if dataclasses.is_dataclass(config) else None
-
-
-def _keywords(cls: type) -> list[str]:
-    """The keyword arguments of ``cls.__init__`` (not ``self``, the model, or ``**kwargs``)
-    and the fields its config dataclass takes on construction (``init=False`` ones are
-    derived, not set by a user)."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    names = [
-        p.name
-        for p in params
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        and p.name not in ("self", "model", "model_or_params")
+def _own_keywords(cls: type) -> list[str]:
+    """The keywords ``cls``'s config declares itself: its own fields and the shared fields
+    whose default it changes (the shared ones are documented once, in optimizer.md)."""
+    shared = {f.name: f.default for f in config_fields(OptimizerConfig)}
+    return ["lr"] + [
+        f.name
+        for f in config_fields(cls.config_class)
+        if f.name != "lr" and (f.name not in shared or f.default != shared[f.name])
     ]
-    config = _config_class(cls)
-    if config is not None:
-        names += [f.name for f in dataclasses.fields(config) if f.init and f.name not in names]
-    return names
+
+
+def _names(text: str, name: str) -> bool:
+    """Whether ``text`` names keyword ``name`` in code: `` `name` `` or `` `name=...` ``."""
+    return re.search(rf"`{re.escape(name)}[`=]", text) is not None
 
 
 @pytest.mark.parametrize("cls", list(METHOD_PAGES), ids=lambda c: c.__name__)
-def test_each_method_page_names_every_keyword_of_its_optimizer(cls: type) -> None:
+def test_each_method_page_names_every_keyword_its_config_declares(cls: type) -> None:
     page = DOCS / METHOD_PAGES[cls]
     text = page.read_text(encoding="utf-8")
-    keywords = _keywords(cls)
-    assert keywords, f"{cls.__name__}.__init__ has no keywords: the signature was not read"
-    missing = [name for name in keywords if f"`{name}`" not in text]
+    keywords = _own_keywords(cls)
+    missing = [name for name in keywords if not _names(text, name)]
     assert not missing, f"{page.name} does not mention {cls.__name__}'s keywords {missing}"
+
+
+def test_the_optimizer_page_names_every_shared_keyword() -> None:
+    text = (DOCS / "optimizer.md").read_text(encoding="utf-8")
+    keywords = [f.name for f in config_fields(OptimizerConfig)] + ["params", "config"]
+    missing = [name for name in keywords if not _names(text, name)]
+    assert not missing, f"optimizer.md does not mention the shared keywords {missing}"
 
 
 def test_readme_python_blocks_compile() -> None:
