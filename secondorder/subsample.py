@@ -108,12 +108,15 @@ class ExampleSampler:
             return inputs, grad_output
         order = self._orders.get((pass_id, batch))
         if order is None:
-            order = torch.randperm(batch, generator=self.generator)
-            self._orders[(pass_id, batch)] = order
+            order = self._orders[(pass_id, batch)] = self.draw(batch)
         index = order[:keep].sort().values  # in batch order, as the rows were
         kept_inputs = inputs.index_select(0, index.to(inputs.device))
         kept_grads = grad_output.index_select(0, index.to(grad_output.device))
         return kept_inputs, kept_grads.mul_(math.sqrt(batch / keep))
+
+    def draw(self, batch: int) -> Tensor:
+        """A random order of ``batch`` examples (a CPU permutation): a pass keeps a prefix."""
+        return torch.randperm(batch, generator=self.generator)
 
     def clear(self) -> None:
         """Forget the passes' draws (their statistics were collected or discarded)."""
