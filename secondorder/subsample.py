@@ -93,8 +93,9 @@ class ExampleSampler:
         self, layer: LayerHelper, pass_id: int, inputs: Tensor, grad_output: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(inputs, grad_output)`` of the kept examples of ``layer``'s pass ``pass_id``,
-        the output gradient scaled by ``√(n/k)``; the arguments themselves when every
-        example is kept (or ``layer`` cannot be subsampled)."""
+        the output gradient scaled by ``√(n/k)`` (in float32 if it was half precision); the
+        arguments themselves when every example is kept (or ``layer`` cannot be
+        subsampled)."""
         batch = layer.batch_size(inputs)
         if (
             batch < 2
@@ -112,6 +113,9 @@ class ExampleSampler:
         index = order[:keep].sort().values  # in batch order, as the rows were
         kept_inputs = inputs.index_select(0, index.to(inputs.device))
         kept_grads = grad_output.index_select(0, index.to(grad_output.device))
+        if kept_grads.dtype in (torch.float16, torch.bfloat16):
+            # the statistics are summed in float32 anyway; √(n/k) must not overflow float16
+            kept_grads = kept_grads.float()
         return kept_inputs, kept_grads.mul_(math.sqrt(batch / keep))
 
     def draw(self, batch: int) -> Tensor:

@@ -332,3 +332,22 @@ def test_bad_statistics_rows_raise(method, value) -> None:
 def test_methods_that_need_every_example_refuse_statistics_rows(method) -> None:
     with pytest.raises(ValueError, match="statistics_rows"):
         method(mlp([3, 2]), statistics_rows=0.5)
+
+
+# ---- (e): end to end, every method that takes it ------------------------------------------
+@pytest.mark.parametrize("method", [KFAC, EKFAC, AdaFisher])
+def test_methods_train_with_subsampled_statistics(method) -> None:
+    torch.manual_seed(7)
+    model = small_cnn(channels=2, classes=3)
+    x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    opt = method(model, lr=0.01, curvature_every=1, statistics_rows=0.25)
+    for _ in range(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert opt.estimator.nonfinite_updates == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = opt.state_dict()["curvature"]["sampler"]["generator"]
+    assert not torch.equal(state, ExampleSampler(0.25).generator.get_state())  # it drew
