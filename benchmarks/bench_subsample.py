@@ -5,8 +5,9 @@ statistics every step, inverses every 10) with each ``statistics_rows`` setting 
 initial weights and batch order, per seed, and reports the first step whose test accuracy
 reaches ``--target-acc`` and the final train loss and test accuracy. Then times the capture:
 the seconds spent in the hooks' record path (``ModelCapture._on_grad``: the draw, the slicing
-and the estimator's ``accumulate``) per recorded step, for each setting and batch size, one
-process, settings interleaved within each round, fastest round kept.
+and the estimator's ``accumulate``) per recorded step, for each setting, task
+(``--timing-tasks``, e.g. digits-cnn too) and batch size, one process, settings interleaved
+within each round, fastest round kept.
 
     PYTHONPATH=. python benchmarks/bench_subsample.py
     PYTHONPATH=. python benchmarks/bench_subsample.py --rows none 0.5 0.25 16 --threads 2
@@ -15,6 +16,7 @@ process, settings interleaved within each round, fastest round kept.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -63,9 +65,9 @@ def train(rows, seed: int, epochs: int, batch: int, target: float) -> dict:
     return {"steps_to_target": reached, "final_loss": loss, "test_accuracy": acc, "steps": step}
 
 
-def capture_seconds(settings, batch: int, steps: int, rounds: int) -> dict:
+def capture_seconds(task_name: str, settings, batch: int, steps: int, rounds: int) -> dict:
     """Fastest-round mean seconds per step in the record path, per setting (interleaved)."""
-    task = TASKS["digits-mlp"]
+    task = TASKS[task_name]
     data = task.data()
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(data.x_train), (batch,), generator=gen)
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--target-acc", type=float, default=0.9)
     parser.add_argument("--timing-batches", nargs="+", type=int, default=[64, 1024])
+    parser.add_argument("--timing-tasks", nargs="+", default=["digits-mlp"])
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -133,10 +136,13 @@ def main() -> None:
             f"{statistics.mean(losses):>9.4f}±{statistics.pstdev(losses):.4f} "
             f"{statistics.mean(accs):>8.4f}±{statistics.pstdev(accs):.3f}"
         )
-    for batch in args.timing_batches:
+    for task, batch in itertools.product(args.timing_tasks, args.timing_batches):
         load = os.getloadavg()[0]
-        best = capture_seconds(settings, batch, args.timing_steps, args.rounds)
-        print(f"\ncapture time per step, batch {batch} (fastest of {args.rounds}, load {load:.2f})")
+        best = capture_seconds(task, settings, batch, args.timing_steps, args.rounds)
+        print(
+            f"\n{task}: capture time per step, batch {batch} "
+            f"(fastest of {args.rounds} rounds of {args.timing_steps} steps, load {load:.2f})"
+        )
         base = best[settings[0]]
         for rows in settings:
             print(f"{rows!s:>16} {best[rows] * 1e6:>10.0f} µs  ({best[rows] / base:.2f}x)")
