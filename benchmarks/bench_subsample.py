@@ -100,26 +100,7 @@ def capture_seconds(task_name: str, settings, batch: int, steps: int, rounds: in
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", default=["none", "0.5", "0.25", "16"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--target-acc", type=float, default=0.9)
-    parser.add_argument("--timing-batches", nargs="+", type=int, default=[64, 1024])
-    parser.add_argument("--timing-tasks", nargs="+", default=["digits-mlp"])
-    parser.add_argument("--timing-steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = [_rows(text) for text in args.rows]
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.2f} at start"
-    )
+def _train_table(args: argparse.Namespace, settings: list) -> None:
     print(
         f"\ndigits-mlp K-FAC ({OPTIMIZERS['kfac'].defaults}), batch {args.batch_size}, "
         f"{args.epochs} epochs; steps to test accuracy {args.target_acc}"
@@ -136,6 +117,32 @@ def main() -> None:
             f"{statistics.mean(losses):>9.4f}±{statistics.pstdev(losses):.4f} "
             f"{statistics.mean(accs):>8.4f}±{statistics.pstdev(accs):.3f}"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", default=["none", "0.5", "0.25", "16"])
+    parser.add_argument(
+        "--seeds", nargs="*", type=int, default=[0, 1, 2], help="none: timings only"
+    )
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--target-acc", type=float, default=0.9)
+    parser.add_argument("--timing-batches", nargs="+", type=int, default=[64, 1024])
+    parser.add_argument("--timing-tasks", nargs="+", default=["digits-mlp"])
+    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = [_rows(text) for text in args.rows]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
+    if args.seeds:
+        _train_table(args, settings)
     for task, batch in itertools.product(args.timing_tasks, args.timing_batches):
         load = os.getloadavg()[0]
         best = capture_seconds(task, settings, batch, args.timing_steps, args.rounds)

@@ -74,6 +74,11 @@ class ExampleSampler:
         self.generator = torch.Generator().manual_seed(seed)
         #: (pass id, batch size) -> the pass's random order of its examples
         self._orders: dict[tuple[int, int], Tensor] = {}
+        #: (pass id, batch size, kept, device) -> the kept indices: the layers of a pass
+        #: that keep as many share one index tensor
+        self._indices: dict[tuple[int, int, int, torch.device], Tensor] = {}
+        #: (layer, shape of one example's output gradient) -> its rows (int statistics_rows)
+        self._rows_per_example: dict[tuple[int, tuple[int, ...]], int] = {}
 
     def keep(self, layer: LayerHelper, batch: int, grad_output: Tensor) -> int:
         """How many of the ``batch`` examples of ``layer``'s pass are kept."""
@@ -83,9 +88,15 @@ class ExampleSampler:
         else:
             # rows per example: the output-gradient rows of one example (one for a norm
             # layer's blocks, whose statistics are per-example gradients)
-            per_example = (
-                layer.g_rows(grad_output[:1]).shape[1] if isinstance(layer, KroneckerHelper) else 1
-            )
+            key = (id(layer), tuple(grad_output.shape[1:]))
+            per_example = self._rows_per_example.get(key)
+            if per_example is None:
+                per_example = (
+                    layer.g_rows(grad_output[:1]).shape[1]
+                    if isinstance(layer, KroneckerHelper)
+                    else 1
+                )
+                self._rows_per_example[key] = per_example
             wanted = rows / max(per_example, 1)
         return min(batch, max(1, round(wanted)))
 
@@ -107,16 +118,24 @@ class ExampleSampler:
         keep = self.keep(layer, batch, grad_output)
         if keep >= batch:
             return inputs, grad_output
-        order = self._orders.get((pass_id, batch))
-        if order is None:
-            order = self._orders[(pass_id, batch)] = self.draw(batch)
-        index = order[:keep].sort().values  # in batch order, as the rows were
-        kept_inputs = inputs.index_select(0, index.to(inputs.device))
+        index = self._index(pass_id, batch, keep, inputs.device)
+        kept_inputs = inputs.index_select(0, index)
         kept_grads = grad_output.index_select(0, index.to(grad_output.device))
         if kept_grads.dtype in (torch.float16, torch.bfloat16):
             # the statistics are summed in float32 anyway; √(n/k) must not overflow float16
             kept_grads = kept_grads.float()
         return kept_inputs, kept_grads.mul_(math.sqrt(batch / keep))
+
+    def _index(self, pass_id: int, batch: int, keep: int, device: torch.device) -> Tensor:
+        """The ``keep`` examples pass ``pass_id`` keeps, in batch order, on ``device``."""
+        key = (pass_id, batch, keep, device)
+        index = self._indices.get(key)
+        if index is None:
+            order = self._orders.get((pass_id, batch))
+            if order is None:
+                order = self._orders[(pass_id, batch)] = self.draw(batch)
+            index = self._indices[key] = order[:keep].sort().values.to(device)
+        return index
 
     def draw(self, batch: int) -> Tensor:
         """A random order of ``batch`` examples (a CPU permutation): a pass keeps a prefix."""
@@ -125,6 +144,7 @@ class ExampleSampler:
     def clear(self) -> None:
         """Forget the passes' draws (their statistics were collected or discarded)."""
         self._orders = {}
+        self._indices = {}
 
     def state_dict(self) -> dict[str, Tensor]:
         """The generator's state (draws in flight are not kept: they belong to a step's
