@@ -68,6 +68,23 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_statistics_rows(value: Any) -> int | float | None:
+    """Accept None (all rows), an int >= 1 (a number of rows) or a float in (0, 1] (a
+    fraction of them): an int comes back as an int, a fraction as a float. Anything else
+    raises ``ValueError``, a value of another type too (``"all"``, ``True``): which of the
+    three kinds a number is decides its meaning, so a wrong kind is a wrong value."""
+    if value is None:
+        return None
+    if _is_int(value) and value >= 1:
+        return int(value)
+    if _is_number(value) and not _is_int(value) and 0.0 < float(value) <= 1.0:
+        return float(value)
+    raise ValueError(
+        "statistics_rows must be None (all rows), an int >= 1 (that many rows) or a float "
+        f"in (0, 1] (that fraction of the rows), got {value!r}"
+    )
+
+
 def check_use_curvature(
     value: Any,
 ) -> Callable[[int], bool] | tuple[tuple[int, int | None], ...] | None:

@@ -57,6 +57,7 @@ from .layers import (
     registered_helpers,
     supported_types,
 )
+from .subsample import ExampleSampler
 
 #: ``accumulate(layer, inputs, grad_output, acc) -> acc``; ``acc`` is None on the first
 #: pass since the last collect.
@@ -336,6 +337,10 @@ class ModelCapture:
         model (nn.Module, optional): the whole model: its forward passes are counted, so
             that :meth:`collect` knows how many examples were seen and whether the layer
             hooks ran (default: None).
+        sampler (ExampleSampler, optional): hand ``accumulate`` only the examples it keeps
+            of each pass, their output gradients rescaled so that the statistics stay
+            unbiased (:mod:`secondorder.subsample`); the examples counted are still all of
+            them (default: None, every example).
     """
 
     def __init__(
@@ -345,8 +350,10 @@ class ModelCapture:
         *,
         record_in_eval: bool = False,
         model: nn.Module | None = None,
+        sampler: ExampleSampler | None = None,
     ) -> None:
         self.layers = list(layers)
+        self.sampler = sampler
         self.accumulate = accumulate
         self.record_in_eval = record_in_eval
         #: switched by the optimizer: record only passes that feed a curvature update
@@ -502,10 +509,14 @@ class ModelCapture:
     ) -> None:
         if self.accept is not None and not self.accept():
             return
+        batch = member.batch_size(inputs)
+        grad_output = grad_output.detach()
+        if self.sampler is not None:
+            inputs, grad_output = self.sampler.select(member, pass_id, inputs, grad_output)
         acc = self._acc.get(layer.name)
-        self._acc[layer.name] = self.accumulate(member, inputs, grad_output.detach(), acc)
+        self._acc[layer.name] = self.accumulate(member, inputs, grad_output, acc)
         seen = self._examples.setdefault(layer.name, {})
-        seen[pass_id] = max(seen.get(pass_id, 0), member.batch_size(inputs))
+        seen[pass_id] = max(seen.get(pass_id, 0), batch)
 
     def collect(self) -> dict[str, Any]:
         """The statistics accumulated since the last call (by layer name), then reset.
@@ -516,6 +527,8 @@ class ModelCapture:
         """
         self._check_hooks_ran()
         self._ran = set()
+        if self.sampler is not None:
+            self.sampler.clear()
         acc, self._acc = self._acc, {}
         examples, self._examples = self._examples, {}
         for name, stat in acc.items():
@@ -529,6 +542,8 @@ class ModelCapture:
         self._examples = {}
         self._expected = self._hook_calls = 0
         self._ran = set()
+        if self.sampler is not None:
+            self.sampler.clear()
 
     def drop(self, names: Iterable[str]) -> None:
         """Stop watching the layers ``names``: their hooks are removed and whatever they

@@ -48,6 +48,7 @@ from ._checks import (
     check_interval,
     check_number,
     check_schedule,
+    check_statistics_rows,
     check_use_curvature,
     unknown_keyword,
 )
@@ -153,6 +154,13 @@ class OptimizerConfig:
         "secondorder/docs/layers.md)",
     )
     record_in_eval: bool = hyperparameter(False, "also record statistics from modules in eval mode")
+    statistics_rows: int | float | None = hyperparameter(
+        None,
+        "the rows (examples, tokens, conv positions) the layer statistics come from, drawn "
+        "at random as whole examples per forward pass: None (all), an int (about that many "
+        "rows per layer), or a float in (0, 1] (that fraction of the examples); at least one "
+        "example, rescaled so that the statistics stay unbiased (secondorder/subsample.py)",
+    )
     nonfinite: str = hyperparameter(
         "skip",
         'a step with a NaN/Inf gradient: ``"skip"`` it (counted in ``skipped_steps``) or '
@@ -257,6 +265,7 @@ class OptimizerConfig:
         if self.distributed is not None and not isinstance(self.distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {self.distributed!r}")
         self.use_curvature = check_use_curvature(self.use_curvature)
+        self.statistics_rows = check_statistics_rows(self.statistics_rows)
         if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}"

@@ -48,6 +48,7 @@ from .estimators.base import CurvatureEstimator, NonFiniteStatistics
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .grafting import graft_directions
 from .layers import LayerHelper
+from .subsample import ExampleSampler
 
 #: builds the estimator from the covered layers and the optimizer's parameters
 EstimatorFactory = Callable[[list[LayerHelper], list[nn.Parameter]], CurvatureEstimator]
@@ -340,14 +341,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"attach hooks; {name} preconditions all its parameters jointly: choose "
                     "them with params="
                 )
+            if cfg.statistics_rows is not None:
+                raise ValueError(
+                    f"statistics_rows applies to estimators that record layer statistics with "
+                    f"hooks; {name} builds its curvature from the whole gradient"
+                )
         elif est is not None:
             if not layers:
                 raise ValueError(
                     f"{name} found no layer it can precondition: {describe_unsupported(module)}"
                     + (f"; left out: {self.left_out_layers}" if self.left_out_layers else "")
                 )
+            if cfg.statistics_rows is not None and not est.supports_statistics_subsampling:
+                raise ValueError(
+                    f"statistics_rows: {name}'s statistics need every example of a pass "
+                    "(see its estimator's supports_statistics_subsampling); leave it None"
+                )
+            sampler = None if cfg.statistics_rows is None else ExampleSampler(cfg.statistics_rows)
             self.capture = ModelCapture(
-                layers, est.accumulate, record_in_eval=cfg.record_in_eval, model=module
+                layers,
+                est.accumulate,
+                record_in_eval=cfg.record_in_eval,
+                model=module,
+                sampler=sampler,
             )
             self.capture.recording = self._records_at(0)
             if cfg.fisher_type == "mc":
@@ -950,6 +966,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         }
         if self.adaptive_state is not None:
             state["curvature"]["adaptive"] = self.adaptive_state.state_dict(self)
+        if self.capture is not None and self.capture.sampler is not None:
+            state["curvature"]["sampler"] = self.capture.sampler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1008,6 +1026,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.capture is not None:
             self.capture.discard()
             self.capture.recording = self._records_at(self._step)
+            if self.capture.sampler is not None and "sampler" in curvature:
+                self.capture.sampler.load_state_dict(curvature["sampler"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,22 @@ def test_refresh_times_the_per_layer_and_the_batched_refresh():
     assert len(calls["per-layer"]) == len(calls["batched"]) == 2
     for per_layer, batched in zip(calls["per-layer"], calls["batched"], strict=True):
         assert per_layer >= 74 and batched < per_layer
+
+
+def test_subsample_reports_steps_and_capture_time():
+    root = BENCH.parent
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_subsample.py"), "--rows", "none", "0.5", "--seeds",
+         "0", "--epochs", "1", "--rounds", "1", "--timing-steps", "2", "--timing-batches", "16",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.strip().startswith(("None ", "0.5 "))] == [
+        "None",
+        "0.5",
+        "None",
+        "0.5",
+    ]  # the training table, then the timing table
+    assert "capture time per step, batch 16" in proc.stdout

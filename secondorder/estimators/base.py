@@ -83,6 +83,11 @@ class CurvatureEstimator(ABC):
     #: whether the estimator works data-parallel: its statistics reduce across ranks
     #: (:mod:`secondorder.distributed`), or it needs none (built from DDP's gradients)
     supports_distributed: ClassVar[bool] = True
+    #: whether the statistics may come from a random subset of each pass's examples
+    #: (``statistics_rows``): the capture rescales what it hands :meth:`accumulate` so that
+    #: statistics built the K-FAC way (module docstring of :mod:`secondorder.subsample`)
+    #: stay unbiased
+    supports_statistics_subsampling: ClassVar[bool] = True
     #: where the curvature acts: ``"gradient"`` (:meth:`precondition`), ``"moment"``
     #: (:meth:`moment_curvature`, for the ``"momentum"`` base update) or
     #: ``"second_moment"`` (:meth:`second_moment`, for the ``"adahessian"`` base update)

@@ -253,6 +253,9 @@ class TwoLevelKFACEstimator(KFACEstimator):
     """
 
     config: TwoLevelKFACConfig
+    #: the coarse sums pair every example's rows across layers and check that a layer saw
+    #: each example of a pass once: a subset of the examples would drop them silently
+    supports_statistics_subsampling = False
 
     def __init__(
         self, layers: Sequence[LayerHelper], config: TwoLevelKFACConfig | None = None

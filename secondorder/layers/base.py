@@ -64,6 +64,10 @@ class LayerHelper(ABC):
     #: that this module does not use: its rows get a 0 (not a 1) in the bias column, so
     #: they add nothing to the bias statistics
     zero_bias_column: bool = False
+    #: the statistics of some of a pass's examples are a function of those examples'
+    #: inputs and output gradients alone, so the capture may keep a random subset of them
+    #: (``statistics_rows``); False where the layer couples the examples of a batch
+    separable_examples: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module, name: str, *, include_bias: bool | None = None) -> None:
         self.module = module

@@ -105,6 +105,8 @@ class BatchNormHelper(NormHelper):
 
     module: nn.modules.batchnorm._BatchNorm
     unbatched_dims = 0  # BatchNorm always has a batch dimension
+    #: in training mode x̂ uses the batch's statistics: a subset's would differ
+    separable_examples = False
 
     def normalized(self, inputs: Tensor) -> Tensor:
         m = self.module
