@@ -132,7 +132,6 @@ class CurvatureEstimator(ABC):
             for layer in self.layers
         ]  # fmt: skip
 
-
     def wants_statistics(self, step: int, *, curvature_due: bool, refresh_due: bool) -> bool:
         """Whether the passes before ``step`` are recorded and :meth:`update` absorbs them.
 
@@ -202,8 +201,10 @@ def format_layer_table(rows: Sequence[Mapping[str, Any]], left_out: Sequence[str
         table.append(("total", "", "", "", *map(str, totals)))
     widths = [max(len(line[i]) for line in table) for i in range(len(head))]
     lines = [
-        "  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-        .rstrip()
+        "  ".join(
+            c.rjust(w) if i >= 4 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
         for line in table
     ]
     lines += [f"left out: {reason}" for reason in left_out]

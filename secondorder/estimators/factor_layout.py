@@ -79,7 +79,8 @@ class FactorLayout:
         return math.prod(self.shape(groups))
 
     def describe(self) -> str:
-        """``"full 785"``, ``"3 blocks of 683"``, ``"2 blocks of 393/392"`` or ``"diagonal 32000"``."""
+        """``"full 785"``, ``"3 blocks of 683"``, ``"2 blocks of 393/392"`` (sizes ``b`` and
+        ``b - 1``) or ``"diagonal 32000"``."""
         if self.kind == "blocks":
             sizes = sorted(set(self.block_sizes()), reverse=True)
             return f"{self.blocks} blocks of {'/'.join(map(str, sizes))}"
@@ -108,7 +109,7 @@ class FactorLayout:
         """``x`` with axis ``dim`` (``n`` coordinates) in the padded layout (``k·b``)."""
         if not self.needs_padding:
             return x
-        zero = x.new_zeros((*x.shape[:dim % x.dim()], 1, *x.shape[dim % x.dim() + 1 :]))
+        zero = x.new_zeros((*x.shape[: dim % x.dim()], 1, *x.shape[dim % x.dim() + 1 :]))
         return torch.cat([x, zero], dim=dim).index_select(dim, self._index("pad", x.device))
 
     def unpad(self, x: Tensor, dim: int = -1) -> Tensor:

@@ -574,11 +574,15 @@ class KFACEstimator(CurvatureEstimator):
         means = []
         for f, layout in ((a, a_layout), (g, g_layout)):
             diag = f if layout.kind == "diagonal" else f.diagonal(dim1=-2, dim2=-1)
-            diag = diag.reshape(f.shape[0], -1).to(torch.float32 if f.dtype in _HALF_DTYPES else f.dtype)
+            diag = diag.reshape(f.shape[0], -1).to(
+                torch.float32 if f.dtype in _HALF_DTYPES else f.dtype
+            )
             means.append(diag.sum(-1) / layout.dim)
         ta, tg = means
         ok = (ta > 0) & (tg > 0)
-        return torch.where(ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta)).sqrt()
+        return torch.where(
+            ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta)
+        ).sqrt()
 
     @contextmanager
     def _progress(
@@ -743,9 +747,7 @@ class KFACEstimator(CurvatureEstimator):
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
-    def _factor_shapes(
-        self, layer: LayerHelper
-    ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    def _factor_shapes(self, layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers), as
         their :attr:`layouts` store them."""
         if isinstance(layer, BlockHelper):
