@@ -154,7 +154,7 @@ class KFACConfig(OptimizerConfig):
         "float32 or float64",
     )
     max_factor_dim: int | None = hyperparameter(
-        1024,
+        256,
         "factors wider than this are split into diagonal blocks of at most this size "
         "(as equal as possible; only the blocks are accumulated and decomposed); None "
         "keeps every factor whole",
