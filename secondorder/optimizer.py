@@ -44,7 +44,7 @@ from .base_updates import BASE_UPDATES, BaseUpdate, adam_update, sgd_update
 from .capture import ModelCapture, describe_unsupported, find_layers, module_name
 from .config import OptimizerConfig, config_fields
 from .distributed import Communicator, default_communicator, scale_output_statistics
-from .estimators.base import CurvatureEstimator, NonFiniteStatistics
+from .estimators.base import CurvatureEstimator, NonFiniteStatistics, format_layer_table
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
 from .grafting import graft_directions
 from .layers import LayerHelper
@@ -296,6 +296,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.likelihood_sigma = 1.0 if config.likelihood_sigma is None else config.likelihood_sigma
         self._use_curvature = config.use_curvature
         self.grad_scaler = config.grad_scaler
+
+    def describe(self) -> str:
+        """A table of the covered layers (name, module type, how ``A`` and ``G`` are kept:
+        ``full n``, ``k blocks of b``, ``diagonal n``; the bytes their factors take and
+        the bytes the estimator holds for them now), a total, and the layers left to the
+        base update (:attr:`left_out_layers`). ``print(opt.describe())`` to read it."""
+        rows = self.estimator.describe_layers() if self.estimator is not None else []
+        return format_layer_table(rows, self.left_out_layers)
 
     def _init_counters(self) -> None:
         self.skipped_steps = 0

@@ -127,6 +127,16 @@ class CurvatureEstimator(ABC):
         """Every parameter whose gradient :meth:`precondition` may replace."""
         return [p for layer in self.layers for p in layer.params]
 
+    def describe_layers(self) -> list[dict[str, Any]]:
+        """One entry per covered layer for :meth:`CurvatureOptimizer.describe`: ``name``,
+        ``type``, ``a`` and ``g`` (how the curvature of the layer is kept), ``factor_bytes``
+        and ``state_bytes`` (None where the estimator does not say)."""
+        return [
+            {"name": layer.name, "type": type(layer.module).__name__, "a": "-", "g": "-",
+             "factor_bytes": None, "state_bytes": None}
+            for layer in self.layers
+        ]  # fmt: skip
+
     def wants_statistics(self, step: int, *, curvature_due: bool, refresh_due: bool) -> bool:
         """Whether the passes before ``step`` are recorded and :meth:`update` absorbs them.
 
@@ -183,3 +193,24 @@ class CurvatureEstimator(ABC):
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output and recompute derived quantities."""
+
+
+def format_layer_table(rows: Sequence[Mapping[str, Any]], left_out: Sequence[str]) -> str:
+    """The text of :meth:`CurvatureOptimizer.describe`: one line per entry of
+    :meth:`CurvatureEstimator.describe_layers`, a total, then the layers left out."""
+    head = ("layer", "type", "A", "G", "factor bytes", "state bytes")
+    keys = ("name", "type", "a", "g", "factor_bytes", "state_bytes")
+    table = [head] + [tuple("-" if r[k] is None else str(r[k]) for k in keys) for r in rows]
+    if rows:
+        totals = [sum(r[k] or 0 for r in rows) for k in keys[4:]]
+        table.append(("total", "", "", "", *map(str, totals)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i >= 4 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
+    lines += [f"left out: {reason}" for reason in left_out]
+    return "\n".join(lines)

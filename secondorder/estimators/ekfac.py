@@ -66,7 +66,7 @@ from ..config import hyperparameter
 from ..distributed import stat_field
 from ..layers import KroneckerHelper, LayerHelper
 from ..optimizer import CurvatureOptimizer
-from .kfac import KFACConfig, KFACEstimator, KroneckerStats
+from .kfac import KFACConfig, KFACEstimator, KroneckerStats, _right
 
 
 @dataclass(kw_only=True)
@@ -187,18 +187,26 @@ class EKFACEstimator(KFACEstimator):
             acc.kfac = self._accumulate_rows(layer, a, g, acc.kfac)
         n = layer.batch_size(inputs)
         if basis:
-            squares = self._projected_squares(a, g, basis, n).to(self.config.stat_dtype)
+            a_layout, g_layout = self.layouts[name]
+            squares = self._projected_squares(a_layout.pad(a), g_layout.pad(g), basis, n)
+            squares = squares.to(self.config.stat_dtype)
             acc.scale_sum = squares if acc.scale_sum is None else acc.scale_sum.add_(squares)
-            acc.basis = basis["q_a"]
+            acc.basis = basis
         acc.examples += n  # the capture's collect() recounts it once per model forward
         return acc
 
-    @staticmethod
-    def _projected_squares(a: Tensor, g: Tensor, basis: Mapping[str, Tensor], n: int) -> Tensor:
-        """``Σ_n (Q_Gᵀ ∇̂_n Q_A)²`` with ``∇̂_n = Σ_{rows of n} g ãᵀ``, ``(groups, g_dim, a_dim)``."""
-        q_a, q_g = basis["q_a"], basis["q_g"]
-        a_proj = a.to(q_a.dtype) @ q_a  # rows of (Q_Aᵀ ã)ᵀ
-        g_proj = g.to(q_g.dtype) @ q_g  # rows of (Q_Gᵀ g)ᵀ
+    def _projected_squares(
+        self, a: Tensor, g: Tensor, basis: Mapping[str, Tensor | None], n: int
+    ) -> Tensor:
+        """``Σ_n (Q_Gᵀ ∇̂_n Q_A)²`` with ``∇̂_n = Σ_{rows of n} g ãᵀ``, ``(groups, G, A)``
+        for rows in the padded layouts (a blocked factor's ``Q`` is block diagonal, a
+        diagonal factor's the identity)."""
+        dtype = self.config.inverse_dtype
+        a_proj, g_proj = a.to(dtype), g.to(dtype)
+        if basis["q_a"] is not None:
+            a_proj = _right(a_proj, basis["q_a"])  # rows of (Q_Aᵀ ã)ᵀ
+        if basis["q_g"] is not None:
+            g_proj = _right(g_proj, basis["q_g"])  # rows of (Q_Gᵀ g)ᵀ
         per_example = a.shape[1] // n
         if per_example == 1:
             # One row per example: (Q_Gᵀ g)(Q_Aᵀ ã)ᵀ squared is (Q_Gᵀ g)² ((Q_Aᵀ ã)²)ᵀ.
@@ -223,7 +231,7 @@ class EKFACEstimator(KFACEstimator):
                 acc.kfac.examples = acc.examples
                 kfac_stats[name] = acc.kfac
             state = self._state[name]
-            if acc.scale_sum is not None and acc.basis is state.inverse.get("q_a"):
+            if acc.scale_sum is not None and acc.basis is state.inverse:
                 # mean_n (n ·)² of the unscaled per-example sums: n Σ_n (...)²
                 fresh[name] = (acc.scale_sum * acc.examples).to(self.config.factor_dtype)
         super().update(kfac_stats)
@@ -239,9 +247,10 @@ class EKFACEstimator(KFACEstimator):
             scale.scalings = torch.lerp(s_new, scale.scalings, decay)
             scale.updates += 1
 
-    def eigenbasis(self, name: str) -> tuple[Tensor, Tensor] | None:
+    def eigenbasis(self, name: str) -> tuple[Tensor | None, Tensor | None] | None:
         """``(Q_A, Q_G)`` of E-KFAC layer ``name``, ``(groups, a_dim, a_dim)`` and
-        ``(groups, g_dim, g_dim)`` (None before the first refresh)."""
+        ``(groups, g_dim, g_dim)`` (None before the first refresh); a blocked factor's
+        is its blocks' ``(groups, k, b, b)``, a diagonal factor's None (the identity)."""
         if name not in self._scales:
             return None
         inv = self._state[name].inverse
@@ -249,7 +258,8 @@ class EKFACEstimator(KFACEstimator):
 
     def scalings(self, name: str) -> Tensor | None:
         """The current scalings ``S`` of layer ``name``, ``(groups, g_dim, a_dim)`` (None
-        before the first refresh, and for layers on the K-FAC path)."""
+        before the first refresh, and for layers on the K-FAC path); with a blocked
+        factor whose blocks are padded, its padded width (:class:`FactorLayout`)."""
         scale = self._scales.get(name)
         return None if scale is None else scale.scalings
 
@@ -262,7 +272,7 @@ class EKFACEstimator(KFACEstimator):
                 self._scales[name] = _ScaleState(self._kfac_products(inv), updates=1)
 
     def _kfac_products(self, inv: Mapping[str, Tensor]) -> Tensor:
-        products = inv["d_g"][:, :, None] * inv["d_a"][:, None, :]
+        products = inv["d_g"].flatten(1)[:, :, None] * inv["d_a"].flatten(1)[:, None, :]
         return products.to(self.config.factor_dtype)
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
@@ -275,12 +285,17 @@ class EKFACEstimator(KFACEstimator):
             if scale is None or layer.weight not in grads:
                 continue
             inv = self._state[name].inverse
-            q_a, q_g = inv["q_a"], inv["q_g"]
+            a_layout, g_layout = self.layouts[name]
             grad = layer.grad_matrix(grads)
-            v = q_g.transpose(-1, -2) @ grad.to(dtype) @ q_a
-            v = v / (scale.scalings.to(dtype) + damping)
-            out.update(layer.split_matrix((q_g @ v @ q_a.transpose(-1, -2)).to(grad.dtype)))
+            v = self._to_eigenbasis(inv, a_layout.pad(g_layout.pad(grad.to(dtype), -2), -1))
+            v = self._from_eigenbasis(inv, v / (scale.scalings.to(dtype) + damping))
+            v = a_layout.unpad(g_layout.unpad(v, -2), -1)
+            out.update(layer.split_matrix(v.to(grad.dtype)))
         return out
+
+    def _layer_tensors(self, name: str) -> list[Tensor]:
+        scale = self._scales.get(name)
+        return super()._layer_tensors(name) + ([] if scale is None else [scale.scalings])
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -311,7 +326,8 @@ class EKFACEstimator(KFACEstimator):
                 continue
             layer = self._by_name[name]
             s = saved[name]["scalings"]
-            expected = (layer.groups, layer.g_dim, layer.a_dim)
+            a_layout, g_layout = self.layouts[name]
+            expected = (layer.groups, g_layout.padded_dim, a_layout.padded_dim)
             if tuple(s.shape) != expected:
                 raise ValueError(
                     f"E-KFAC state for layer {name!r} has scalings of shape {tuple(s.shape)} "

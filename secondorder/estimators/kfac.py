@@ -31,7 +31,12 @@ Damping conventions (``damping`` = λ):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,19 +48,79 @@ from .._host import to_host
 from ..config import OptimizerConfig, hyperparameter
 from ..distributed import stat_field
 from ..kernels import symmetric_factor_update
+from ..kernels.conv_factor import CHUNK_ELEMENTS
 from ..layers import BlockHelper, KroneckerHelper, LayerHelper
 from ..linalg import (
+    EIGH_BATCH_MAX_SIZE,
     damped_inverse_cholesky_many,
-    factored_damping,
+    pi_correction,
     symmetric_eigh_many,
 )
 from ..optimizer import CurvatureOptimizer
 from .base import CurvatureEstimator
+from .factor_layout import FactorLayout, choose_layout
 
 _INVERSE_METHODS = ("eigen", "cholesky")
 _DAMPING_MODES = ("eigen", "factored")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+#: the estimated cost (``Σ batch · n³`` of a refresh's decompositions) above which a
+#: refresh on the CPU shows its progress when ``progress`` is None: about 10 s on a
+#: 2-core CPU (a 1024-wide float32 eigendecomposition takes 1 to 3 s there)
+PROGRESS_MIN_COST = 4e9
+
+
+def _add_into(acc: Tensor, value: Tensor, beta: float) -> None:
+    """``acc <- beta acc + value`` (with ``beta = 0`` the old contents are ignored)."""
+    if beta == 0.0:
+        acc.copy_(value)
+    else:
+        acc.mul_(beta).add_(value)
+
+
+def _side_update(layout: FactorLayout, acc: Tensor, rows: Tensor, beta: float) -> None:
+    """``acc <- beta acc + Σ_rows x xᵀ`` for rows ``(groups, R, n)``, kept as ``layout``
+    stores the factor: whole, its diagonal blocks only, or its diagonal only."""
+    if layout.kind == "full":
+        symmetric_factor_update(acc, rows, beta=beta, alpha=1.0)
+    elif layout.kind == "diagonal":
+        _add_into(acc, rows.to(acc.dtype).square().sum(1), beta)
+    else:
+        b = layout.block_size
+        flat = acc.view(-1, b, b)  # (groups·k, b, b): one batched product for all blocks
+        symmetric_factor_update(flat, layout.block_rows(rows), beta=beta, alpha=1.0)
+
+
+def _left(m: Tensor, x: Tensor) -> Tensor:
+    """``m @ x`` for ``m`` one matrix per group ``(groups, n, n)`` or ``k`` diagonal
+    blocks per group ``(groups, k, b, b)``, and ``x`` ``(groups, n or k·b, cols)``."""
+    if m.dim() == 3:
+        return m @ x
+    groups, k, b = m.shape[:3]
+    return (m @ x.reshape(groups, k, b, x.shape[-1])).reshape(x.shape)
+
+
+def _right(x: Tensor, m: Tensor) -> Tensor:
+    """``x @ m`` for ``m`` as in :func:`_left` and ``x`` ``(groups, rows, n or k·b)``."""
+    if m.dim() == 3:
+        return x @ m
+    groups, k, b = m.shape[:3]
+    blocks = x.reshape(groups, x.shape[1], k, b).transpose(1, 2)  # (groups, k, rows, b)
+    return (blocks @ m).transpose(1, 2).reshape(x.shape)
+
+
+def _chunks_by_size(matrices: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``matrices`` by size ``n`` (the order of first appearance), one chunk
+    per matrix above :data:`~secondorder.linalg.EIGH_BATCH_MAX_SIZE` (decomposed one at a
+    time anyway): the steps a refresh reports its progress in."""
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_size.setdefault(m.shape[-1], []).append(i)
+    chunks = []
+    for n, indices in by_size.items():
+        chunks.extend([[i] for i in indices] if n > EIGH_BATCH_MAX_SIZE else [indices])
+    return chunks
 
 
 @dataclass(kw_only=True)
@@ -87,6 +152,27 @@ class KFACConfig(OptimizerConfig):
         torch.float32,
         "dtype of eigendecompositions / inverses and of the preconditioning products, "
         "float32 or float64",
+    )
+    max_factor_dim: int | None = hyperparameter(
+        256,
+        "factors wider than this are split into diagonal blocks of at most this size "
+        "(as equal as possible; only the blocks are accumulated and decomposed); None "
+        "keeps every factor whole",
+    )
+    diagonal_factor_dim: int | None = hyperparameter(
+        8192,
+        "factors wider than this keep only their diagonal (a vocabulary-sized G: only "
+        "Σ g² per output is accumulated, the inverse is elementwise); None disables",
+    )
+    factor_memory: int | None = hyperparameter(
+        256 * 2**20,
+        "bytes one factor's statistics may take (in factor_dtype); a factor that would "
+        "take more gets smaller blocks, or its diagonal, with one warning; None: no limit",
+    )
+    progress: bool | None = hyperparameter(
+        None,
+        "print refresh progress to stderr: True always, False never, None when the "
+        "decompositions of a refresh are estimated to be long (CPU, first such refresh)",
     )
 
     @property
@@ -122,6 +208,14 @@ class KFACConfig(OptimizerConfig):
                 "inverse_dtype must be torch.float32 or torch.float64 (inverses are never "
                 f"computed in half precision), got {self.inverse_dtype!r}"
             )
+        for name, low in (("max_factor_dim", 1), ("diagonal_factor_dim", 1), ("factor_memory", 1)):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < low
+            ):
+                raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True, False or None, got {self.progress!r}")
 
 
 @dataclass
@@ -173,6 +267,44 @@ class KFACEstimator(CurvatureEstimator):
         self._by_name = {layer.name: layer for layer in self.layers}
         #: layer updates dropped because their statistics were not finite
         self.nonfinite_updates = 0
+        #: ``(A, G)`` layouts of every Kronecker layer (full, blocks or diagonal)
+        self.layouts: dict[str, tuple[FactorLayout, FactorLayout]] = {}
+        self._choose_layouts()
+        self._progress_shown = False  # automatic progress: only the first long refresh
+
+    def _choose_layouts(self) -> None:
+        """Fill :attr:`layouts` from ``max_factor_dim``, ``diagonal_factor_dim`` and
+        ``factor_memory``; one warning names the factors the memory budget changed."""
+        cfg = self.config
+        itemsize = torch.empty((), dtype=cfg.factor_dtype).element_size()
+        budget_changed = []
+        for layer in self.layers:
+            if not isinstance(layer, KroneckerHelper):
+                continue
+            sides = []
+            for side, dim in (("A", layer.a_dim), ("G", layer.g_dim)):
+                if side == "A" and layer.a_diagonal:  # one-hot inputs: diagonal by nature
+                    sides.append(FactorLayout(dim, "diagonal"))
+                    continue
+                layout, changed = choose_layout(
+                    dim,
+                    layer.groups,
+                    itemsize,
+                    max_factor_dim=cfg.max_factor_dim,
+                    diagonal_factor_dim=cfg.diagonal_factor_dim,
+                    factor_memory=cfg.factor_memory,
+                )
+                if changed:
+                    budget_changed.append(f"{layer.name} {side} ({layout.describe()})")
+                sides.append(layout)
+            self.layouts[layer.name] = (sides[0], sides[1])
+        if budget_changed:
+            warnings.warn(
+                f"K-FAC: factor_memory={cfg.factor_memory} bytes: these factors would take "
+                f"more, and are stored as blocks or diagonals instead: "
+                f"{', '.join(budget_changed)}",
+                stacklevel=4,
+            )
 
     # ---- statistics ---------------------------------------------------------------------
     def accumulate(
@@ -194,12 +326,33 @@ class KFACEstimator(CurvatureEstimator):
             beta = 0.0  # the fresh buffers' contents are ignored
         else:
             beta = 1.0
-        # the helper's own way (a convolution's skips the patch matrix of the whole input)
-        layer.a_factor_update(inputs, acc.a_sum, beta=beta)
-        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+        a_layout, g_layout = self.layouts[layer.name]
+        if a_layout.kind == "full" or layer.a_diagonal:
+            # the helper's own way (a convolution's skips the patch matrix of the whole input)
+            layer.a_factor_update(inputs, acc.a_sum, beta=beta)
+        elif a_layout.kind == "diagonal":
+            _add_into(acc.a_sum, layer.a_square_sum(inputs, acc.a_sum.dtype)[0], beta)
+        else:
+            self._blocked_input_update(layer, inputs, acc.a_sum, beta)
+        _side_update(g_layout, acc.g_sum, g, beta)
         acc.rows += g.shape[1]  # one output-gradient row per input row
         acc.examples += layer.batch_size(inputs)
         return acc
+
+    def _blocked_input_update(
+        self, layer: KroneckerHelper, inputs: Tensor, a: Tensor, beta: float
+    ) -> None:
+        """``a <- beta a + Σ ã ãᵀ`` on the diagonal blocks only, from the rows of a few
+        examples at a time (a convolution's patches of the whole batch may be large)."""
+        a_layout = self.layouts[layer.name][0]
+        if inputs.dim() <= layer.unbatched_dims or inputs.shape[0] <= 1:
+            _side_update(a_layout, a, layer.a_rows(inputs), beta)
+            return
+        per_example = max(1, layer.rows_count(inputs[:1]) * layer.a_dim * layer.groups)
+        step = max(1, CHUNK_ELEMENTS // per_example)
+        for start in range(0, inputs.shape[0], step):
+            rows = layer.a_rows(inputs[start : start + step])
+            _side_update(a_layout, a, rows, beta if start == 0 else 1.0)
 
     def _accumulate_rows(
         self, layer: KroneckerHelper, a: Tensor, g: Tensor, acc: KroneckerStats | None
@@ -210,15 +363,16 @@ class KFACEstimator(CurvatureEstimator):
         them once and call this for the factors."""
         if acc is None:
             dtype = self.config.stat_dtype
+            a_shape, g_shape = self._factor_shapes(layer)
             acc = KroneckerStats(
-                a_sum=a.new_empty((layer.groups, layer.a_dim, layer.a_dim), dtype=dtype),
-                g_sum=g.new_empty((layer.groups, layer.g_dim, layer.g_dim), dtype=dtype),
+                a_sum=a.new_empty(a_shape, dtype=dtype), g_sum=g.new_empty(g_shape, dtype=dtype)
             )
             beta = 0.0  # the fresh buffers' contents are ignored
         else:
             beta = 1.0
-        symmetric_factor_update(acc.a_sum, a, beta=beta, alpha=1.0)
-        symmetric_factor_update(acc.g_sum, g, beta=beta, alpha=1.0)
+        a_layout, g_layout = self.layouts[layer.name]
+        _side_update(a_layout, acc.a_sum, a, beta)
+        _side_update(g_layout, acc.g_sum, g, beta)
         acc.rows += a.shape[1]
         return acc
 
@@ -313,12 +467,13 @@ class KFACEstimator(CurvatureEstimator):
 
     @staticmethod
     def _refresh_cost(state: _LayerState) -> float:
-        """The cost model of a layer's refresh: ``Σ groups · n³`` over its matrix factors."""
+        """The cost model of a layer's refresh: ``Σ batch · n³`` over its matrix factors
+        (``batch`` the groups, times the blocks of a blocked factor)."""
         return float(
             sum(
-                f.shape[0] * f.shape[-1] ** 3
+                f[..., 0, 0].numel() * f.shape[-1] ** 3
                 for f in (state.a_factor, state.g_factor)
-                if f is not None and f.dim() == 3
+                if f is not None and f.dim() >= 3
             )
         )
 
@@ -359,43 +514,124 @@ class KFACEstimator(CurvatureEstimator):
                 else:
                     inv["block_inv"] = None
                     chol_jobs.append((a, damping, i, "block_inv"))
-            elif eigen:
-                if a.dim() < g.dim():
-                    inv.update(d_a=a.clamp_min(0).to(dtype), q_a=None)
-                else:
-                    inv.update(d_a=None, q_a=None)
-                    eig_jobs.append((a, f"{name} (A)", i, "d_a", "q_a"))
-                inv.update(d_g=None, q_g=None)
-                eig_jobs.append((g, f"{name} (G)", i, "d_g", "q_g"))
+                continue
+            a_layout, g_layout = self.layouts[name]
+            if eigen:
+                for side, f, layout in (("a", a, a_layout), ("g", g, g_layout)):
+                    if layout.kind == "diagonal":
+                        inv.update({f"d_{side}": f.clamp_min(0).to(dtype), f"q_{side}": None})
+                    else:
+                        inv.update({f"d_{side}": None, f"q_{side}": None})
+                        label = f"{name} ({side.upper()})"
+                        eig_jobs.append((f, label, i, f"d_{side}", f"q_{side}"))
                 if cfg.damping_mode == "factored":
                     # π depends only on the factors: keep it, apply the current λ per step.
-                    a_damp, _ = factored_damping(a, g, 1.0)
-                    inv["pi"] = a_damp.to(dtype)
+                    inv["pi"] = self._pi(name, a, g).to(dtype)
             else:
-                a_damp, g_damp = factored_damping(a, g, damping)
-                if a.dim() < g.dim():
-                    inv["a_inv_diag"] = 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])
-                else:
-                    inv["a_inv"] = None
-                    chol_jobs.append((a, a_damp, i, "a_inv"))
-                inv["g_inv"] = None
-                chol_jobs.append((g, g_damp, i, "g_inv"))
-        if eig_jobs:
-            decomposed = symmetric_eigh_many(
-                [job[0] for job in eig_jobs], dtype, names=[job[1] for job in eig_jobs]
-            )
-            for (_, _, i, key_d, key_q), (d, q) in zip(eig_jobs, decomposed, strict=True):
-                inverses[i][key_d], inverses[i][key_q] = d, q
-        if chol_jobs:
-            inverted = damped_inverse_cholesky_many(
-                [job[0] for job in chol_jobs], [job[1] for job in chol_jobs], dtype
-            )
-            for (_, _, i, key), inv in zip(chol_jobs, inverted, strict=True):
-                inverses[i][key] = inv
+                pi = self._pi(name, a, g)
+                root = math.sqrt(damping)
+                for side, f, layout, damp in (
+                    ("a", a, a_layout, pi * root),
+                    ("g", g, g_layout, root / pi),
+                ):
+                    if layout.kind == "diagonal":
+                        shifted = f.to(dtype).clamp_min(0) + damp.to(dtype)[:, None]
+                        inv[f"{side}_inv_diag"] = 1.0 / shifted
+                    else:
+                        inv[f"{side}_inv"] = None
+                        if layout.kind == "blocks":
+                            damp = damp[:, None]  # the same damping for every block
+                        chol_jobs.append((f, damp, i, f"{side}_inv"))
+        with self._progress(eig_jobs, chol_jobs) as report:
+            for chunk in _chunks_by_size([job[0] for job in eig_jobs]):
+                jobs = [eig_jobs[j] for j in chunk]
+                decomposed = symmetric_eigh_many(
+                    [job[0] for job in jobs], dtype, names=[job[1] for job in jobs]
+                )
+                for (_, _, i, key_d, key_q), (d, q) in zip(jobs, decomposed, strict=True):
+                    inverses[i][key_d], inverses[i][key_q] = d, q
+                report([job[0] for job in jobs])
+            for chunk in _chunks_by_size([job[0] for job in chol_jobs]):
+                jobs = [chol_jobs[j] for j in chunk]
+                inverted = damped_inverse_cholesky_many(
+                    [job[0] for job in jobs], [job[1] for job in jobs], dtype
+                )
+                for (_, _, i, key), inv in zip(jobs, inverted, strict=True):
+                    inverses[i][key] = inv
+                report([job[0] for job in jobs])
         for (_, state, a, g, damping), inv in zip(items, inverses, strict=True):
             state.inverse = inv  # type: ignore[assignment]
             state.source = (a, g)
             state.refresh_damping = float(damping)
+
+    def _pi(self, name: str, a: Tensor, g: Tensor) -> Tensor:
+        """Factored Tikhonov's ``π = √((tr A / dim A) / (tr G / dim G))`` per group, from
+        factors in any layout (the blocks hold every diagonal entry of the factor, and
+        the padding none)."""
+        a_layout, g_layout = self.layouts[name]
+        if a_layout.kind != "blocks" and g_layout.kind == "full":
+            return pi_correction(a, g)  # the diagonal-A case included
+        means = []
+        for f, layout in ((a, a_layout), (g, g_layout)):
+            diag = f if layout.kind == "diagonal" else f.diagonal(dim1=-2, dim2=-1)
+            diag = diag.reshape(f.shape[0], -1).to(
+                torch.float32 if f.dtype in _HALF_DTYPES else f.dtype
+            )
+            means.append(diag.sum(-1) / layout.dim)
+        ta, tg = means
+        ok = (ta > 0) & (tg > 0)
+        return torch.where(
+            ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta)
+        ).sqrt()
+
+    @contextmanager
+    def _progress(
+        self, eig_jobs: Sequence[tuple[Any, ...]], chol_jobs: Sequence[tuple[Any, ...]]
+    ) -> Iterator[Callable[[Sequence[Tensor]], None]]:
+        """Yield the function that reports a batch of decompositions done: it prints a
+        line to stderr when ``progress`` is True, or when it is None and the estimated
+        cost ``Σ batch · n³`` exceeds :data:`PROGRESS_MIN_COST` on the CPU (only at the
+        first such refresh); otherwise it does nothing."""
+        matrices = [job[0] for job in (*eig_jobs, *chol_jobs)]
+        cost = sum(m[..., 0, 0].numel() * m.shape[-1] ** 3 for m in matrices)
+        show = self.config.progress
+        if show is None:
+            show = (
+                not self._progress_shown
+                and cost > PROGRESS_MIN_COST
+                and all(m.device.type == "cpu" for m in matrices)
+            )
+        if not show or not matrices:
+            yield lambda done: None
+            return
+        self._progress_shown = True
+        total = sum(m[..., 0, 0].numel() for m in matrices)
+        sizes: dict[int, int] = {}
+        for m in matrices:
+            sizes[m.shape[-1]] = sizes.get(m.shape[-1], 0) + m[..., 0, 0].numel()
+        plan = ", ".join(f"{c} x {n}" for n, c in sorted(sizes.items(), reverse=True))
+        kind = "eigendecompositions" if eig_jobs else "Cholesky inverses"
+        print(
+            f"secondorder: K-FAC refresh: {total} {kind} to compute ({plan}); this may take "
+            "a while (progress=False silences this)",
+            file=sys.stderr,
+            flush=True,
+        )
+        start = time.perf_counter()
+        done = 0
+
+        def report(batch: Sequence[Tensor]) -> None:
+            nonlocal done
+            count = sum(m[..., 0, 0].numel() for m in batch)
+            done += count
+            print(
+                f"secondorder: K-FAC refresh: {done}/{total} done ({count} of size "
+                f"{batch[0].shape[-1]}), {time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        yield report
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
         out: dict[Tensor, Tensor] = {}
@@ -409,28 +645,51 @@ class KFACEstimator(CurvatureEstimator):
                 out.update(layer.split_blocks(direction))
                 continue
             grad = layer.grad_matrix(grads)
-            out.update(layer.split_matrix(self._apply(inv, grad, damping).to(grad.dtype)))
+            direction = self._apply(inv, grad, damping, layer.name)
+            out.update(layer.split_matrix(direction.to(grad.dtype)))
         return out
 
-    def _apply(self, inv: dict[str, Tensor], grad: Tensor, damping: float) -> Tensor:
+    def _apply(self, inv: dict[str, Tensor], grad: Tensor, damping: float, name: str) -> Tensor:
         grad = grad.to(self.config.inverse_dtype)
-        if "g_inv" in inv:
-            left = inv["g_inv"] @ grad
-            if "a_inv_diag" in inv:
-                return left * inv["a_inv_diag"][:, None, :]
-            return left @ inv["a_inv"]
-        q_a, q_g = inv["q_a"], inv["q_g"]
-        v = q_g.transpose(-1, -2) @ grad
-        if q_a is not None:
-            v = v @ q_a
+        a_layout, g_layout = self.layouts[name]
+        x = a_layout.pad(g_layout.pad(grad, -2), -1)
+        if "g_inv" in inv or "g_inv_diag" in inv:
+            if "g_inv" in inv:
+                x = _left(inv["g_inv"], x)
+            else:
+                x = inv["g_inv_diag"][:, :, None] * x
+            if "a_inv" in inv:
+                x = _right(x, inv["a_inv"])
+            else:
+                x = x * inv["a_inv_diag"][:, None, :]
+            return a_layout.unpad(g_layout.unpad(x, -2), -1)
+        v = self._to_eigenbasis(inv, x)
+        d_g, d_a = inv["d_g"].flatten(1), inv["d_a"].flatten(1)
         if "pi" in inv:
             root = damping**0.5
             pi = inv["pi"][:, None]
-            v = v / ((inv["d_g"] + root / pi)[:, :, None] * (inv["d_a"] + root * pi)[:, None, :])
+            v = v / ((d_g + root / pi)[:, :, None] * (d_a + root * pi)[:, None, :])
         else:
-            v = v / (inv["d_g"][:, :, None] * inv["d_a"][:, None, :] + damping)
-        v = q_g @ v
-        return v if q_a is None else v @ q_a.transpose(-1, -2)
+            v = v / (d_g[:, :, None] * d_a[:, None, :] + damping)
+        v = self._from_eigenbasis(inv, v)
+        return a_layout.unpad(g_layout.unpad(v, -2), -1)
+
+    @staticmethod
+    def _to_eigenbasis(inv: Mapping[str, Tensor | None], x: Tensor) -> Tensor:
+        """``Q_Gᵀ x Q_A`` for a gradient ``x`` in the padded layouts ``(groups, G, A)``
+        (block-diagonal ``Q`` for blocked factors, the identity for diagonal ones)."""
+        q_a, q_g = inv["q_a"], inv["q_g"]
+        if q_g is not None:
+            x = _left(q_g.transpose(-1, -2), x)
+        return x if q_a is None else _right(x, q_a)
+
+    @staticmethod
+    def _from_eigenbasis(inv: Mapping[str, Tensor | None], v: Tensor) -> Tensor:
+        """``Q_G v Q_Aᵀ``: the inverse of :meth:`_to_eigenbasis`."""
+        q_a, q_g = inv["q_a"], inv["q_g"]
+        if q_g is not None:
+            v = _left(q_g, v)
+        return v if q_a is None else _right(v, q_a.transpose(-1, -2))
 
     def _apply_blocks(self, inv: dict[str, Tensor], blocks: Tensor, damping: float) -> Tensor:
         """``(F_c + λI)⁻¹ d_c`` for every channel ``c`` of a blocks layer; ``blocks``
@@ -488,18 +747,54 @@ class KFACEstimator(CurvatureEstimator):
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
-    @staticmethod
-    def _factor_shapes(layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers)."""
+    def _factor_shapes(self, layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers), as
+        their :attr:`layouts` store them."""
         if isinstance(layer, BlockHelper):
             c, k = layer.block_count, layer.block_size
             return ((c, k, k) if layer.block_mode == "full" else (c, k)), None
-        a = (
-            (layer.groups, layer.a_dim)
-            if layer.a_diagonal
-            else (layer.groups,) + (layer.a_dim,) * 2
-        )
-        return a, (layer.groups, layer.g_dim, layer.g_dim)
+        a_layout, g_layout = self.layouts[layer.name]
+        return a_layout.shape(layer.groups), g_layout.shape(layer.groups)
+
+    # ---- report -------------------------------------------------------------------------
+    def describe_layers(self) -> list[dict[str, Any]]:
+        """One entry per covered layer: ``name``, ``type`` (the module's class), ``a`` and
+        ``g`` (how each factor is kept: ``"full 785"``, ``"3 blocks of 683"``,
+        ``"diagonal 32000"``; a normalisation layer's per-channel blocks in ``a``),
+        ``factor_bytes`` (what the factors take once accumulated, in ``factor_dtype``)
+        and ``state_bytes`` (what the estimator holds for the layer now: factors,
+        inverses and the factors they came from, and a subclass's own state)."""
+        itemsize = torch.empty((), dtype=self.config.factor_dtype).element_size()
+        rows = []
+        for layer in self.layers:
+            a_shape, g_shape = self._factor_shapes(layer)
+            if isinstance(layer, BlockHelper):
+                a = f"{layer.block_count} blocks of {layer.block_size}" + (
+                    "" if layer.block_mode == "full" else " (diagonal)"
+                )
+                g = "-"
+            else:
+                a_layout, g_layout = self.layouts[layer.name]
+                a, g = a_layout.describe(), g_layout.describe()
+            numel = math.prod(a_shape) + (0 if g_shape is None else math.prod(g_shape))
+            rows.append(
+                {
+                    "name": layer.name,
+                    "type": type(layer.module).__name__,
+                    "a": a,
+                    "g": g,
+                    "factor_bytes": numel * itemsize,
+                    "state_bytes": _bytes(self._layer_tensors(layer.name)),
+                }
+            )
+        return rows
+
+    def _layer_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor the estimator holds for layer ``name`` (subclasses add theirs)."""
+        state = self._state[name]
+        tensors = [state.a_factor, state.g_factor, *(state.source or ())]
+        tensors += list(state.inverse.values())
+        return [t for t in tensors if isinstance(t, Tensor)]
 
     def _checked(
         self, layer: LayerHelper, factor: Tensor | None, expected: tuple[int, ...] | None
@@ -516,9 +811,19 @@ class KFACEstimator(CurvatureEstimator):
             raise ValueError(
                 f"K-FAC state for layer {layer.name!r} has a factor of shape "
                 f"{tuple(factor.shape)} where the layer needs {tuple(expected)}; "
-                "was it saved from a different model?"
+                "was it saved from a different model, or with other max_factor_dim / "
+                "diagonal_factor_dim / factor_memory settings?"
             )
         return factor.to(device=layer.weight.device, dtype=self.config.factor_dtype)
+
+
+def _bytes(tensors: Sequence[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 class KFAC(CurvatureOptimizer):
