@@ -31,11 +31,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from secondorder import base_updates
 from secondorder.bench.models import cifar_resnet
 from secondorder.bench.optimizers import OPTIMIZERS
 
 #: aten operations that make the host wait for the device
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+#: aten operations that only make a new view (no kernel runs on a GPU)
+VIEW_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "view",
+        "_unsafe_view",
+        "expand",
+        "transpose",
+        "t",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "as_strided",
+        "alias",
+        "detach",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "reshape",
+        "_reshape_alias",
+        "diagonal",
+        "narrow",
+    )
+)
 
 
 class OpCounter(TorchDispatchMode):
@@ -52,6 +79,11 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """The operations that are not views: on a GPU, kernel launches."""
+        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS)
 
     @property
     def syncs(self) -> int:
@@ -108,8 +140,10 @@ def measure(name: str, model_name: str, hparams: dict[str, Any] | None = None) -
         "optimizer": name,
         "model": model_name,
         "plain_ops": plain.total,
+        "plain_kernels": plain.kernels,
         "plain_syncs": plain.syncs,
         "curvature_ops": first.total,
+        "curvature_kernels": first.kernels,
         "curvature_syncs": first.syncs,
         "top_plain_ops": plain.ops.most_common(8),
     }
@@ -124,25 +158,45 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated bench optimizers",
     )
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--foreach",
+        action="store_true",
+        help="multi-tensor base updates, as torch chooses them on a GPU (on the CPU torch "
+        "loops over the parameters)",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.opt.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    if args.foreach:
+        base_updates.FOREACH = True
     rows = []
-    print("| optimizer | plain step: aten ops | syncs | curvature step: aten ops | syncs |")
-    print("|---|---|---|---|---|")
+    print(
+        "| optimizer | plain step: aten ops | not views | syncs | curvature step: aten ops "
+        "| not views | syncs |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         row = measure(name, args.model, {"ngrads": 8} if "mfac" in name else None)
         rows.append(row)
         print(
-            f"| {name} | {row['plain_ops']} | {row['plain_syncs']} | "
-            f"{row['curvature_ops']} | {row['curvature_syncs']} |",
+            f"| {name} | {row['plain_ops']} | {row['plain_kernels']} | {row['plain_syncs']} | "
+            f"{row['curvature_ops']} | {row['curvature_kernels']} | {row['curvature_syncs']} |",
             flush=True,
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"model": args.model, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+            json.dump(
+                {
+                    "model": args.model,
+                    "foreach": args.foreach,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                fh,
+                indent=1,
+            )
     return 0
 
 

@@ -61,6 +61,12 @@ __all__ = [
 
 
 # ---- the functional cores --------------------------------------------------------------
+#: ``foreach`` of the base updates: None is torch's own choice (multi-tensor kernels on CUDA,
+#: a loop on the CPU), as ``torch.optim`` makes it; benchmarks set True to count a CPU step
+#: as it runs on a GPU
+FOREACH: bool | None = None
+
+
 def sgd_update(
     params: list[Tensor],
     directions: list[Tensor],
@@ -85,6 +91,7 @@ def sgd_update(
         params,
         directions,
         momentum_buffers,
+        foreach=FOREACH,
         weight_decay=weight_decay,
         momentum=momentum,
         lr=lr,
@@ -118,6 +125,7 @@ def adam_update(
         exp_avg_sqs,
         [],
         steps,
+        foreach=FOREACH,
         decoupled_weight_decay=decoupled,
         amsgrad=False,
         beta1=beta1,

@@ -75,9 +75,21 @@ __all__ = [
 def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> float:
     """``nu = min(1, sqrt(kl_clip / sum lr^2 <u, g>))`` over (direction, gradient, lr) triples.
 
-    Returns 1 when the sum is not positive (no trust-region information).
+    Returns 1 when the sum is not positive (no trust-region information). The inner
+    products are taken with one multi-tensor product and one float64 sum per (lr, dtype,
+    device), and read with one host sync per device.
     """
-    total = sum(to_host([(lr * lr) * torch.sum(u * g, dtype=torch.float64) for u, g, lr in pairs]))
+    groups: dict[tuple[float, torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+    for u, g, lr in pairs:
+        us, gs = groups.setdefault((lr, u.dtype, u.device), ([], []))
+        us.append(u)
+        gs.append(g.to(u.dtype))
+    terms = []
+    for (lr, _, _), (us, gs) in groups.items():
+        products = torch._foreach_mul(us, gs)
+        flat = torch.cat([t.reshape(-1) for t in products])
+        terms.append(torch.sum(flat, dtype=torch.float64) * (lr * lr))
+    total = sum(to_host(terms))
     if not total > 0.0:
         return 1.0
     return min(1.0, math.sqrt(kl_clip / total))

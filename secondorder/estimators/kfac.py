@@ -269,6 +269,8 @@ class KFACEstimator(CurvatureEstimator):
         self.nonfinite_updates = 0
         #: ``(A, G)`` layouts of every Kronecker layer (full, blocks or diagonal)
         self.layouts: dict[str, tuple[FactorLayout, FactorLayout]] = {}
+        #: the stacked inverses of layers preconditioned together (see :meth:`precondition`)
+        self._stack_cache: dict[tuple[str, ...], tuple[list[Any], dict[str, Tensor | None]]] = {}
         self._choose_layouts()
         self._progress_shown = False  # automatic progress: only the first long refresh
 
@@ -634,20 +636,79 @@ class KFACEstimator(CurvatureEstimator):
         yield report
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        """The directions of every covered layer with inverses. Layers whose inverses have
+        the same shapes (ResNet stages repeat one convolution shape; normalisation layers
+        share their block size) are preconditioned together: their gradients are stacked
+        along the groups (channels) dimension and go through one set of batched products,
+        so a step dispatches a few operations per shape instead of per layer."""
         out: dict[Tensor, Tensor] = {}
+        batches: dict[Any, list[tuple[LayerHelper, Tensor]]] = {}
         for layer in self.layers:
             inv = self._state[layer.name].inverse
             if not inv or layer.weight not in grads:
                 continue
             if isinstance(layer, BlockHelper):
                 blocks = layer.grad_blocks(grads)
-                direction = self._apply_blocks(inv, blocks, damping).to(blocks.dtype)
-                out.update(layer.split_blocks(direction))
+                key = ("blocks", *sorted((k, tuple(v.shape[1:])) for k, v in inv.items()))
+                batches.setdefault((*key, blocks.dtype, blocks.device), []).append((layer, blocks))
                 continue
             grad = layer.grad_matrix(grads)
-            direction = self._apply(inv, grad, damping, layer.name)
-            out.update(layer.split_matrix(direction.to(grad.dtype)))
+            key = self._batch_key(layer.name, inv, grad)
+            if key is None:
+                direction = self._apply(inv, grad, damping, layer.name)
+                out.update(layer.split_matrix(direction.to(grad.dtype)))
+            else:
+                batches.setdefault(key, []).append((layer, grad))
+        for key, items in batches.items():
+            names = [layer.name for layer, _ in items]
+            if len(items) == 1:
+                stacked, grad = self._state[names[0]].inverse, items[0][1]
+            else:
+                stacked = self._stacked_inverse(names)
+                grad = torch.cat([g for _, g in items])
+            if key[0] == "blocks":
+                direction = self._apply_blocks(stacked, grad, damping)
+            else:
+                direction = self._apply(stacked, grad, damping, names[0])
+            parts = direction.split([g.shape[0] for _, g in items])
+            for (layer, g), part in zip(items, parts, strict=True):
+                if isinstance(layer, BlockHelper):
+                    out.update(layer.split_blocks(part.to(g.dtype)))
+                else:
+                    out.update(layer.split_matrix(part.to(g.dtype)))
         return out
+
+    def _batch_key(self, name: str, inv: Mapping[str, Any], grad: Tensor) -> Any:
+        """Layers with equal keys can be preconditioned in one batch: the eigen path, the
+        same factor layouts and inverse shapes, dtype and device. None: alone."""
+        if "d_g" not in inv or "pi" in inv:
+            return None
+        a_layout, g_layout = self.layouts[name]
+        return (
+            tuple(grad.shape[1:]),
+            grad.dtype,
+            grad.device,
+            a_layout,
+            g_layout,
+            *(
+                None if inv[key] is None else tuple(inv[key].shape[1:])
+                for key in ("q_a", "q_g", "d_a", "d_g")
+            ),
+        )
+
+    def _stacked_inverse(self, names: Sequence[str]) -> dict[str, Tensor | None]:
+        """The inverses of layers ``names`` concatenated along the groups dimension; cached
+        until a refresh replaces one of them."""
+        invs = [self._state[name].inverse for name in names]
+        key = tuple(names)
+        cached = self._stack_cache.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], invs, strict=True)):
+            return cached[1]
+        stacked = {
+            k: None if invs[0][k] is None else torch.cat([inv[k] for inv in invs]) for k in invs[0]
+        }
+        self._stack_cache[key] = (invs, stacked)
+        return stacked
 
     def _apply(self, inv: dict[str, Tensor], grad: Tensor, damping: float, name: str) -> Tensor:
         grad = grad.to(self.config.inverse_dtype)
