@@ -824,7 +824,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         leave = set(names)
         layers = [layer for layer in self.estimator.layers if layer.name not in leave]
         params = [p for g in self.param_groups for p in g["params"]]
-        estimator = self._estimator_factory(layers, params)
+        estimator = self.build_estimator(layers, params)
         estimator.comm = self.comm
         return estimator
 
