@@ -1,4 +1,5 @@
-"""Normalisation layers (BatchNorm, LayerNorm, GroupNorm): small per-channel blocks.
+"""Normalisation layers (BatchNorm, LayerNorm, channels-first LayerNorm, GroupNorm): small
+per-channel blocks.
 
 The affine parameters of a normalisation layer act element-wise:
 ``y = x̂ ⊙ γ + β``. The gradient of channel ``c`` is ``Σ_positions g ⊙ x̂`` for the
@@ -160,6 +161,44 @@ class GroupNormHelper(NormHelper):
         m = self.module
         x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
         return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class ChannelsFirstLayerNormHelper(NormHelper):
+    """Helper for a layer norm over the channels of a channels-first input
+    ``(n, C, *spatial)``: an :class:`torch.nn.LayerNorm` of ``normalized_shape = (C,)``
+    applied at every position to the vector along dimension 1 (timm's ``LayerNorm2d``,
+    ConvNeXt's norm: it permutes to channels-last, normalises and permutes back).
+
+    One block per channel; the positions are summed over, as for
+    :class:`LayerNormHelper`'s tokens. The input always has a batch dimension.
+    """
+
+    module: nn.LayerNorm
+    unbatched_dims = 0
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        include_bias: bool | None = None,
+        norm_blocks: str = "full",
+    ) -> None:
+        super().__init__(module, name, include_bias=include_bias, norm_blocks=norm_blocks)
+        shape = tuple(getattr(module, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise TypeError(
+                f"layer {name!r}: a channels-first layer norm normalises one dimension, the "
+                f"channels; got normalized_shape={shape}"
+            )
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        return F.layer_norm(x.movedim(1, -1), m.normalized_shape, None, None, m.eps).movedim(-1, 1)
 
     def _channel_sums(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
