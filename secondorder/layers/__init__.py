@@ -9,9 +9,10 @@ class in its MRO that has one, *if it runs that class's* ``forward``. A helper r
 module's input and output gradient as its registered class computes them, so a subclass
 with a ``forward`` of its own (timm's channels-first ``LayerNorm2d``, ``BatchNormAct2d``
 with an activation after the norm, a convolution that pads its input first) would get
-wrong statistics or crash; it is covered only when a helper is registered for it (or a
-class between it and the overridden ``forward``), and is otherwise left to the base update
-with that reason.
+wrong statistics or crash; it is covered only when a helper is registered for its class (or
+for an ancestor whose ``forward`` it inherits), and is otherwise left to the base update
+with that reason. A helper may also decline one configuration of its class
+(:meth:`LayerHelper.unsupported_reason`), with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .conv import Conv1dHelper, Conv2dHelper, Conv3dHelper
 from .embedding import EmbeddingHelper
 from .linear import LinearHelper
 from .norm import (
+    BatchNormActHelper,
     BatchNormHelper,
     ChannelsFirstLayerNormHelper,
     GroupNormHelper,
@@ -55,6 +57,7 @@ _REGISTRY: dict[type[nn.Module] | str, HelperClass] = {
     "timm.layers.norm.GroupNorm": GroupNormHelper,
     "timm.layers.norm.GroupNorm1": GroupNormHelper,
     "timm.layers.linear.Linear": LinearHelper,
+    "timm.layers.norm_act.BatchNormAct2d": BatchNormActHelper,
 }
 
 #: modules without a helper whose parameters are worth a reason in ``left_out_layers``
@@ -94,7 +97,8 @@ def _registered(cls: type) -> HelperClass | None:
 def resolve_helper(module: nn.Module) -> tuple[HelperClass | None, str | None]:
     """``(helper class, None)`` for a module a helper covers; ``(None, reason)`` for one
     that has supported parameters but no helper that can read it (a subclass of a
-    supported type with its own ``forward``; ``nn.MultiheadAttention``'s projections);
+    supported type with its own ``forward``, a configuration the helper declines,
+    ``nn.MultiheadAttention``'s projections);
     ``(None, None)`` for any other module. The rule is in the module docstring."""
     module_type = type(module)
     for cls in module_type.__mro__:
@@ -107,7 +111,7 @@ def resolve_helper(module: nn.Module) -> tuple[HelperClass | None, str | None]:
                 f"{cls.__name__}, whose helper ({helper.__name__}) would misread it; register a "
                 "helper for it (secondorder.layers.register_layer_helper) to cover it"
             )
-        return helper, None
+        return (None, reason) if (reason := helper.unsupported_reason(module)) else (helper, None)
     for cls in module_type.__mro__:
         if cls in _NO_HELPER:
             return None, _NO_HELPER[cls]
@@ -131,6 +135,7 @@ def supported_types() -> list[str]:
 
 
 __all__ = [
+    "BatchNormActHelper",
     "BatchNormHelper",
     "BlockHelper",
     "ChannelsFirstLayerNormHelper",

@@ -1,5 +1,5 @@
-"""Normalisation layers (BatchNorm, LayerNorm, channels-first LayerNorm, GroupNorm): small
-per-channel blocks.
+"""Normalisation layers (BatchNorm, BatchNorm + activation, LayerNorm, channels-first
+LayerNorm, GroupNorm): small per-channel blocks.
 
 The affine parameters of a normalisation layer act element-wise:
 ``y = x̂ ⊙ γ + β``. The gradient of channel ``c`` is ``Σ_positions g ⊙ x̂`` for the
@@ -121,6 +121,48 @@ class BatchNormHelper(NormHelper):
 
     def _channel_sums(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class BatchNormActHelper(BatchNormHelper):
+    """Helper for timm's ``BatchNormAct2d``: batch norm, then its ``drop`` and ``act``
+    submodules inside the same ``forward``, so the output gradient the hooks see is the
+    activation's, not the norm's.
+
+    The norm's output gradient is recovered exactly by back-propagating the hooked one
+    through ``act`` at the recomputed pre-activation ``x̂ ⊙ γ + β`` (an element-wise
+    function: its derivative there is all that is needed). A module whose ``drop`` is not
+    ``nn.Identity`` (random in training) is not covered.
+    """
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+        if not isinstance(act, nn.Module) or not isinstance(drop, nn.Identity):
+            return (
+                f"{type(module).__name__} with drop={type(drop).__name__}: a random layer "
+                "between the norm and the activation; the norm's output gradient cannot be "
+                "recovered from the module's"
+            )
+        return None
+
+    def per_example_grads(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        act = self.module.act
+        if not isinstance(act, nn.Identity):
+            grad_output = self._pre_activation_grad(act, inputs, grad_output)
+        return super().per_example_grads(inputs, grad_output)
+
+    def _pre_activation_grad(self, act: nn.Module, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        m = self.module
+        x_hat = self.normalized(inputs).detach()
+        shape = (1, -1) + (1,) * (x_hat.dim() - 2)
+        pre = x_hat * m.weight.detach().to(x_hat.dtype).reshape(shape)
+        if m.bias is not None:
+            pre = pre + m.bias.detach().to(x_hat.dtype).reshape(shape)
+        pre.requires_grad_(True)
+        with torch.enable_grad():
+            out = act(pre.clone())  # the clone takes in-place activations
+        (grad,) = torch.autograd.grad(out, pre, grad_output.to(out.dtype))
+        return grad
 
 
 class LayerNormHelper(NormHelper):

@@ -13,6 +13,7 @@ from torch import nn
 
 from secondorder import KFAC, AdaFisher
 from secondorder.layers import (
+    BatchNormActHelper,
     ChannelsFirstLayerNormHelper,
     LayerNormHelper,
     LinearHelper,
@@ -107,6 +108,44 @@ def test_channels_first_layernorm_blocks_are_the_exact_per_channel_fisher(
     assert_close(got, expected, n=rows + 2, cond=cond, scale=scale)
 
 
+@pytest.mark.parametrize("act", ["relu", "silu", "hard_swish", "identity"])
+def test_batchnorm_act_per_example_grads_are_the_norms_not_the_activations(act):
+    """timm's BatchNormAct2d hooks the activation's output gradient; its helper takes it back
+    through the activation, so the per-example contributions ``Σ_pos g_pre ⊙ x̂`` (and
+    ``Σ_pos g_pre``) are those of the norm's own output gradient ``g_pre`` (autograd, float64)
+    and sum to the parameters' gradient."""
+    torch.manual_seed(0)
+    # not in place, so that autograd can give the gradient at the pre-activation too
+    norm = BatchNormAct2d(3, act_layer=act, apply_act=act != "identity", inplace=False).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    assert helper_class_for(norm) is BatchNormActHelper
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    weights = torch.randn(3, 3, 3, dtype=torch.float64)
+    seen = {}
+    handle = norm.act.register_forward_pre_hook(lambda m, a: seen.update(pre=a[0]))
+    out = norm(x)
+    handle.remove()
+    pre = seen["pre"]
+    loss = (out.tanh() * weights).sum()
+    g_out, g_pre = torch.autograd.grad(loss, (out, pre), retain_graph=True)
+    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / (
+        x.var((0, 2, 3), unbiased=False, keepdim=True) + norm.eps
+    ).sqrt()
+    expected = torch.stack([(g_pre * x_hat).sum((2, 3)), g_pre.sum((2, 3))], -1)
+    got = BatchNormActHelper(norm, "norm").per_example_grads(x, g_out)
+    scale = float((g_pre.abs() * x_hat.abs()).sum((2, 3)).max())
+    assert_close(got, expected, n=9, scale=scale)
+    grads = torch.autograd.grad(loss, (norm.weight, norm.bias))
+    assert_close(got.sum(0), torch.stack(grads, -1), n=36, scale=scale)
+
+
+def test_batchnorm_act_with_a_random_drop_layer_is_left_out():
+    norm = BatchNormAct2d(3, drop_layer=nn.Dropout)
+    helper, reason = resolve_helper(norm)
+    assert helper is None and "drop=Dropout" in reason
+
+
 def _output_grad(model, x, y):
     """The gradient of the batch-mean loss with respect to the norm's output."""
     out = {}
@@ -142,12 +181,19 @@ class _PaddingConv(nn.Conv2d):
         return super().forward(F.pad(x, (0, 1, 0, 1)))
 
 
+class _BatchNormThenAct(nn.BatchNorm2d):
+    """Applies an activation after the norm inside its own forward."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = _PaddingConv(3, 4, 2)
         self.norm = _ChannelsFirstNorm(4)
-        self.bnact = BatchNormAct2d(4)
+        self.bnact = _BatchNormThenAct(4)
         self.proj = _TransposedLinear(4, 4)
         self.head = _PlainSubclass(4, 2)
 
