@@ -53,8 +53,8 @@ from ._host import to_host
 from .layers import (
     KroneckerHelper,
     LayerHelper,
-    helper_class_for,
     registered_helpers,
+    resolve_helper,
     supported_types,
 )
 from .subsample import ExampleSampler
@@ -125,7 +125,8 @@ def find_layers(
 ) -> tuple[list[LayerHelper], list[str]]:
     """Helpers for every supported layer of ``model`` that should be covered.
 
-    A layer is covered when a helper is registered for its type, its weight requires
+    A layer is covered when a helper covers it (``secondorder.layers.resolve_helper``: a
+    subclass with a ``forward`` of its own needs a helper of its own), its weight requires
     grad (and is in ``trainable`` if given), and its qualified name does not fully
     match one of ``skip_layers`` (module names or regular expressions). A pattern
     that matches no module at all raises ``ValueError`` rather than being ignored.
@@ -165,8 +166,10 @@ def find_layers(
     for raw_name, module in model.named_modules(remove_duplicate=False):
         if any(h.module is module for h in helpers):
             continue  # the same module registered under two names
-        helper_cls = helper_class_for(module)
+        helper_cls, no_helper = resolve_helper(module)
         if helper_cls is None:
+            if no_helper is not None and any(p.requires_grad for p in module.parameters()):
+                left_out.append(f"{module_name(raw_name)}: {no_helper}")
             continue
         name = module_name(raw_name)
         weight = getattr(module, "weight", None)

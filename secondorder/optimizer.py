@@ -269,7 +269,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"{name}: no curvature estimate for {len(self.uncovered_parameters)} "
                 f"parameter(s); they get the plain {self.base} update: "
-                f"{self.uncovered_parameters}",
+                f"{self.uncovered_parameters}"
+                + (f"; layers left out: {self.left_out_layers}" if self.left_out_layers else ""),
                 stacklevel=caller_stacklevel(),
             )
 

@@ -84,6 +84,12 @@ class LayerHelper(ABC):
             raise ValueError(f"layer {name!r} has no trainable bias to include")
         self.bias: nn.Parameter | None = bias if has_bias and include_bias is not False else None
 
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why this helper cannot read ``module`` although it is registered for its type
+        (a configuration it does not model), or None when it can (the default)."""
+        return None
+
     @property
     @abstractmethod
     def kind(self) -> str:

@@ -1,4 +1,5 @@
-"""Normalisation layers (BatchNorm, LayerNorm, GroupNorm): small per-channel blocks.
+"""Normalisation layers (BatchNorm, BatchNorm + activation, LayerNorm, channels-first
+LayerNorm, GroupNorm): small per-channel blocks.
 
 The affine parameters of a normalisation layer act element-wise:
 ``y = x̂ ⊙ γ + β``. The gradient of channel ``c`` is ``Σ_positions g ⊙ x̂`` for the
@@ -124,6 +125,48 @@ class BatchNormHelper(NormHelper):
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
 
 
+class BatchNormActHelper(BatchNormHelper):
+    """Helper for timm's ``BatchNormAct2d``: batch norm, then its ``drop`` and ``act``
+    submodules inside the same ``forward``, so the output gradient the hooks see is the
+    activation's, not the norm's.
+
+    The norm's output gradient is recovered exactly by back-propagating the hooked one
+    through ``act`` at the recomputed pre-activation ``x̂ ⊙ γ + β`` (an element-wise
+    function: its derivative there is all that is needed). A module whose ``drop`` is not
+    ``nn.Identity`` (random in training) is not covered.
+    """
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+        if not isinstance(act, nn.Module) or not isinstance(drop, nn.Identity):
+            return (
+                f"{type(module).__name__} with drop={type(drop).__name__}: a random layer "
+                "between the norm and the activation; the norm's output gradient cannot be "
+                "recovered from the module's"
+            )
+        return None
+
+    def per_example_grads(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        act = self.module.act
+        if not isinstance(act, nn.Identity):
+            grad_output = self._pre_activation_grad(act, inputs, grad_output)
+        return super().per_example_grads(inputs, grad_output)
+
+    def _pre_activation_grad(self, act: nn.Module, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        m = self.module
+        x_hat = self.normalized(inputs).detach()
+        shape = (1, -1) + (1,) * (x_hat.dim() - 2)
+        pre = x_hat * m.weight.detach().to(x_hat.dtype).reshape(shape)
+        if m.bias is not None:
+            pre = pre + m.bias.detach().to(x_hat.dtype).reshape(shape)
+        pre.requires_grad_(True)
+        with torch.enable_grad():
+            out = act(pre.clone())  # the clone takes in-place activations
+        (grad,) = torch.autograd.grad(out, pre, grad_output.to(out.dtype))
+        return grad
+
+
 class LayerNormHelper(NormHelper):
     """Helper for :class:`torch.nn.LayerNorm` with ``elementwise_affine=True``.
 
@@ -162,6 +205,44 @@ class GroupNormHelper(NormHelper):
         m = self.module
         x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
         return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def _channel_sums(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class ChannelsFirstLayerNormHelper(NormHelper):
+    """Helper for a layer norm over the channels of a channels-first input
+    ``(n, C, *spatial)``: an :class:`torch.nn.LayerNorm` of ``normalized_shape = (C,)``
+    applied at every position to the vector along dimension 1 (timm's ``LayerNorm2d``,
+    ConvNeXt's norm: it permutes to channels-last, normalises and permutes back).
+
+    One block per channel; the positions are summed over, as for
+    :class:`LayerNormHelper`'s tokens. The input always has a batch dimension.
+    """
+
+    module: nn.LayerNorm
+    unbatched_dims = 0
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        include_bias: bool | None = None,
+        norm_blocks: str = "full",
+    ) -> None:
+        super().__init__(module, name, include_bias=include_bias, norm_blocks=norm_blocks)
+        shape = tuple(getattr(module, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise TypeError(
+                f"layer {name!r}: a channels-first layer norm normalises one dimension, the "
+                f"channels; got normalized_shape={shape}"
+            )
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        m = self.module
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        return F.layer_norm(x.movedim(1, -1), m.normalized_shape, None, None, m.eps).movedim(-1, 1)
 
     def _channel_sums(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
