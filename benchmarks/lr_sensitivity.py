@@ -317,6 +317,8 @@ def plot_heatmap(
                 hits = round(summary[task][n]["reached"][lr] * seeds)
                 value = loss[i, j]
                 text = f"{value:.2g}" if math.isfinite(value) else "div"
+                # white on the dark end of viridis_r (the high losses)
+                dark = norm is not None and math.isfinite(value) and norm(value) > 0.6
                 ax.text(
                     j,
                     i,
@@ -325,7 +327,7 @@ def plot_heatmap(
                     va="center",
                     fontsize=7,
                     fontweight="bold" if hits == seeds else "normal",
-                    color="black",
+                    color="white" if dark else "black",
                 )
         ax.set_xticks(range(len(lrs)), [_lr(lr) for lr in lrs])
         ax.set_yticks(range(len(names)), names)
