@@ -167,7 +167,14 @@ def fresh_kfac_factors(
         loss_fn: ``(outputs, targets) -> scalar``, a mean over the batch.
         skip_layers, layer_options: as for :class:`~secondorder.KFAC`.
     """
-    config = KFACConfig(factor_dtype=torch.float64, inverse_dtype=torch.float64)
+    # the analysis studies whole factors: no blocks, no diagonal fallback, no budget
+    config = KFACConfig(
+        factor_dtype=torch.float64,
+        inverse_dtype=torch.float64,
+        max_factor_dim=None,
+        diagonal_factor_dim=None,
+        factor_memory=None,
+    )
     est, stats = _capture_pass(
         model,
         batches,
