@@ -328,7 +328,7 @@ class KFACEstimator(CurvatureEstimator):
             beta = 0.0  # the fresh buffers' contents are ignored
         else:
             beta = 1.0
-        a_layout, g_layout = self.layouts[layer.name]
+        a_layout, g_layout = self._layouts_of(layer)
         if a_layout.kind == "full" or layer.a_diagonal:
             # the helper's own way (a convolution's skips the patch matrix of the whole input)
             layer.a_factor_update(inputs, acc.a_sum, beta=beta)
@@ -346,7 +346,7 @@ class KFACEstimator(CurvatureEstimator):
     ) -> None:
         """``a <- beta a + Σ ã ãᵀ`` on the diagonal blocks only, from the rows of a few
         examples at a time (a convolution's patches of the whole batch may be large)."""
-        a_layout = self.layouts[layer.name][0]
+        a_layout = self._layouts_of(layer)[0]
         if inputs.dim() <= layer.unbatched_dims or inputs.shape[0] <= 1:
             _side_update(a_layout, a, layer.a_rows(inputs), beta)
             return
@@ -372,7 +372,7 @@ class KFACEstimator(CurvatureEstimator):
             beta = 0.0  # the fresh buffers' contents are ignored
         else:
             beta = 1.0
-        a_layout, g_layout = self.layouts[layer.name]
+        a_layout, g_layout = self._layouts_of(layer)
         _side_update(a_layout, acc.a_sum, a, beta)
         _side_update(g_layout, acc.g_sum, g, beta)
         acc.rows += a.shape[1]
@@ -808,13 +808,22 @@ class KFACEstimator(CurvatureEstimator):
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
 
+    def _layouts_of(self, layer: KroneckerHelper) -> tuple[FactorLayout, FactorLayout]:
+        """The ``(A, G)`` layouts of ``layer`` or, for a tied module's helper (the capture
+        hands those to :meth:`accumulate`), of the primary layer that owns the weight."""
+        layouts = self.layouts.get(layer.name)
+        if layouts is None:
+            owner = next(p for p in self.layers if any(t is layer for t in p.tied))
+            layouts = self.layouts[owner.name]
+        return layouts
+
     def _factor_shapes(self, layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers), as
         their :attr:`layouts` store them."""
         if isinstance(layer, BlockHelper):
             c, k = layer.block_count, layer.block_size
             return ((c, k, k) if layer.block_mode == "full" else (c, k)), None
-        a_layout, g_layout = self.layouts[layer.name]
+        a_layout, g_layout = self._layouts_of(layer)
         return a_layout.shape(layer.groups), g_layout.shape(layer.groups)
 
     # ---- report -------------------------------------------------------------------------

@@ -31,10 +31,16 @@ from ..helpers import assert_close
 ROOT = Path(__file__).resolve().parents[2]
 
 # Capability branches that the helper classes replace.
-_FORBIDDEN = ("hasattr(layer", 'kind == "blocks"', 'kind == "kronecker"', 'kind != "kronecker"')
-# Left where they are for now, with the reason. AdaFisher._add_targets belongs to the
-# optimizer class, which is being rewritten (issue 17); it becomes
-# ``isinstance(layer, BlockHelper)`` there.
+# a helper's kind read as a string (``FactorLayout.kind``, a factor's storage, is another thing)
+_FORBIDDEN = (
+    "hasattr(layer",
+    'layer.kind == "blocks"',
+    'layer.kind == "kronecker"',
+    'layer.kind != "kronecker"',
+    'helper.kind == "blocks"',
+    "getattr(layer,",
+)
+# left where they are, with the reason (none today)
 _PENDING: dict[tuple[str, str], int] = {}
 # distribution name -> import name, where they differ
 _IMPORT_NAMES = {"scikit-learn": "sklearn", "pyyaml": "yaml"}
