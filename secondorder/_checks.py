@@ -10,14 +10,12 @@ allowed.
 from __future__ import annotations
 
 import difflib
-import functools
-import inspect
 import math
 import numbers
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -137,66 +135,6 @@ def is_due(name: str, interval: Interval, step: int) -> bool:
     if callable(interval):
         check_interval(f"{name}({step})", every)
     return step % every == 0
-
-
-def _takes_any_keyword(init: Callable[..., Any]) -> bool:
-    """Whether ``init`` has a ``**kwargs`` parameter."""
-    params = inspect.signature(inspect.unwrap(init)).parameters.values()
-    return any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-@functools.cache
-def _keyword_names(cls: type) -> frozenset[str]:
-    """The keyword arguments ``cls(...)`` is known to accept: the parameters of its
-    ``__init__`` and, while an ``__init__`` takes ``**kwargs`` (handed on to
-    ``super().__init__``), those of the next class's."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass in (torch.optim.Optimizer, object):
-            break
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        names.update(
-            p.name
-            for p in inspect.signature(inspect.unwrap(init)).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-        )
-        if not _takes_any_keyword(init):
-            break
-    return frozenset(names)
-
-
-_Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def checked_keywords(init: _Init) -> _Init:
-    """Decorate an optimizer's ``__init__`` that takes no ``**kwargs``: a keyword argument
-    it does not take raises the ``TypeError`` Python would, but naming the class the user
-    called (``KFAC.__init__()``, not the ``CurvatureOptimizer.__init__()`` that the
-    subclass handed its ``**kwargs`` to), with the closest keyword that class accepts as a
-    suggestion. :class:`CurvatureOptimizer` applies it to every subclass's ``__init__``
-    without ``**kwargs``; one with ``**kwargs`` (which may take some for itself) hands
-    them on unchecked."""
-    accepted = {
-        p.name
-        for p in inspect.signature(init).parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-    @functools.wraps(init)
-    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in kwargs:
-            if key not in accepted:
-                called = type(self)
-                close = difflib.get_close_matches(key, sorted(_keyword_names(called)), n=1)
-                hint = f". Did you mean {close[0]!r}?" if close else ""
-                raise TypeError(
-                    f"{called.__name__}.__init__() got an unexpected keyword argument {key!r}{hint}"
-                )
-        init(self, *args, **kwargs)
-
-    return checked  # type: ignore[return-value]
 
 
 def caller_stacklevel() -> int:

@@ -911,7 +911,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self.uncovered_parameters = [self._names[p] for p in params if p not in covered]
         moved = [self._names[p] for p in params if p in was_covered and p not in covered]
-        self._estimator_replaced()
         source = "the loaded state says that the" if loaded else "the"
         warnings.warn(
             f"{type(self).__name__}: {source} forward hooks of {list(names)} never ran "
@@ -921,10 +920,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"parameters {moved} get the plain {self.base} update",
             stacklevel=caller_stacklevel(),
         )
-
-    def _estimator_replaced(self) -> None:
-        """Called after :attr:`estimator` was replaced by one for fewer layers; subclasses
-        that keep per-layer structures of their own rebuild them here."""
 
     @staticmethod
     def _all_finite(grads: Mapping[Tensor, Tensor]) -> bool:
