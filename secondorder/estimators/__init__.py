@@ -6,6 +6,7 @@ from .base import CurvatureEstimator
 from .ekfac import EKFAC, EKFACConfig, EKFACEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
 from .mfac import MFAC, MFACConfig, MFACEstimator
+from .shampoo import Shampoo, ShampooConfig, ShampooEstimator
 from .twolevel import TwoLevelKFAC, TwoLevelKFACConfig, TwoLevelKFACEstimator
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "KFACEstimator",
     "MFACConfig",
     "MFACEstimator",
+    "Shampoo",
+    "ShampooConfig",
+    "ShampooEstimator",
     "TwoLevelKFAC",
     "TwoLevelKFACConfig",
     "TwoLevelKFACEstimator",
