@@ -33,6 +33,7 @@ CURVATURE = [
     so.AdaFisher,
     so.AdaFisherW,
     so.AdaHessian,
+    so.Shampoo,
 ]
 
 
