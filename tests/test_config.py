@@ -34,6 +34,7 @@ CURVATURE = [
     so.AdaFisherW,
     so.AdaHessian,
     so.Shampoo,
+    so.SOAP,
 ]
 
 

@@ -15,6 +15,7 @@ from secondorder import (
     EKFAC,
     KFAC,
     MFAC,
+    SOAP,
     AdaFisher,
     AdaFisherW,
     AdaHessian,
@@ -38,6 +39,7 @@ METHOD_PAGES = {
     AdaFisherW: "adafisher.md",
     AdaHessian: "adahessian.md",
     Shampoo: "shampoo.md",
+    SOAP: "shampoo.md",
 }
 
 # [text](target) and ![alt](target); a target ends at whitespace or ')'

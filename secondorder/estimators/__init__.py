@@ -7,12 +7,14 @@ from .ekfac import EKFAC, EKFACConfig, EKFACEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
 from .mfac import MFAC, MFACConfig, MFACEstimator
 from .shampoo import Shampoo, ShampooConfig, ShampooEstimator
+from .soap import SOAP, SOAPConfig, SOAPEstimator
 from .twolevel import TwoLevelKFAC, TwoLevelKFACConfig, TwoLevelKFACEstimator
 
 __all__ = [
     "EKFAC",
     "KFAC",
     "MFAC",
+    "SOAP",
     "AdaFisher",
     "AdaFisherConfig",
     "AdaFisherEstimator",
@@ -27,6 +29,8 @@ __all__ = [
     "KFACEstimator",
     "MFACConfig",
     "MFACEstimator",
+    "SOAPConfig",
+    "SOAPEstimator",
     "Shampoo",
     "ShampooConfig",
     "ShampooEstimator",
