@@ -189,9 +189,16 @@ class ShampooEstimator(CurvatureEstimator):
 
     requires_capture = False
 
-    def __init__(self, params: list[nn.Parameter], config: ShampooConfig | None = None) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        config: ShampooConfig | None = None,
+        names: list[str] | None = None,
+    ) -> None:
         super().__init__([])
         self.config = config if config is not None else ShampooConfig()
+        names = names if names is not None else [f"param {i}" for i in range(len(params))]
+        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
         self._params = [p for p in params if p.requires_grad]
         self.exponents = check_exponents("exponent", self.config.exponent)
         self.tiles: dict[Tensor, list[_Tile]] = {
@@ -207,13 +214,13 @@ class ShampooEstimator(CurvatureEstimator):
 
     def describe_layers(self) -> list[dict[str, Any]]:
         rows = []
-        for i, (p, tiles) in enumerate(self.tiles.items()):
+        for p, tiles in self.tiles.items():
             left = [t.left.shape[0] for t in tiles if t.left is not None]
             right = [t.right.shape[0] for t in tiles if t.right is not None]
             stats = [s for t in tiles for s in (t.left, t.right) if s is not None]
             nbytes = sum(s.numel() * s.element_size() for s in stats)
             rows.append({
-                "name": f"param {i} {tuple(p.shape)}", "type": "Parameter",
+                "name": self.names[p], "type": f"Parameter {tuple(p.shape)}",
                 "a": f"{len(tiles)} tiles L {sorted(set(left))}" if left else "-",
                 "g": f"R {sorted(set(right))}" if right else "-",
                 "factor_bytes": nbytes, "state_bytes": 2 * nbytes,
@@ -280,36 +287,62 @@ class ShampooEstimator(CurvatureEstimator):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        entries = self._statistics()
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
         return {
-            "statistics": [stat.clone() for _, _, stat in entries],
-            "roots": [
-                None if getattr(t, f"{s}_root") is None else getattr(t, f"{s}_root").clone()
-                for t, s, _ in entries
+            "params": [
+                [{k: copy(getattr(tile, k)) for k in _TILE_TENSORS} for tile in tiles]
+                for tiles in self.tiles.values()
             ],
             "refreshed": self.refreshed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        entries = self._statistics()
-        stats, roots = list(state["statistics"]), list(state["roots"])
-        if len(stats) != len(entries) or len(roots) != len(entries):
+        saved = list(state["params"])
+        if len(saved) != len(self.tiles):
             raise ValueError(
-                f"Shampoo state holds {len(stats)} statistics, this optimizer {len(entries)}"
+                f"Shampoo state has statistics for {len(saved)} parameters with >= 2 dims, "
+                f"this optimizer {len(self.tiles)}; was it saved from a different model?"
             )
-        for (tile, side, stat), saved, root in zip(entries, stats, roots, strict=True):
-            if saved.shape != stat.shape:
+        for (p, tiles), entry in zip(self.tiles.items(), saved, strict=True):
+            if len(entry) != len(tiles):
                 raise ValueError(
-                    f"Shampoo state: a statistic of shape {tuple(saved.shape)} where this "
-                    f"optimizer has {tuple(stat.shape)}"
+                    f"Shampoo state has {len(entry)} tiles for parameter {self.names[p]}, "
+                    f"this optimizer {len(tiles)}; was it saved from a different model or "
+                    "max_factor_dim?"
                 )
-            stat.copy_(saved)
-            setattr(
-                tile,
-                f"{side}_root",
-                None if root is None else root.to(device=stat.device, dtype=stat.dtype).clone(),
-            )
+            for tile, values in zip(tiles, entry, strict=True):
+                for key in _TILE_TENSORS:
+                    mine, theirs = getattr(tile, key.removesuffix("_root")), values[key]
+                    missing = key in ("left", "right") and (mine is None) != (theirs is None)
+                    if missing or (
+                        theirs is not None and (mine is None or mine.shape != theirs.shape)
+                    ):
+                        have = "none" if mine is None else tuple(mine.shape)
+                        given = "none" if theirs is None else tuple(theirs.shape)
+                        raise ValueError(
+                            f"Shampoo state has {key} of shape {given} for "
+                            f"parameter {self.names[p]} of shape {tuple(p.shape)}, where this "
+                            f"optimizer has {have}; was it saved from a different model, "
+                            "max_factor_dim or exponent?"
+                        )
+        for tiles, entry in zip(self.tiles.values(), saved, strict=True):
+            for tile, values in zip(tiles, entry, strict=True):
+                for key in _TILE_TENSORS:
+                    like = getattr(tile, key.removesuffix("_root"))
+                    theirs = values[key]
+                    if like is None:
+                        continue
+                    if key in ("left", "right"):
+                        like.copy_(theirs)
+                    else:
+                        value = None if theirs is None else theirs.to(like).clone()
+                        setattr(tile, key, value)
         self.refreshed = bool(state["refreshed"])
+
+
+_TILE_TENSORS = ("left", "right", "left_root", "right_root")
 
 
 class Shampoo(CurvatureOptimizer):
@@ -346,4 +379,4 @@ class Shampoo(CurvatureOptimizer):
     def build_estimator(
         self, layers: list[LayerHelper], params: list[nn.Parameter]
     ) -> ShampooEstimator:
-        return ShampooEstimator(params, self.config)
+        return ShampooEstimator(params, self.config, [self._names[p] for p in params])

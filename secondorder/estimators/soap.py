@@ -168,9 +168,16 @@ class SOAPEstimator(CurvatureEstimator):
 
     requires_capture = False
 
-    def __init__(self, params: list[nn.Parameter], config: SOAPConfig | None = None) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        config: SOAPConfig | None = None,
+        names: list[str] | None = None,
+    ) -> None:
         super().__init__([])
         self.config = config if config is not None else SOAPConfig()
+        names = names if names is not None else [f"param {i}" for i in range(len(params))]
+        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
         self._params = [p for p in params if p.requires_grad]
         self.states = {p: _State(p, self.config.max_factor_dim) for p in self._params}
 
@@ -250,28 +257,31 @@ class SOAPEstimator(CurvatureEstimator):
         saved = list(state["states"])
         if len(saved) != len(self.states):
             raise ValueError(
-                f"SOAP state holds {len(saved)} parameters, this optimizer {len(self.states)}"
+                f"SOAP state holds {len(saved)} parameters, this optimizer {len(self.states)}; "
+                "was it saved from a different model?"
             )
-        for s, entry in zip(self.states.values(), saved, strict=True):
+        for (p, s), entry in zip(self.states.items(), saved, strict=True):
             for key in _FIELDS:
-                mine, theirs = getattr(s, key), entry[key]
-                if key in ("left", "right") and (mine is None) != (theirs is None):
+                like = s.exp_avg if key.startswith("exp_avg") else getattr(s, key.split("_")[0])
+                theirs = entry[key]
+                needed = key in ("exp_avg", "exp_avg_sq", "left", "right") and like is not None
+                if (needed and theirs is None) or (
+                    theirs is not None
+                    and (like is None or tuple(theirs.shape) != tuple(like.shape))
+                ):
+                    have = "none" if like is None else tuple(like.shape)
+                    given = "none" if theirs is None else tuple(theirs.shape)
                     raise ValueError(
-                        f"SOAP state: {key} statistic present in one and not the other"
+                        f"SOAP state has {key} of shape {given} for parameter {self.names[p]} "
+                        f"of shape {tuple(p.shape)}, where this optimizer has {have}; was it "
+                        "saved from a different model or max_factor_dim?"
                     )
-                if mine is not None and theirs is not None and mine.shape != theirs.shape:
-                    raise ValueError(
-                        f"SOAP state: {key} of shape {tuple(theirs.shape)} where this "
-                        f"optimizer has {tuple(mine.shape)}"
-                    )
-                like = s.exp_avg
-                setattr(
-                    s,
-                    key,
-                    None
-                    if theirs is None
-                    else theirs.to(device=like.device, dtype=like.dtype).clone(),
-                )
+        for s, entry in zip(self.states.values(), saved, strict=True):
+            like = s.exp_avg
+            for key in _FIELDS:
+                theirs = entry[key]
+                value = None if theirs is None else theirs.to(like).clone()
+                setattr(s, key, value)
             s.step = int(entry["step"])
 
 
@@ -311,4 +321,4 @@ class SOAP(CurvatureOptimizer):
     def build_estimator(
         self, layers: list[LayerHelper], params: list[nn.Parameter]
     ) -> SOAPEstimator:
-        return SOAPEstimator(params, self.config)
+        return SOAPEstimator(params, self.config, [self._names[p] for p in params])
