@@ -231,3 +231,24 @@ def test_the_preset_and_the_bench_know_shampoo():
     model = mlp([3, 4, 2])
     opt = spec.factory(model, **spec.defaults)
     assert isinstance(opt, so.Shampoo)
+
+
+def test_the_adam_graft_gives_adams_norm_and_shampoos_direction():
+    """lr 1, first step: Δw = (‖a‖/‖u‖) u per weight, with ``a`` Adam's first step
+    ``g/(|g| + ε)`` (float64 reference) and ``u`` the dense Shampoo direction."""
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3]).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    damping = 1e-3
+    opt = so.Shampoo(model.parameters(), lr=1.0, damping=damping)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, w, g in zip(model.parameters(), before, grads, strict=True):
+        if p.dim() < 2:
+            continue
+        adam = g / (g.abs() + 1e-8)
+        u, size, cond = _reference([g], g, damping, 1.0, (-0.25, -0.25), 1024)
+        want = u * (adam.norm() / u.norm())
+        assert_close(w - p.detach(), want, n=size, cond=cond)
