@@ -33,6 +33,8 @@ CURVATURE = [
     so.AdaFisher,
     so.AdaFisherW,
     so.AdaHessian,
+    so.Shampoo,
+    so.SOAP,
 ]
 
 

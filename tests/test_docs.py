@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from secondorder import EKFAC, KFAC, MFAC, AdaFisher, AdaFisherW, AdaHessian, TwoLevelKFAC
+from secondorder import (
+    EKFAC,
+    KFAC,
+    MFAC,
+    SOAP,
+    AdaFisher,
+    AdaFisherW,
+    AdaHessian,
+    Shampoo,
+    TwoLevelKFAC,
+)
 from secondorder.config import OptimizerConfig, config_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +38,8 @@ METHOD_PAGES = {
     AdaFisher: "adafisher.md",
     AdaFisherW: "adafisher.md",
     AdaHessian: "adahessian.md",
+    Shampoo: "shampoo.md",
+    SOAP: "shampoo.md",
 }
 
 # [text](target) and ![alt](target); a target ends at whitespace or ')'

@@ -220,6 +220,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "damping": 0.2,
             },
         ),
+        # Not tuned: Distributed Shampoo's defaults (Adam grafting, epsilon 1e-12, beta2 1,
+        # roots every step, tiles of 1024) with Adam's lr 1e-3 (configs/optimizers/shampoo.yaml).
+        OptimizerSpec(
+            name="shampoo",
+            description="secondorder.Shampoo (L^-1/4 G R^-1/4 with Adam grafting)",
+            factory=_secondorder("Shampoo"),
+            defaults={"lr": 1e-3, "damping": 1e-12, "inverse_every": 1},
+        ),
+        # Not tuned: the SOAP reference's defaults (lr 3e-3, betas (0.95, 0.95), weight decay
+        # 0.01 decoupled, basis every 10 steps; configs/optimizers/soap.yaml).
+        OptimizerSpec(
+            name="soap",
+            description="secondorder.SOAP (Adam in the eigenbasis of Shampoo's L and R)",
+            factory=_secondorder("SOAP"),
+            defaults={"lr": 3e-3, "weight_decay": 0.01, "inverse_every": 10},
+        ),
         # The paper's defaults (lr 0.15, betas (0.9, 0.999), eps 1e-4, power 1). Over lr {0.02,
         # 0.05, 0.1, 0.15, 0.3} (20 epochs, seed 0) 0.15 had the lowest final train loss and
         # the best test accuracy on digits-mlp, and was as good as any on digits-cnn.

@@ -63,6 +63,8 @@ STYLES: dict[str, LineStyle] = {
     "adahessian": LineStyle("tab:brown", "-"),
     "adafisher": LineStyle("tab:green", "-", linewidth=_WIDE),
     "adafisherw": LineStyle("tab:pink", "-", "D", _MARK_EVERY / 2, _THIN),
+    "shampoo": LineStyle("darkgoldenrod", "-"),
+    "soap": LineStyle("darkslategray", "-"),
 }
 """The line style of every registered optimizer, by name."""
 

@@ -6,12 +6,15 @@ from .base import CurvatureEstimator
 from .ekfac import EKFAC, EKFACConfig, EKFACEstimator
 from .kfac import KFAC, KFACConfig, KFACEstimator
 from .mfac import MFAC, MFACConfig, MFACEstimator
+from .shampoo import Shampoo, ShampooConfig, ShampooEstimator
+from .soap import SOAP, SOAPConfig, SOAPEstimator
 from .twolevel import TwoLevelKFAC, TwoLevelKFACConfig, TwoLevelKFACEstimator
 
 __all__ = [
     "EKFAC",
     "KFAC",
     "MFAC",
+    "SOAP",
     "AdaFisher",
     "AdaFisherConfig",
     "AdaFisherEstimator",
@@ -26,6 +29,11 @@ __all__ = [
     "KFACEstimator",
     "MFACConfig",
     "MFACEstimator",
+    "SOAPConfig",
+    "SOAPEstimator",
+    "Shampoo",
+    "ShampooConfig",
+    "ShampooEstimator",
     "TwoLevelKFAC",
     "TwoLevelKFACConfig",
     "TwoLevelKFACEstimator",

@@ -232,6 +232,8 @@ def test_cli_subprocess(tmp_path: Path) -> None:
         ("digits-cnn", "adam-mfac"),
         ("digits-mlp", "adahessian"),
         ("digits-cnn", "adahessian"),
+        ("digits-cnn", "shampoo"),
+        ("digits-mlp", "soap"),
     ],
 )
 def test_second_order_optimizers_run(task: str, opt: str) -> None:

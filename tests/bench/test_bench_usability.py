@@ -171,7 +171,7 @@ def test_every_optimizer_has_a_distinct_stable_style() -> None:
     from matplotlib.colors import to_hex
 
     names = list(OPTIMIZERS)
-    assert len(names) == 11 and set(STYLES) == set(names)
+    assert len(names) == 13 and set(STYLES) == set(names)
     colours = {to_hex(style.color) for style in STYLES.values()}
     assert len(colours) == len(names)  # distinct colours, not only distinct (colour, style)
     for name, style in STYLES.items():

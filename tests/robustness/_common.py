@@ -70,6 +70,8 @@ SPECS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = 
     "adafisher": (so.AdaFisher, {"lr": 0.01, "curvature_every": 2, "weight_decay": 5e-4}),
     "adafisherw": (so.AdaFisherW, {"lr": 0.01, "curvature_every": 2, "weight_decay": 5e-4}),
     "adahessian": (so.AdaHessian, {"lr": 0.05, "hessian_every": 2}),
+    "shampoo": (so.Shampoo, {"lr": 1e-2, "damping": 1e-4, "inverse_every": 3}),
+    "soap": (so.SOAP, {"lr": 1e-2, "inverse_every": 3}),
 }
 ALL = list(SPECS)
 #: optimizers whose statistics come from capture hooks on the model's layers

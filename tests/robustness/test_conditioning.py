@@ -54,6 +54,8 @@ def _inputs(kind: str, steps: int = 6, batch: int = 8) -> list:
 
 
 def _tiny_damping(name: str) -> dict:
+    if name == "soap":  # no damping: Adam's ε in the rotated space
+        return {"soap_eps": TINY}
     return {"eps": TINY} if name == "adahessian" else {"damping": TINY}
 
 

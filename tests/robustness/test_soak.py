@@ -47,6 +47,8 @@ def _settings(name: str) -> dict:
         return {"eps": TINY}
     if name == "adafisher":
         return {"damping": TINY, "weight_decay": 0.0}
+    if name == "soap":  # no damping: Adam's ε in the rotated space
+        return {"soap_eps": TINY}
     return {"damping": TINY}
 
 

@@ -1,0 +1,324 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024,
+https://arxiv.org/abs/2409.11321).
+
+Every parameter with two dimensions or more is a matrix ``G`` (``m x n``; a conv weight
+``(out, in, kh, kw)`` as ``(out, in·kh·kw)``, as :mod:`~secondorder.estimators.shampoo`).
+Its statistics are EMAs ``L ← β L + (1 − β) G Gᵀ``, ``R ← β R + (1 − β) Gᵀ G``
+(``shampoo_beta``, by default Adam's β₂), and every ``inverse_every`` steps the basis is
+refreshed from their eigenvectors, ``L = Q_L Λ Q_Lᵀ``, ``R = Q_R Λ' Q_Rᵀ``. Each step then
+runs Adam in the rotated space:
+
+    m ← β₁ m + (1 − β₁) G                           (first moment, original space)
+    G' = Q_Lᵀ G Q_R,  v ← β₂ v + (1 − β₂) G'²       (second moment, rotated space)
+    u = Q_L [ (Q_Lᵀ m Q_R / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε) ] Q_Rᵀ
+
+and ``u`` is handed to the base update, SGD with momentum 0: ``w ← w − lr·u``. A side
+longer than ``max_factor_dim`` keeps ``Q = I`` and no statistic (``max_factor_dim=0``: no
+rotation at all, the step is Adam's). Parameters with fewer than two dimensions get Adam's
+direction (no rotation).
+
+**The second moment at a refresh.** ``v`` holds the second moments of the coordinates of the
+old basis; with ``P = Q_oldᵀ Q_new`` on each side it is carried over as the diagonal, in the
+new basis, of the second-moment matrix it stands for (``Σ v_ij (q_i q_iᵀ) ⊗ (r_j r_jᵀ)``):
+
+    v ← (P_L ∘ P_L)ᵀ v (P_R ∘ P_R)
+
+The reference implementation refreshes the basis by one power iteration and a QR
+decomposition, which keeps each new column close to the old one, and permutes ``v`` by the
+order of the estimated eigenvalues. Here the basis comes from a full eigendecomposition,
+whose columns may come in another order, with other signs, and mixed within clusters of
+close eigenvalues: when the two bases agree up to order and signs, the formula above *is*
+the reference's permutation; otherwise it is its natural extension (the ``v`` of an
+unchanged second-moment matrix). The first moment needs nothing: it lives in the original
+space and is rotated when used, as in the reference.
+
+Differences from the reference: the statistics and the basis refresh come *before* the step
+(the framework's order; the reference updates them after its step, and skips the parameter
+update at its first step); the eigendecomposition replaces its power iteration and QR; ε is
+added as ``torch.optim.Adam`` adds it (``√(v/(1 − β₂ᵗ)) + ε``; the reference adds it to
+``√v``); conv weights are one matrix (the reference rotates each tensor dimension).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import Interval, Schedule, UseCurvature
+from ..config import OptimizerConfig, fixed, hyperparameter
+from ..layers import LayerHelper
+from ..linalg import symmetric_eigh_many
+from ..optimizer import CurvatureOptimizer
+from .base import CurvatureEstimator
+from .shampoo import as_matrix, check_beta, statistics_dtype
+
+
+def _check_max_dim(value: Any) -> None:
+    if value is not None and not (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    ):
+        raise ValueError(f"max_factor_dim must be an int >= 0 or None, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class SOAPConfig(OptimizerConfig):
+    """Hyperparameters of SOAP (:class:`SOAP` and :class:`SOAPEstimator`), checked on
+    construction; the defaults are the reference implementation's (lr 3e-3, betas
+    (0.95, 0.95), ε 1e-8, basis every 10 steps, sides up to 10000; its weight decay 0.01,
+    decoupled, is in ``configs/optimizers/soap.yaml``). The base update is SGD with
+    momentum 0 on SOAP's Adam direction: there is no grafting, KL clipping, damping or
+    curvature-off mode (without the rotation SOAP is Adam: ``max_factor_dim=0``)."""
+
+    lr: float = hyperparameter(3e-3, "learning rate")
+    soap_betas: tuple[float, float] = hyperparameter(
+        (0.95, 0.95), "Adam's (β₁, β₂) in the rotated space, each in [0, 1)"
+    )
+    soap_eps: float = hyperparameter(1e-8, "Adam's ε in the rotated space, >= 0")
+    shampoo_beta: float | None = hyperparameter(
+        None, "β in (0, 1] of the EMAs of L and R (1: sums); None: β₂ of ``soap_betas``"
+    )
+    max_factor_dim: int | None = hyperparameter(
+        10000,
+        "a side (rows or columns of the matrix) longer than this is not rotated (Q = I, no "
+        "statistic); 0: no rotation at all (Adam); None: no limit",
+    )
+    inverse_every: Interval = hyperparameter(
+        10, "refresh the basis at steps that are multiples of this (and after the first update)"
+    )
+    decoupled_weight_decay: bool = hyperparameter(
+        True, "``w <- w (1 - lr wd)`` (AdamW's, the reference's) instead of adding ``wd w`` to G"
+    )
+    momentum: float | None = fixed(0.0)
+    graft: str | None = fixed(None)
+    kl_clip: float | None = fixed(None)
+    damping: Schedule = fixed(1e-30)
+    use_curvature: UseCurvature = fixed(None)
+    precondition: bool = fixed(True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        betas = self.soap_betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"soap_betas must be a pair (beta1, beta2), got {betas!r}")
+        self.soap_betas = (
+            check_beta("soap_betas[0]", betas[0], closed=False),
+            check_beta("soap_betas[1]", betas[1], closed=False),
+        )
+        if not (isinstance(self.soap_eps, (int, float)) and 0 <= self.soap_eps < float("inf")):
+            raise ValueError(f"soap_eps must be a finite number >= 0, got {self.soap_eps!r}")
+        if self.shampoo_beta is not None:
+            self.shampoo_beta = check_beta("shampoo_beta", self.shampoo_beta, closed=True)
+        _check_max_dim(self.max_factor_dim)
+
+
+class _State:
+    """One parameter's SOAP state."""
+
+    __slots__ = ("exp_avg", "exp_avg_sq", "left", "left_basis", "right", "right_basis", "step")
+
+    def __init__(self, p: Tensor, max_dim: int | None) -> None:
+        dtype = statistics_dtype(p)
+        shape = as_matrix(p).shape if p.dim() >= 2 else p.shape
+        self.exp_avg = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.exp_avg_sq = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.step = 0
+        self.left: Tensor | None = None
+        self.right: Tensor | None = None
+        self.left_basis: Tensor | None = None
+        self.right_basis: Tensor | None = None
+        if p.dim() >= 2:
+            m, n = shape
+            if max_dim is None or m <= max_dim:
+                self.left = torch.zeros(m, m, dtype=dtype, device=p.device)
+            if max_dim is None or n <= max_dim:
+                self.right = torch.zeros(n, n, dtype=dtype, device=p.device)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """``Q_Lᵀ x Q_R`` (the sides without a basis: identity)."""
+        if self.left_basis is not None:
+            x = self.left_basis.T @ x
+        if self.right_basis is not None:
+            x = x @ self.right_basis
+        return x
+
+    def rotate_back(self, x: Tensor) -> Tensor:
+        """``Q_L x Q_Rᵀ``."""
+        if self.left_basis is not None:
+            x = self.left_basis @ x
+        if self.right_basis is not None:
+            x = x @ self.right_basis.T
+        return x
+
+
+_FIELDS = ("exp_avg", "exp_avg_sq", "left", "right", "left_basis", "right_basis")
+
+
+class SOAPEstimator(CurvatureEstimator):
+    """SOAP's statistics, bases and Adam moments (rotated second moment).
+
+    Args:
+        params (list[nn.Parameter]): the parameters (those with >= 2 dims are rotated; the
+            others get Adam's direction).
+        config (SOAPConfig, optional): hyperparameters.
+    """
+
+    requires_capture = False
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        config: SOAPConfig | None = None,
+        names: list[str] | None = None,
+    ) -> None:
+        super().__init__([])
+        self.config = config if config is not None else SOAPConfig()
+        names = names if names is not None else [f"param {i}" for i in range(len(params))]
+        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
+        self._params = [p for p in params if p.requires_grad]
+        self.states = {p: _State(p, self.config.max_factor_dim) for p in self._params}
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self._params)
+
+    @property
+    def shampoo_beta(self) -> float:
+        beta = self.config.shampoo_beta
+        return self.config.soap_betas[1] if beta is None else beta
+
+    def update(self, stats: Mapping[Tensor, Tensor]) -> None:
+        beta = self.shampoo_beta
+        for p, state in self.states.items():
+            g = stats.get(p)
+            if g is None or (state.left is None and state.right is None):
+                continue
+            matrix = as_matrix(g.detach()).to(state.exp_avg.dtype)
+            if state.left is not None:
+                _ema(state.left, matrix @ matrix.T, beta)
+            if state.right is not None:
+                _ema(state.right, matrix.T @ matrix, beta)
+
+    def refresh(self, damping: float) -> None:
+        entries = [
+            (state, side, stat)
+            for state in self.states.values()
+            for side, stat in (("left", state.left), ("right", state.right))
+            if stat is not None
+        ]
+        for dtype in {stat.dtype for _, _, stat in entries}:
+            group = [e for e in entries if e[2].dtype == dtype]
+            decompositions = symmetric_eigh_many([stat for _, _, stat in group], dtype)
+            for (state, side, _), (_, vectors) in zip(group, decompositions, strict=True):
+                old = getattr(state, f"{side}_basis")
+                if old is not None:
+                    carry = (old.T @ vectors).square()  # (P ∘ P), P = Q_oldᵀ Q_new
+                    v = state.exp_avg_sq
+                    state.exp_avg_sq = carry.T @ v if side == "left" else v @ carry
+                setattr(state, f"{side}_basis", vectors)
+
+    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        beta1, beta2 = self.config.soap_betas
+        eps = self.config.soap_eps
+        out = {}
+        for p, state in self.states.items():
+            g = grads.get(p)
+            if g is None:
+                continue
+            matrix = g.detach().to(state.exp_avg.dtype).reshape(state.exp_avg.shape)
+            state.step += 1
+            state.exp_avg.lerp_(matrix, 1 - beta1)
+            rotated = state.rotate(matrix)
+            state.exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
+            bias_correction1 = 1 - beta1**state.step
+            bias_correction2_sqrt = (1 - beta2**state.step) ** 0.5
+            denom = (state.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            direction = state.rotate(state.exp_avg) / denom / bias_correction1
+            out[p] = state.rotate_back(direction).reshape(g.shape).to(g.dtype)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "states": [
+                {
+                    "step": s.step,
+                    **{
+                        k: None if getattr(s, k) is None else getattr(s, k).clone() for k in _FIELDS
+                    },
+                }
+                for s in self.states.values()
+            ]
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state["states"])
+        if len(saved) != len(self.states):
+            raise ValueError(
+                f"SOAP state holds {len(saved)} parameters, this optimizer {len(self.states)}; "
+                "was it saved from a different model?"
+            )
+        for (p, s), entry in zip(self.states.items(), saved, strict=True):
+            for key in _FIELDS:
+                like = s.exp_avg if key.startswith("exp_avg") else getattr(s, key.split("_")[0])
+                theirs = entry[key]
+                needed = key in ("exp_avg", "exp_avg_sq", "left", "right") and like is not None
+                if (needed and theirs is None) or (
+                    theirs is not None
+                    and (like is None or tuple(theirs.shape) != tuple(like.shape))
+                ):
+                    have = "none" if like is None else tuple(like.shape)
+                    given = "none" if theirs is None else tuple(theirs.shape)
+                    raise ValueError(
+                        f"SOAP state has {key} of shape {given} for parameter {self.names[p]} "
+                        f"of shape {tuple(p.shape)}, where this optimizer has {have}; was it "
+                        "saved from a different model or max_factor_dim?"
+                    )
+        for s, entry in zip(self.states.values(), saved, strict=True):
+            like = s.exp_avg
+            for key in _FIELDS:
+                theirs = entry[key]
+                value = None if theirs is None else theirs.to(like).clone()
+                setattr(s, key, value)
+            s.step = int(entry["step"])
+
+
+def _ema(stat: Tensor, outer: Tensor, beta: float) -> None:
+    if beta == 1.0:
+        stat.add_(outer)
+    else:
+        stat.mul_(beta).add_(outer, alpha=1 - beta)
+
+
+class SOAP(CurvatureOptimizer):
+    r"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's ``L`` and ``R``.
+
+    Each parameter with two or more dimensions, as a matrix ``G``, is rotated to
+    ``Q_Lᵀ G Q_R`` (``Q`` the eigenvectors of the EMAs ``L`` of ``G Gᵀ`` and ``R`` of
+    ``Gᵀ G``, refreshed every ``inverse_every`` steps), where Adam's second moment lives; the
+    first moment lives in the original space and is rotated when used. The Adam direction is
+    rotated back and the base update takes ``w ← w − lr·u`` (SGD, momentum 0). Parameters
+    with fewer than two dimensions get Adam's direction. Coupled weight decay, if chosen, is
+    added to the gradient before the moments (as Adam); the default is decoupled (AdamW's).
+
+    Args:
+        model (nn.Module or iterable of Parameters): what to optimise (no hooks).
+        lr (float, optional): learning rate (default: 3e-3).
+        params, config: see :class:`~secondorder.CurvatureOptimizer`.
+
+    Example::
+
+        opt = SOAP(model.parameters(), lr=3e-3, weight_decay=0.01)
+    """
+
+    requires_model = False
+    l2_before_precondition = True
+
+    config_class = SOAPConfig
+
+    def build_estimator(
+        self, layers: list[LayerHelper], params: list[nn.Parameter]
+    ) -> SOAPEstimator:
+        return SOAPEstimator(params, self.config, [self._names[p] for p in params])

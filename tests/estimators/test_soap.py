@@ -1,0 +1,232 @@
+"""SOAP against Adam and against a dense float64 computation.
+
+Pinned: with no rotation (``max_factor_dim=0``) SOAP's step is ``torch.optim.Adam``'s /
+``AdamW``'s to round-off (Adam's direction, then ``w ← w − lr·u``: the same operations but
+for where ``lr`` multiplies); with the basis forced to the identity the rotated path is the
+unrotated one bit for bit; the directions of a run with refreshes match a dense float64
+recurrence, where the second moment is carried to the new basis as the diagonal of its
+second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker product of size
+``mn``); a carry between bases equal up to order and signs is the reference's permutation,
+exactly; a resumed run is the uninterrupted one bit for bit; bad arguments raise.
+
+Tolerances: a direction is a few products with orthogonal matrices of size ``n`` and an
+elementwise Adam quotient, so ``n`` = the matrix size times the steps of the recurrence,
+``cond`` 1 (the quotient's denominator is ≥ ε-free here: gradients are O(1)).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secondorder as so
+from secondorder.estimators import soap as soap_module
+from secondorder.estimators.soap import SOAPConfig, SOAPEstimator
+
+from ..helpers import assert_close, mlp
+
+
+def _batches(n: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _run(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reference"),
+    [
+        ({}, lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.95, 0.95))),
+        (
+            {"weight_decay": 0.1},
+            lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.1),
+        ),
+        (
+            {"weight_decay": 0.1, "decoupled_weight_decay": False, "soap_betas": (0.9, 0.99)},
+            lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        ),
+    ],
+)
+def test_without_rotation_soap_is_adam(kwargs, reference):
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3]).double()
+    twin = copy.deepcopy(model)
+    opt = so.SOAP(model.parameters(), lr=3e-3, max_factor_dim=0, **kwargs)
+    ref = reference(twin.parameters())
+    steps = 6
+    for batch in _batches(steps, torch.float64):
+        _run(model, opt, [batch])
+        _run(twin, ref, [batch])
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            # the parameters move by lr·u ~ 3e-3 a step; their round-off is that of p
+            assert_close(p, q, n=steps)
+
+
+def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    twin = copy.deepcopy(model)
+    plain = so.SOAP(twin.parameters(), max_factor_dim=0)
+
+    def identity(matrices, dtype, **_):
+        return [(torch.zeros(m.shape[-1], dtype=dtype), torch.eye(m.shape[-1], dtype=dtype))
+                for m in matrices]  # fmt: skip
+
+    monkeypatch.setattr(soap_module, "symmetric_eigh_many", identity)
+    rotated = so.SOAP(model.parameters(), inverse_every=2)
+    batches = _batches(5)
+    _run(model, rotated, batches)
+    _run(twin, plain, batches)
+    assert all(
+        s.left_basis is not None for s in rotated.estimator.states.values() if s.left is not None
+    )
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _kron_carry(v, old_l, old_r, new_l, new_r):
+    """The diagonal, in the basis ``new_l ⊗ new_r``, of ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ``."""
+    old = torch.kron(old_l, old_r)  # columns q_i ⊗ r_j, in the row-major order of v
+    new = torch.kron(new_l, new_r)
+    second = old @ torch.diag(v.reshape(-1)) @ old.T
+    return torch.einsum("ka,kl,la->a", new, second, new).reshape(v.shape)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 2, 2, 2)], ids=["linear", "conv"])
+def test_directions_and_the_refresh_match_a_dense_recurrence(shape):
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
+    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8)
+    est = SOAPEstimator([p], cfg)
+    state = est.states[p]
+    m_rows = shape[0]
+    n_cols = p[0].numel()
+    beta1, beta2, beta = 0.9, 0.95, 0.8
+    left = torch.zeros(m_rows, m_rows, dtype=torch.float64)
+    right = torch.zeros(n_cols, n_cols, dtype=torch.float64)
+    m = torch.zeros(m_rows, n_cols, dtype=torch.float64)
+    v = torch.zeros(m_rows, n_cols, dtype=torch.float64)
+    ql = qr = None
+    steps = 7
+    for t in range(1, steps + 1):
+        g = torch.randn(shape, dtype=torch.float64, generator=gen)
+        gm = g.reshape(m_rows, -1)
+        est.update({p: g})
+        left = beta * left + (1 - beta) * gm @ gm.T
+        right = beta * right + (1 - beta) * gm.T @ gm
+        assert_close(state.left, left, n=t)
+        assert_close(state.right, right, n=t)
+        if t in (1, 3, 6):  # refreshes
+            est.refresh(0.0)
+            new_l, new_r = state.left_basis, state.right_basis
+            for basis, stat in ((new_l, left), (new_r, right)):
+                # an orthogonal basis that diagonalises the dense statistic
+                assert_close(basis.T @ basis, torch.eye(basis.shape[0], dtype=torch.float64),
+                             n=basis.shape[0])  # fmt: skip
+                rotated = basis.T @ stat @ basis
+                values = torch.linalg.eigvalsh(stat)
+                assert_close(rotated, torch.diag(torch.diagonal(rotated)), n=basis.shape[0],
+                             scale=float(values.abs().max()))  # fmt: skip
+                assert_close(torch.diagonal(rotated).sort().values, values, n=basis.shape[0])
+            if ql is not None:
+                v = _kron_carry(v, ql, qr, new_l, new_r)
+                assert_close(state.exp_avg_sq, v, n=m_rows * n_cols)
+            ql, qr = new_l.clone(), new_r.clone()
+        u = est.precondition({p: g}, 0.0)[p]
+        m = beta1 * m + (1 - beta1) * gm
+        rotated_g = ql.T @ gm @ qr
+        v = beta2 * v + (1 - beta2) * rotated_g**2
+        inner = (ql.T @ m @ qr / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + 1e-8)
+        want = ql @ inner @ qr.T
+        assert u.shape == p.shape
+        assert_close(u.reshape(m_rows, -1), want, n=(m_rows + n_cols) * t)
+
+
+def test_a_carry_between_bases_equal_up_to_order_and_sign_is_a_permutation(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(4, 5, dtype=torch.float64, generator=gen))
+    est = SOAPEstimator([p], SOAPConfig())
+    state = est.states[p]
+    ql = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen)).Q
+    qr = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=gen)).Q
+    state.left_basis, state.right_basis = ql, qr
+    v = torch.rand(4, 5, dtype=torch.float64, generator=gen)
+    state.exp_avg_sq = v.clone()
+    perm_l, perm_r = torch.tensor([2, 0, 3, 1]), torch.tensor([4, 1, 0, 3, 2])
+    signs_l = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    new = {4: ql[:, perm_l] * signs_l, 5: qr[:, perm_r]}
+    monkeypatch.setattr(
+        soap_module,
+        "symmetric_eigh_many",
+        lambda ms, dtype, **_: [(torch.zeros(x.shape[-1]), new[x.shape[-1]]) for x in ms],
+    )
+    est.refresh(0.0)
+    # to round-off: the squared entries of Q_oldᵀ Q_new are 1 and ~1e-32
+    assert_close(state.exp_avg_sq, v[perm_l][:, perm_r], n=5)
+
+
+def test_resume_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
+    kwargs = {"lr": 1e-2, "inverse_every": 3, "weight_decay": 0.01}
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(5, 2, 6, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen))
+        for _ in range(8)
+    ]
+    whole = copy.deepcopy(model)
+    _run(whole, so.SOAP(whole.parameters(), **kwargs), batches)
+    first = copy.deepcopy(model)
+    opt = so.SOAP(first.parameters(), **kwargs)
+    _run(first, opt, batches[:4])  # a refresh at step 3 carried v; the next comes at 6
+    saved = copy.deepcopy(opt.state_dict())
+    second = copy.deepcopy(first)
+    resumed = so.SOAP(second.parameters(), **kwargs)
+    resumed.load_state_dict(saved)
+    _run(second, resumed, batches[4:])
+    for p, q in zip(whole.parameters(), second.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("soap_betas", (1.0, 0.9)),
+        ("soap_betas", (0.9,)),
+        ("soap_betas", (0.9, -0.1)),
+        ("soap_eps", -1.0),
+        ("shampoo_beta", 0.0),
+        ("shampoo_beta", 1.5),
+        ("max_factor_dim", -1),
+        ("max_factor_dim", 1.5),
+    ],
+)
+def test_bad_arguments_name_the_argument(name, value):
+    with pytest.raises(ValueError, match=name.replace("[", r"\[")):
+        so.SOAP(mlp([3, 2]).parameters(), **{name: value})
+
+
+@pytest.mark.parametrize("name", ["graft", "momentum", "kl_clip", "damping", "precondition"])
+def test_what_soap_fixes_is_not_a_keyword(name):
+    with pytest.raises(TypeError, match=name):
+        so.SOAP(mlp([3, 2]).parameters(), **{name: None})
+
+
+def test_the_bench_knows_soap():
+    from secondorder.bench.optimizers import OPTIMIZERS
+
+    spec = OPTIMIZERS["soap"]
+    assert spec.config_class is SOAPConfig
+    assert isinstance(spec.factory(mlp([3, 4, 2]), **spec.defaults), so.SOAP)
