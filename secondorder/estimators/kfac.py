@@ -319,15 +319,7 @@ class KFACEstimator(CurvatureEstimator):
         if isinstance(layer, BlockHelper):
             return self._accumulate_blocks(layer, inputs, grad_output, acc)
         g = layer.g_rows(grad_output)
-        if acc is None:
-            dtype = self.config.stat_dtype
-            a_shape, g_shape = self._factor_shapes(layer)
-            acc = KroneckerStats(
-                a_sum=g.new_empty(a_shape, dtype=dtype), g_sum=g.new_empty(g_shape, dtype=dtype)
-            )
-            beta = 0.0  # the fresh buffers' contents are ignored
-        else:
-            beta = 1.0
+        acc, beta = self._kronecker_sums(layer, acc, g)
         a_layout, g_layout = self._layouts_of(layer)
         if a_layout.kind == "full" or layer.a_diagonal:
             # the helper's own way (a convolution's skips the patch matrix of the whole input)
@@ -363,15 +355,7 @@ class KFACEstimator(CurvatureEstimator):
         into ``acc`` (a new one when None): ``Σ ã ãᵀ``, ``Σ g gᵀ`` and the row count, not
         the examples. Subclasses that need the rows for statistics of their own build
         them once and call this for the factors."""
-        if acc is None:
-            dtype = self.config.stat_dtype
-            a_shape, g_shape = self._factor_shapes(layer)
-            acc = KroneckerStats(
-                a_sum=a.new_empty(a_shape, dtype=dtype), g_sum=g.new_empty(g_shape, dtype=dtype)
-            )
-            beta = 0.0  # the fresh buffers' contents are ignored
-        else:
-            beta = 1.0
+        acc, beta = self._kronecker_sums(layer, acc, g)
         a_layout, g_layout = self._layouts_of(layer)
         _side_update(a_layout, acc.a_sum, a, beta)
         _side_update(g_layout, acc.g_sum, g, beta)
@@ -807,6 +791,21 @@ class KFACEstimator(CurvatureEstimator):
         self._compute_inverses(pending)
         self._state = {name: new_states.get(name, _LayerState()) for name in self._state}
         self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
+
+    def _kronecker_sums(
+        self, layer: KroneckerHelper, acc: KroneckerStats | None, like: Tensor
+    ) -> tuple[KroneckerStats, float]:
+        """``acc``, or new (uninitialised) sums shaped for ``layer``'s layouts on ``like``'s
+        device, with the ``beta`` the first addition uses (0: the fresh contents are
+        ignored)."""
+        if acc is not None:
+            return acc, 1.0
+        dtype = self.config.stat_dtype
+        a_shape, g_shape = self._factor_shapes(layer)
+        sums = KroneckerStats(
+            a_sum=like.new_empty(a_shape, dtype=dtype), g_sum=like.new_empty(g_shape, dtype=dtype)
+        )
+        return sums, 0.0
 
     def _layouts_of(self, layer: KroneckerHelper) -> tuple[FactorLayout, FactorLayout]:
         """The ``(A, G)`` layouts of ``layer`` or, for a tied module's helper (the capture
