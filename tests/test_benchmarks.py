@@ -80,3 +80,14 @@ def test_subsample_reports_steps_and_capture_time():
         "0.5",
     ]  # the training table, then the timing table
     assert "capture time per step, batch 16" in proc.stdout
+
+
+def test_bench_shampoo_prints_ratios_against_adamw():
+    out = _run("bench_shampoo.py", "gpt", "--rounds", "1", "--warmup", "1", "--window", "2",
+               "--opt", "adamw,shampoo,soap")  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("adamw", "shampoo", "soap")}  # fmt: skip
+    assert set(rows) == {"adamw", "shampoo", "soap"}
+    assert float(rows["adamw"][4]) == 1.0 and float(rows["adamw"][5]) == 1.0
+    for row in rows.values():
+        assert float(row[1]) > 0 and float(row[6]) > 0  # iteration ms, state MiB
