@@ -279,18 +279,34 @@ class EKFACEstimator(KFACEstimator):
         kfac_grads = {p: g for p, g in grads.items() if p in self._kfac_params}
         out = super().precondition(kfac_grads, damping)
         dtype = self.config.inverse_dtype
+        # layers of one shape go through one batch of products, as in K-FAC's precondition
+        batches: dict[Any, list[tuple[LayerHelper, Tensor]]] = {}
         for name in self.eigen_layers:
             layer = self._by_name[name]
             scale = self._scales.get(name)
             if scale is None or layer.weight not in grads:
                 continue
-            inv = self._state[name].inverse
-            a_layout, g_layout = self.layouts[name]
             grad = layer.grad_matrix(grads)
+            key = self._batch_key(name, self._state[name].inverse, grad)
+            key = ("alone", name) if key is None else (*key, tuple(scale.scalings.shape[1:]))
+            batches.setdefault(key, []).append((layer, grad))
+        for items in batches.values():
+            names = [layer.name for layer, _ in items]
+            if len(items) == 1:
+                inv, grad = self._state[names[0]].inverse, items[0][1]
+                scalings = self._scales[names[0]].scalings
+            else:
+                inv = self._stacked_inverse(names)
+                grad = torch.cat([g for _, g in items])
+                scalings = torch.cat([self._scales[name].scalings for name in names])
+            a_layout, g_layout = self.layouts[names[0]]
             v = self._to_eigenbasis(inv, a_layout.pad(g_layout.pad(grad.to(dtype), -2), -1))
-            v = self._from_eigenbasis(inv, v / (scale.scalings.to(dtype) + damping))
+            v = self._from_eigenbasis(inv, v / (scalings.to(dtype) + damping))
             v = a_layout.unpad(g_layout.unpad(v, -2), -1)
-            out.update(layer.split_matrix(v.to(grad.dtype)))
+            for (layer, g), part in zip(
+                items, v.split([g.shape[0] for _, g in items]), strict=True
+            ):
+                out.update(layer.split_matrix(part.to(g.dtype)))
         return out
 
     def _layer_tensors(self, name: str) -> list[Tensor]:
