@@ -269,6 +269,35 @@ def digits_data(n_train: int = 1200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
+def digits_closure_steps(make_opt, steps: int, seed: int = 0):
+    """Train ``mlp([64, 64, 10])`` on digits with ``make_opt(model)`` through
+    ``opt.step(closure)`` (full batches of 64, seeded init and batch order) for ``steps``
+    steps. Yields ``(model, step)``: ``(model, 0)`` once built, then after every step."""
+    x_train, y_train, _, _ = digits_data()
+    torch.manual_seed(seed)
+    model = mlp([64, 64, 10])
+    opt = make_opt(model)
+    gen = torch.Generator().manual_seed(seed)
+    yield model, 0
+    done = 0
+    while done < steps:
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(x_train) - 63, 64):
+            idx = perm[i : i + 64]
+
+            def closure(idx=idx):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            done += 1
+            yield model, done
+            if done == steps:
+                return
+
+
 def train_digits(make_opt, epochs: int = 4, seed: int = 0) -> float:
     """Train ``mlp([64, 64, 10])`` on digits (batch 64, seeded init and batch order) with
     ``make_opt(model)``; returns the final full train loss."""

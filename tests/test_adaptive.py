@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from secondorder import KFAC, CurvatureOptimizer
 from secondorder.adaptive import levenberg_marquardt, minimise_quadratic_model
 
-from .helpers import assert_close, digits_data, mlp
+from .helpers import assert_close, digits_closure_steps, digits_data, mlp
 
 F64 = {"factor_dtype": torch.float64, "inverse_dtype": torch.float64}
 OMEGA = 0.95**5
@@ -364,27 +364,8 @@ def test_extra_closure_calls_leave_grads_and_statistics_alone():
 
 # ---- integration: digits with no lr -------------------------------------------------------------
 def _train(make_opt, steps: int) -> float:
+    *_, (model, _) = digits_closure_steps(make_opt, steps)  # the model after the last step
     x_train, y_train, _, _ = digits_data()
-    torch.manual_seed(0)
-    model = mlp([64, 64, 10])
-    opt = make_opt(model)
-    gen = torch.Generator().manual_seed(0)
-    done = 0
-    while done < steps:
-        perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(x_train) - 63, 64):
-            idx = perm[i : i + 64]
-
-            def closure(idx=idx):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            done += 1
-            if done == steps:
-                break
     with torch.no_grad():
         return F.cross_entropy(model(x_train), y_train).item()
 
