@@ -1,9 +1,9 @@
 """K-FAC refresh: one layer at a time against batched (one solver call per factor size).
 
 Builds the factors of a model from one random batch (one optimizer step), then times the
-refresh one layer at a time (``_per_layer_refresh``, one solver call per matrix) and the
-batched ``estimator.refresh``, interleaved, ``--repeats`` times each, and prints the
-distinct factor sizes (batching groups the factors of one size).
+refresh one layer at a time (``tests.helpers.per_layer_refresh``, one solver call per
+matrix) and the batched ``estimator.refresh``, interleaved, ``--repeats`` times each, and
+prints the distinct factor sizes (batching groups the factors of one size).
 
     python benchmarks/bench_refresh.py --model resnet18 --threads 2 --warmup 0
     python benchmarks/bench_refresh.py --model resnet18 --max-factor 1024 --repeats 10
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import Counter
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,10 @@ from torch import nn
 
 import secondorder.linalg
 from secondorder import KFAC
-from secondorder.linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import per_layer_refresh  # the per-layer reference the tests use
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -73,50 +78,12 @@ def _sizes(est) -> Counter:
     return sizes
 
 
-def _layer_inverse(config, a: torch.Tensor, g: torch.Tensor | None, damping: float) -> dict:
-    """One layer's inverse as K-FAC's refresh stores it, one solver call per matrix
-    (``g`` None: a blocks layer; ``a`` one dimension short of ``g``: a diagonal A)."""
-    dtype = config.inverse_dtype
-    eigen = config.inverse_method == "eigen"
-    if g is None:
-        if a.dim() == 2:
-            return {"block_diag": a.to(dtype).clamp_min(0)}
-        if eigen:
-            d, q = symmetric_eigh(a, dtype)
-            return {"block_d": d, "block_q": q}
-        return {"block_inv": damped_inverse_cholesky(a, damping, dtype)}
-    diagonal_a = a.dim() < g.dim()
-    if eigen:
-        d_a, q_a = (a.clamp_min(0).to(dtype), None) if diagonal_a else symmetric_eigh(a, dtype)
-        d_g, q_g = symmetric_eigh(g, dtype)
-        inverse = {"d_a": d_a, "q_a": q_a, "d_g": d_g, "q_g": q_g}
-        if config.damping_mode == "factored":
-            inverse["pi"] = factored_damping(a, g, 1.0)[0].to(dtype)
-        return inverse
-    a_damp, g_damp = factored_damping(a, g, damping)
-    if diagonal_a:
-        inverse = {"a_inv_diag": 1.0 / (a.to(dtype).clamp_min(0) + a_damp.to(dtype)[:, None])}
-    else:
-        inverse = {"a_inv": damped_inverse_cholesky(a, a_damp, dtype)}
-    inverse["g_inv"] = damped_inverse_cholesky(g, g_damp, dtype)
-    return inverse
-
-
-def _per_layer_refresh(est, damping: float) -> None:
-    """``est.refresh(damping)`` one layer at a time: what the batched refresh is against."""
-    for state in est._state.values():
-        if state.a_factor is not None:
-            state.inverse = _layer_inverse(est.config, state.a_factor, state.g_factor, damping)
-            state.source = (state.a_factor, state.g_factor)
-            state.refresh_damping = float(damping)
-
-
 _SOLVERS = ("eigh", "cholesky_ex", "cholesky")
 
 
 def _time(est, batched: bool, device: torch.device) -> tuple[float, int]:
     """The time of one refresh, and how many solver calls it made (fallbacks included)."""
-    refresh = est.refresh if batched else partial(_per_layer_refresh, est)
+    refresh = est.refresh if batched else partial(per_layer_refresh, est)
     calls = [0]
     real = {name: getattr(torch.linalg, name) for name in _SOLVERS}
 
