@@ -153,8 +153,6 @@ class EKFACEstimator(KFACEstimator):
         self._kfac_params = {
             p for layer in self.layers if layer.name not in self._eigen for p in layer.params
         }
-        # the capture hands tied modules' helpers to accumulate(): map them to their owner
-        self._owner = {id(m): layer.name for layer in self.layers for m in (layer, *layer.tied)}
         self._scales: dict[str, _ScaleState] = {}
 
     # ---- statistics ---------------------------------------------------------------------

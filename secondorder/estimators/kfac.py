@@ -265,6 +265,9 @@ class KFACEstimator(CurvatureEstimator):
         self.config = config if config is not None else KFACConfig()
         self._state = {layer.name: _LayerState() for layer in self.layers}
         self._by_name = {layer.name: layer for layer in self.layers}
+        #: the layer owning each helper the capture may hand to :meth:`accumulate` (a tied
+        #: module's helper has its own name but the primary layer's weight and factors)
+        self._owner = {id(m): layer.name for layer in self.layers for m in (layer, *layer.tied)}
         #: layer updates dropped because their statistics were not finite
         self.nonfinite_updates = 0
         #: ``(A, G)`` layouts of every Kronecker layer (full, blocks or diagonal)
@@ -810,11 +813,7 @@ class KFACEstimator(CurvatureEstimator):
     def _layouts_of(self, layer: KroneckerHelper) -> tuple[FactorLayout, FactorLayout]:
         """The ``(A, G)`` layouts of ``layer`` or, for a tied module's helper (the capture
         hands those to :meth:`accumulate`), of the primary layer that owns the weight."""
-        layouts = self.layouts.get(layer.name)
-        if layouts is None:
-            owner = next(p for p in self.layers if any(t is layer for t in p.tied))
-            layouts = self.layouts[owner.name]
-        return layouts
+        return self.layouts[self._owner[id(layer)]]
 
     def _factor_shapes(self, layer: LayerHelper) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """Shapes of a layer's stored ``(A, G)`` (``(F, None)`` for blocks layers), as
