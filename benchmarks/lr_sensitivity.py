@@ -224,6 +224,10 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, dict[
     return out
 
 
+#: the optimizer whose best lr every other is also compared at
+REFERENCE = "adam"
+
+
 def _lr(lr: float) -> str:
     return f"{lr:g}"
 
@@ -255,23 +259,36 @@ def markdown_table(
         lines.append("")
         lines.append(f"**{t}** (target train loss {targets[t]:g})")
         lines.append("")
-        lines.append(
-            "| optimizer | lrs reaching the target | seeds reaching, per lr | "
-            "best final train loss (lr) |"
-        )
-        lines.append("|---|---|---|---|")
+        ref = summary[t].get(REFERENCE)
+        ref_lr = None if ref is None else ref["best_lr"]
+        header = "| optimizer | lrs reaching the target | seeds reaching, per lr | "
+        header += "best final train loss (lr) |"
+        if ref_lr is not None:
+            header += f" final train loss at {REFERENCE}'s best lr ({_lr(ref_lr)}) |"
+        lines.append(header)
+        lines.append("|---|---|---|---|" + ("---|" if ref_lr is not None else ""))
         for name, row in summary[t].items():
             good = ", ".join(_lr(lr) for lr in row["good_lrs"]) or "none"
             per_lr = " ".join(f"{round(row['reached'][lr] * seeds)}" for lr in row["lrs"])
             best = row["best_final_loss"]
             best_cell = "diverged" if best is None else f"{best:.4g} ({_lr(row['best_lr'])})"
-            lines.append(f"| {name} | {good} | {per_lr} | {best_cell} |")
+            line = f"| {name} | {good} | {per_lr} | {best_cell} |"
+            if ref_lr is not None:
+                at_ref = row["mean_final_loss"].get(ref_lr)
+                line += (
+                    " - |"
+                    if ref_lr not in row["lrs"]
+                    else (" diverged |" if at_ref is None else f" {at_ref:.4g} |")
+                )
+            lines.append(line)
     lines.append("")
     lrs = next(iter(next(iter(summary.values())).values()))["lrs"] if summary else []
     lines.append(
         "Seeds reaching, per lr: for lr " + ", ".join(_lr(lr) for lr in lrs) + " in that order. "
         "Best final train loss: the mean over seeds of the train loss after the last epoch, at "
-        "the lr where it is lowest (lrs where a seed diverged are left out)."
+        "the lr where it is lowest (lrs where a seed diverged are left out). Final train loss "
+        f"at {REFERENCE}'s best lr: the same mean at the lr where {REFERENCE}'s is lowest (the "
+        "issue's second goal compares a grafted method with Adam there)."
     )
     return "\n".join(lines) + "\n"
 

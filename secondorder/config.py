@@ -139,7 +139,10 @@ class OptimizerConfig:
         None,
         'take each parameter\'s step norm from a first-order method: ``"sgd"``, '
         '``"adagrad"``, ``"rmsprop"`` or ``"adam"`` (then ``lr`` is that method\'s, and '
-        '``momentum`` defaults to 0); base="sgd" only; see :mod:`secondorder.grafting`',
+        '``momentum`` defaults to 0); base="sgd" only; ``"auto"``: ``"adam"`` with '
+        'base="sgd", None with another base or with adaptive_lr / adaptive_momentum (which '
+        "choose the step size themselves); excludes kl_clip (grafting sets every step's "
+        "norm, so clipping would have no effect); see :mod:`secondorder.grafting`",
     )
     graft_betas: tuple[float, float] = hyperparameter(
         (0.9, 0.999), "the grafted method's β₁ (adam) and β₂ (adam, rmsprop)"
@@ -275,10 +278,21 @@ class OptimizerConfig:
         from .base_updates import check_betas
         from .grafting import GRAFTS
 
+        if self.graft == "auto":
+            adaptive_step = self.adaptive_lr is True or self.adaptive_momentum is True
+            self.graft = "adam" if self.base == "sgd" and not adaptive_step else None
         if self.graft is None:
             return
         if self.graft not in GRAFTS:
-            raise ValueError(f"graft must be None or one of {GRAFTS}, got {self.graft!r}")
+            raise ValueError(
+                f"graft must be None, 'auto' or one of {GRAFTS}, got {self.graft!r}"
+            )
+        if self.kl_clip is not None:
+            raise ValueError(
+                f"kl_clip ({self.kl_clip!r}) has no effect with graft={self.graft!r}: grafting "
+                "sets each parameter's step norm after clipping. Pass kl_clip=None, or "
+                "graft=None for the papers' clipped update"
+            )
         if self.base != "sgd":
             raise ValueError(
                 f"graft applies to base='sgd' (the grafted method brings its own moments), "

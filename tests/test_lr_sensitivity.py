@@ -122,6 +122,17 @@ def test_aggregate_lists_exactly_the_lrs_every_seed_reaches(lr_sensitivity) -> N
     assert "| kfac | 0.1, 0.01 | 3 3 1 | 0.03 (0.01) |" in table
     assert "| sgd | none | 0 0 0 | 1 (0.01) |" in table
     assert "| kfac | 2/3 |" in table and "| sgd | 0/3 |" in table
+    assert "at adam's best lr (" not in table  # no adam in this run: no such column
+
+    # with adam in the run, every row also gives its mean final loss at adam's best lr
+    for seed in range(3):
+        records.append(_record("t", "adam", 0.1, seed, True, 0.2))
+        records.append(_record("t", "adam", 0.01, seed, True, 0.1))
+        records.append(_record("t", "adam", 0.001, seed, False, 0.4))
+    table = lr_sensitivity.markdown_table(lr_sensitivity.aggregate(records), {"t": 0.1}, 3)
+    assert "final train loss at adam's best lr (0.01) |" in table
+    assert "| kfac | 0.1, 0.01 | 3 3 1 | 0.03 (0.01) | 0.03 |" in table
+    assert "| sgd | none | 0 0 0 | 1 (0.01) | 1 |" in table
 
 
 def test_library_hparams_are_lr_only_but_for_the_baselines(lr_sensitivity) -> None:

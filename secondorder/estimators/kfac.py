@@ -127,14 +127,28 @@ def _chunks_by_size(matrices: Sequence[Tensor]) -> list[list[int]]:
 class KFACConfig(OptimizerConfig):
     """Hyperparameters of K-FAC (:class:`KFAC` and :class:`KFACEstimator`), checked on
     construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
-    K-FAC's defaults (SGD momentum 0.9, factors every 10 steps, inverses every 100, KL
-    clipping 1e-2: KFAC-Pytorch's and KAISA's)."""
+    K-FAC's defaults: factors every 10 steps, inverses every 100 (KFAC-Pytorch's and
+    KAISA's), and Adam grafting (``graft="auto"``) with Adam's learning rate scale, chosen
+    by measurement (``benchmarks/lr_sensitivity.py``: at the papers' settings — SGD momentum
+    0.9, KL clipping, no graft — K-FAC reached the targets at almost no learning rate; see
+    ``secondorder/docs/kfac.md``). ``graft=None`` is the papers' update, with SGD momentum
+    0.9; the papers' full settings are ``configs/optimizers/kfac.yaml``."""
 
     default_momentum: ClassVar[float] = 0.9
 
+    lr: float = hyperparameter(3e-2, "learning rate (with a graft, the grafted method's)")
     curvature_every: Interval = hyperparameter(10, "factor update interval, in steps")
     inverse_every: Interval = hyperparameter(100, "inverse (eigenbasis) refresh interval")
-    kl_clip: float | None = hyperparameter(1e-2, "KL clipping constant κ; None disables")
+    graft: str | None = hyperparameter(
+        "auto",
+        'the step norm\'s source (see OptimizerConfig): ``"auto"`` is ``"adam"`` with '
+        'base="sgd" unless adaptive_lr / adaptive_momentum is set; None: the papers\' update',
+    )
+    kl_clip: float | None = hyperparameter(
+        None,
+        "KL clipping constant κ, None disables; needs graft=None (the papers use 1e-3 "
+        "to 1e-2 with it)",
+    )
     factor_decay: float = hyperparameter(0.95, "EMA decay of the factors, in [0, 1)")
     inverse_method: str = hyperparameter("eigen", '``"eigen"`` or ``"cholesky"``')
     damping_mode: str = hyperparameter(

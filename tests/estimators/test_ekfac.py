@@ -540,6 +540,7 @@ def test_ekfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr, one_t
                 curvature_every=1,
                 inverse_every=10,
                 kl_clip=1e-2,
+                graft=None,
             ),
             epochs,
             seed,

@@ -252,7 +252,14 @@ def test_kfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr):
     sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
     kfac = train_digits(
         lambda m: KFAC(
-            m, lr=lr, momentum=0.9, damping=1e-2, curvature_every=1, inverse_every=10, kl_clip=1e-2
+            m,
+            lr=lr,
+            momentum=0.9,
+            damping=1e-2,
+            curvature_every=1,
+            inverse_every=10,
+            kl_clip=1e-2,
+            graft=None,
         ),
         epochs,
     )

@@ -563,7 +563,14 @@ def test_two_level_kfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(
     sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
     two_level = train_digits(
         lambda m: TwoLevelKFAC(
-            m, lr=lr, momentum=0.9, damping=0.1, curvature_every=1, inverse_every=10, kl_clip=1e-2
+            m,
+            lr=lr,
+            momentum=0.9,
+            damping=0.1,
+            curvature_every=1,
+            inverse_every=10,
+            kl_clip=1e-2,
+            graft=None,
         ),
         epochs,
     )
