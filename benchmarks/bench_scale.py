@@ -17,7 +17,7 @@ kept (the load average is printed: the machine may be shared):
 Usage::
 
     python benchmarks/bench_scale.py [mlp] [lm] [--rounds 2] [--blocks none,256,512,1024] \
-        [--grafts none,adam] [--threads 1]
+        [--grafts none,adam] [--threads 1] [--set inverse_method=cholesky ...]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secondorder import KFAC
+from secondorder.bench.optimizers import parse_value
 
 
 def _mlp() -> nn.Module:
@@ -52,7 +53,12 @@ def _train_step(model, opt, x, y) -> None:
     opt.step()
 
 
-def bench_mlp(blocks: list[int | None], rounds: int, grafts: list[str | None] = (None,)) -> None:
+def bench_mlp(
+    blocks: list[int | None],
+    rounds: int,
+    grafts: list[str | None] = (None,),
+    extra: dict | None = None,
+) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     best: dict[str, dict[str, float]] = {}
@@ -69,7 +75,9 @@ def bench_mlp(blocks: list[int | None], rounds: int, grafts: list[str | None] = 
         for b, graft in [(b, gr) for b in blocks for gr in grafts]:
             name = f"B={b}" + (f", graft={graft}" if graft else "")
             model = _mlp()
-            opt = KFAC(model, lr=0.01, max_factor_dim=b, graft=graft, progress=False)
+            opt = KFAC(
+                model, lr=0.01, max_factor_dim=b, graft=graft, progress=False, **(extra or {})
+            )
             first = _timed(_train_step, model, opt, x, y)  # update + refresh
             plain = min(_timed(_train_step, model, opt, x, y) for _ in range(9))
             update = _timed(_train_step, model, opt, x, y)  # step 10: factors due
@@ -158,7 +166,21 @@ def main() -> None:
     parser.add_argument("--blocks", default="none,256,512,1024")
     parser.add_argument("--grafts", default="none", help="graft= values, e.g. none,adam")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another KFAC keyword for the mlp runs, e.g. inverse_method=cholesky (repeatable)",
+    )
     args = parser.parse_args()
+    extra = {}
+    for item in args.extra:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"--set {item!r}: want KEY=VALUE, e.g. inverse_method=cholesky")
+        extra[key] = parse_value(raw)
     torch.set_num_threads(args.threads)
     blocks = [None if b == "none" else int(b) for b in args.blocks.split(",")]
     grafts = [None if g == "none" else g for g in args.grafts.split(",")]
@@ -167,7 +189,7 @@ def main() -> None:
     if "lm" in args.what:
         bench_lm(args.rounds)
     if "mlp" in args.what:
-        bench_mlp(blocks, args.rounds, grafts)
+        bench_mlp(blocks, args.rounds, grafts, extra)
 
 
 if __name__ == "__main__":
