@@ -116,7 +116,13 @@ CSV_FIELDS = (
 #: the clock of every timing: wall time, or with ``--clock cpu`` the process's CPU time
 #: (``time.process_time``: on a machine shared with other jobs it counts the time this
 #: process ran, not the time it waited for a core; with one torch thread, and no GPU)
-CLOCK = [time.perf_counter]
+CPU_CLOCK = [False]
+
+
+def _now() -> float:
+    return time.process_time() if CPU_CLOCK[0] else time.perf_counter()
+
+
 #: where one refresh's cost came from (``measure``'s ``refresh_timing`` code)
 REFRESH_TIMING = {0: "", 1: "in-loop", 2: "separate"}
 
@@ -139,12 +145,12 @@ class StageTimer:
         self.sync()
         frame = [stage, 0.0]
         self._open.append(frame)
-        start = CLOCK[0]()
+        start = _now()
         try:
             yield
         finally:
             self.sync()
-            elapsed = CLOCK[0]() - start
+            elapsed = _now() - start
             self._open.pop()
             self.totals[stage] += elapsed - frame[1]
             if self._open:
@@ -356,7 +362,7 @@ def measure(
         before = dict(timer.totals)
         calls_before = refresh_calls[0]
         timer.sync()
-        t0 = CLOCK[0]()
+        t0 = _now()
         opt.zero_grad()
         xb, yb = pool[i % len(pool)]
         with timer.section("forward"):
@@ -367,7 +373,7 @@ def measure(
         with timer.section("base"):
             opt.step()
         timer.sync()
-        elapsed = CLOCK[0]() - t0
+        elapsed = _now() - t0
         if i >= warmup:
             rec = {s: timer.totals.get(s, 0.0) - before.get(s, 0.0) for s in STAGES}
             rec["iteration"] = elapsed
@@ -589,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu times the CPU only; use the wall clock on CUDA")
-    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    CPU_CLOCK[0] = args.clock == "cpu"
     start = time.perf_counter()
     batch = args.batch or (64 if args.task.startswith("digits") else 128)
     torch.manual_seed(args.seed)

@@ -260,16 +260,20 @@ def test_a_variant_is_a_second_copy_of_a_method_with_its_own_overrides(
         return opt, graph
 
     monkeypatch.setattr(step_breakdown, "build", spying_build)
+    monkeypatch.setattr(step_breakdown, "CPU_CLOCK", [False])  # main sets it
     results = step_breakdown.main(
         ["--opt", "kfac,kfac-adam", "--variant", "kfac-adam=kfac", "--set",
-         "kfac-adam.graft=adam", "--steps", "2", "--warmup", "1", "--threads", "1"]
+         "kfac-adam.graft=adam", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--clock", "cpu"]
     )  # fmt: skip
     assert set(results) == {"kfac", "kfac-adam"}
     assert built == {
         "none": {"name": "kfac", "graft": None},
         "adam": {"name": "kfac", "graft": "adam"},
     }
-    assert "kfac-adam" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kfac-adam" in printed and "CPU time" in printed
+    assert step_breakdown.CPU_CLOCK[0]
     for bad in ("kfac=sgd", "x=lbfgs", "nolabel"):
         with pytest.raises(SystemExit):
             step_breakdown.main(["--opt", "sgd", "--steps", "1", "--variant", bad])
