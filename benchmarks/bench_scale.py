@@ -17,7 +17,10 @@ kept (the load average is printed: the machine may be shared):
 Usage::
 
     python benchmarks/bench_scale.py [mlp] [lm] [--rounds 2] [--blocks none,256,512,1024] \
-        [--grafts none,adam] [--threads 1] [--set inverse_method=cholesky ...]
+        [--grafts none,adam] [--threads 1] [--set inverse_method=cholesky ...] [--clock cpu]
+
+``--clock cpu`` times with the process's CPU time (``time.process_time``) instead of the
+wall clock: on a CPU shared with other jobs it leaves out the time spent waiting for a core.
 """
 
 from __future__ import annotations
