@@ -96,19 +96,20 @@ def test_a_captured_plain_step_replays_as_eager_steps(kwargs):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
         for batch in batches[:2]:  # step 0 records and refreshes, step 1 is plain
-            grads = _grads(model, batch)
-            for net, o in ((model, opt), (twin, ref)):
-                _set_grads(net, grads)
-                o.step()
+            _eager_step(model, opt, batch)  # each net records its own statistics
+            _eager_step(twin, ref, batch)
     torch.cuda.current_stream().wait_stream(side)
     assert opt.steps == 2 and not opt.capture.recording
 
+    at_capture = [p.detach().clone() for p in model.parameters()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()  # recorded, not run: the parameters are unchanged until a replay
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), at_capture, strict=True):
         assert torch.equal(p, q)
-    at_capture = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_close(p, q, dtype=torch.float32, n=64)  # the twins' eager steps so far
 
     for batch in batches[2:]:
         grads = _grads(model, batch)
