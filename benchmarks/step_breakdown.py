@@ -33,15 +33,20 @@ Tasks: ``digits-mlp`` / ``digits-cnn`` (tiny models on 8x8 inputs), ``resnet18``
 ResNet-18 of ``secondorder.bench.models.resnet18_cifar``: timm's ResNet-18 with a 3x3
 stride-1 stem and no max-pool, 11.2M parameters, 3x32x32 inputs, 10 classes) and
 ``resnet18-imagenet-stem`` (timm's unmodified ResNet-18 on 3x32x32 inputs, feature maps
-8/4/2/1 pixels wide: the ``resnet18`` of earlier versions of this script).
+8/4/2/1 pixels wide: the ``resnet18`` of earlier versions of this script), ``resnet20``
+(the CIFAR ResNet-20 of ``secondorder.bench.models.cifar_resnet``, 0.27M parameters).
 
 Hyperparameters are the benchmark's (``secondorder.bench.optimizers.OPTIMIZERS``, as in
 ``python -m secondorder.bench``); ``--curvature-every`` / ``--inverse-every`` override them
 for every method that has them, and ``--set NAME.KEY=VALUE`` for one method (it wins over
-both). Prints a table (ms per step) and, with ``--csv``, writes one row per (method,
-stage): ms per step, share of the iteration, and the method's iteration time over SGD's
-and over Adam's (blank when that baseline was not run). The ``iteration`` row is the wall
-time of the whole training iteration (zero_grad to the end of step()), measured on its own.
+both). ``--variant LABEL=NAME`` adds a second copy of method ``NAME`` under ``LABEL``
+(to be named in ``--opt`` and given its own ``--set LABEL.KEY=VALUE``), e.g. K-FAC with and
+without grafting in one run: ``--opt sgd,kfac,kfac-adam --variant kfac-adam=kfac
+--set kfac-adam.graft=adam``. Prints a table (ms per step) and, with ``--csv``, writes one
+row per (method, stage): ms per step, share of the iteration, and the method's iteration
+time over SGD's and over Adam's (blank when that baseline was not run). The ``iteration``
+row is the wall time of the whole training iteration (zero_grad to the end of step()),
+measured on its own.
 
 Steady state, not a plain mean. Every figure is the expected cost of one step under the
 method's schedule:
@@ -95,7 +100,7 @@ STAGES = (
     "hutchinson",
     "base",
 )
-TASKS = ("digits-mlp", "digits-cnn", "resnet18", "resnet18-imagenet-stem")
+TASKS = ("digits-mlp", "digits-cnn", "resnet18", "resnet20", "resnet18-imagenet-stem")
 CSV_FIELDS = (
     "task",
     "method",
@@ -108,6 +113,16 @@ CSV_FIELDS = (
     "refresh_amortised_over",
     "refresh_timing",
 )
+#: the clock of every timing: wall time, or with ``--clock cpu`` the process's CPU time
+#: (``time.process_time``: on a machine shared with other jobs it counts the time this
+#: process ran, not the time it waited for a core; with one torch thread, and no GPU)
+CPU_CLOCK = [False]
+
+
+def _now() -> float:
+    return time.process_time() if CPU_CLOCK[0] else time.perf_counter()
+
+
 #: where one refresh's cost came from (``measure``'s ``refresh_timing`` code)
 REFRESH_TIMING = {0: "", 1: "in-loop", 2: "separate"}
 
@@ -130,12 +145,12 @@ class StageTimer:
         self.sync()
         frame = [stage, 0.0]
         self._open.append(frame)
-        start = time.perf_counter()
+        start = _now()
         try:
             yield
         finally:
             self.sync()
-            elapsed = time.perf_counter() - start
+            elapsed = _now() - start
             self._open.pop()
             self.totals[stage] += elapsed - frame[1]
             if self._open:
@@ -187,6 +202,11 @@ def make_task(task: str, batch: int, device: str) -> tuple[nn.Module, torch.Tens
         from secondorder.bench.models import resnet18_cifar
 
         model = resnet18_cifar(10)  # 3x3 stride-1 stem, no max-pool
+        x = torch.randn(batch, 3, 32, 32)
+    elif task == "resnet20":
+        from secondorder.bench.models import cifar_resnet
+
+        model = cifar_resnet(20, 10)  # the CIFAR ResNet-20 of He et al. (0.27M parameters)
         x = torch.randn(batch, 3, 32, 32)
     elif task == "resnet18-imagenet-stem":
         import timm
@@ -313,15 +333,18 @@ def measure(
     inverse_every: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     notes: list[str] | None = None,
+    method: str | None = None,
 ) -> dict[str, float]:
-    """Steady-state ms per step of every stage (and ``iteration``) for optimizer ``name``.
+    """Steady-state ms per step of every stage (and ``iteration``) for optimizer ``name``
+    (the bench's ``method``, where ``name`` is a ``--variant``'s label).
 
     Also returns ``refresh_ms_each`` (one refresh, ms; 0 where the method has no
     ``inverse_every``), ``refresh_amortised_over`` (that interval) and ``refresh_timing``
     (a key of :data:`REFRESH_TIMING`). Warnings about the window go to ``notes``.
     """
+    base = method or name
     net = copy.deepcopy(model)
-    opt, create_graph = build(name, net, curvature_every, inverse_every, overrides)
+    opt, create_graph = build(base, net, curvature_every, inverse_every, overrides)
     timer = StageTimer(device)
     instrument(opt, timer)
     refresh_calls = [0]
@@ -339,7 +362,7 @@ def measure(
         before = dict(timer.totals)
         calls_before = refresh_calls[0]
         timer.sync()
-        t0 = time.perf_counter()
+        t0 = _now()
         opt.zero_grad()
         xb, yb = pool[i % len(pool)]
         with timer.section("forward"):
@@ -350,7 +373,7 @@ def measure(
         with timer.section("base"):
             opt.step()
         timer.sync()
-        elapsed = time.perf_counter() - t0
+        elapsed = _now() - t0
         if i >= warmup:
             rec = {s: timer.totals.get(s, 0.0) - before.get(s, 0.0) for s in STAGES}
             rec["iteration"] = elapsed
@@ -358,10 +381,10 @@ def measure(
             records.append(rec)
 
     # the intervals the optimizer was built with (its own defaults where not given)
-    key = _statistics_interval(name)
+    key = _statistics_interval(base)
     every = _int_interval(getattr(opt.config, key, None)) if key else 1
     refresh_each, inv, timing = None, None, 0
-    if "inverse_every" in OPTIMIZERS[name].hyperparameter_names() and est is not None:
+    if "inverse_every" in OPTIMIZERS[base].hyperparameter_names() and est is not None:
         inv = _int_interval(opt.config.inverse_every)
         if inv is None:
             (notes if notes is not None else []).append(
@@ -480,9 +503,9 @@ def format_refreshes(results: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, extra: tuple[str, ...] = ()) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in METHODS and n not in extra]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
@@ -495,7 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--opt", type=parse_methods, default=list(METHODS), help=f"({','.join(METHODS)})"
+        "--opt", default=",".join(METHODS), help=f"({','.join(METHODS)}, or a --variant)"
+    )
+    parser.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="LABEL=NAME",
+        help="method NAME again under LABEL, for its own --set LABEL.KEY=VALUE (repeatable)",
     )
     parser.add_argument("--task", default="digits-mlp", choices=TASKS)
     parser.add_argument(
@@ -530,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the methods this many times in turn; each keeps its fastest round",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall time, or the process's CPU time (a CPU shared with other jobs)",
+    )
     parser.add_argument("--csv", default=None, help="write one row per (method, stage) here")
     return parser
 
@@ -540,12 +577,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise SystemExit("--steps and --rounds must be >= 1 and --warmup >= 0")
+    variants: dict[str, str] = {}
+    for item in args.variants:
+        label, _, base = item.partition("=")
+        if not label or base not in METHODS or label in METHODS:
+            parser.error(
+                f"--variant {item!r}: want LABEL=NAME with NAME one of {', '.join(METHODS)} "
+                "and LABEL not a method's name"
+            )
+        variants[label] = base
     try:
-        overrides = parse_overrides(args.overrides, known=METHODS)
-    except ValueError as exc:
+        args.opt = parse_methods(args.opt, tuple(variants))
+        overrides = parse_overrides(args.overrides, known=(*METHODS, *variants))
+    except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu times the CPU only; use the wall clock on CUDA")
+    CPU_CLOCK[0] = args.clock == "cpu"
     start = time.perf_counter()
     batch = args.batch or (64 if args.task.startswith("digits") else 128)
     torch.manual_seed(args.seed)
@@ -581,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                     inverse_every=args.inverse_every,
                     overrides=overrides.get(name),
                     notes=round_notes,
+                    method=variants.get(name, name),
                 )
             if r == 0:
                 notes.extend(round_notes)
@@ -599,6 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
         "ms per step, steady state (backward excludes capture)"
         + (f", fastest of {args.rounds} rounds" if args.rounds > 1 else "")
+        + (", CPU time" if args.clock == "cpu" else "")
         + f"; load average {load_before} before, {_loadavg()} after"
     )
     print(format_table(results))

@@ -19,3 +19,9 @@ def to_host(values: Sequence[Tensor]) -> list:
         for i, value in zip(indices, host, strict=True):
             out[i] = value
     return out
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (``torch.cuda.graph``): a step
+    then reads nothing back to the host (whatever it read would be frozen into the graph)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._host import capturing, to_host
 from .base_updates import adam_update
 
 if TYPE_CHECKING:
@@ -54,27 +55,43 @@ def _state(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
 
 
 def _grafted_step(
-    graft: str, state: dict[str, Any], g: Tensor, betas: tuple[float, float], eps: float
-) -> Tensor:
-    """The grafted method's step from gradient ``g``, updating its state."""
+    graft: str,
+    states: list[dict[str, Any]],
+    grads: list[Tensor],
+    betas: tuple[float, float],
+    eps: float,
+) -> list[Tensor]:
+    """The grafted method's steps from gradients ``grads`` (one per state), updating the
+    states: multi-tensor operations over all of them, no device synchronisation (Adam's
+    step counters live on the host, as ``torch.optim.Adam``'s do)."""
     if graft == "sgd":
-        return g
+        return list(grads)
     beta1, beta2 = betas
-    if graft == "adagrad":
-        total = _state(state, "graft_sum", g).addcmul_(g, g)
-        return g / total.sqrt().add_(eps)
-    if graft == "rmsprop":
-        square = _state(state, "graft_exp_avg_sq", g)
-        square.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        return g / square.sqrt().add_(eps)
-    exp_avg, exp_avg_sq = _state(state, "graft_exp_avg", g), _state(state, "graft_exp_avg_sq", g)
-    step_t = state.setdefault("graft_step", torch.tensor(0.0))
-    step_t += 1
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step = float(step_t)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    return exp_avg / denom / (1 - beta1**step)
+    if graft in ("adagrad", "rmsprop"):
+        key = "graft_sum" if graft == "adagrad" else "graft_exp_avg_sq"
+        squares = [_state(st, key, g) for st, g in zip(states, grads, strict=True)]
+        if graft == "adagrad":
+            torch._foreach_addcmul_(squares, grads, grads)
+        else:
+            torch._foreach_mul_(squares, beta2)
+            torch._foreach_addcmul_(squares, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(squares)
+        torch._foreach_add_(denom, eps)
+        return list(torch._foreach_div(grads, denom))
+    exp_avgs = [_state(st, "graft_exp_avg", g) for st, g in zip(states, grads, strict=True)]
+    exp_avg_sqs = [_state(st, "graft_exp_avg_sq", g) for st, g in zip(states, grads, strict=True)]
+    counters = [st.setdefault("graft_step", torch.tensor(0.0)) for st in states]
+    torch._foreach_add_(counters, 1.0)
+    steps = to_host(counters)  # host tensors (as torch.optim.Adam keeps them): no device sync
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+    torch._foreach_add_(denom, eps)
+    out = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_div_(out, [1 - beta1**t for t in steps])
+    return list(out)
 
 
 def graft_directions(
@@ -92,26 +109,36 @@ def graft_directions(
     ``grads`` are the raw gradients, ``directions`` the (partly) preconditioned ones,
     ``preconditioned`` the parameters whose direction came from the curvature. With
     ``graft="adam"`` the parameters without such a direction are updated here, by Adam
-    itself, and left out of the result.
+    itself (one ``torch.optim.Adam`` update over all of them), and left out of the result.
+    Every stage is one multi-tensor operation over the group's parameters; the norm ratios
+    stay on the device.
     """
     cfg = opt.config
     graft, betas, eps = cfg.graft, cfg.graft_betas, cfg.graft_eps
     coupled = weight_decay != 0 and not opt.decoupled_weight_decay
-    out: dict[Tensor, Tensor] = {}
-    for p in group["params"]:
-        if p not in directions:
-            continue
-        state = opt.state[p]
-        if graft == "adam" and p not in preconditioned:
-            for key in ("graft_exp_avg", "graft_exp_avg_sq"):
-                _state(state, key, p)
-            state.setdefault("graft_step", torch.tensor(0.0))
+    left = 0.0 if coupled else weight_decay
+    params = [p for p in group["params"] if p in directions]
+    if graft == "adam" and capturing():
+        raise RuntimeError(
+            "graft='adam' keeps Adam's step counts on the host (as torch.optim.Adam does "
+            "without capturable=True): a step captured in a CUDA graph would replay the bias "
+            "correction of the captured step. Capture steps with graft=None, 'sgd', "
+            "'rmsprop' or 'adagrad'"
+        )
+    if graft == "adam":
+        alone = [p for p in params if p not in preconditioned]
+        if alone:
+            states = [opt.state[p] for p in alone]
+            for st, p in zip(states, alone, strict=True):
+                for key in ("graft_exp_avg", "graft_exp_avg_sq"):
+                    _state(st, key, p)
+                st.setdefault("graft_step", torch.tensor(0.0))
             adam_update(
-                [p],
-                [grads[p]],
-                [state["graft_exp_avg"]],
-                [state["graft_exp_avg_sq"]],
-                [state["graft_step"]],
+                alone,
+                [grads[p] for p in alone],
+                [st["graft_exp_avg"] for st in states],
+                [st["graft_exp_avg_sq"] for st in states],
+                [st["graft_step"] for st in states],
                 lr=group["lr"],
                 beta1=betas[0],
                 beta2=betas[1],
@@ -119,16 +146,25 @@ def graft_directions(
                 weight_decay=weight_decay,
                 decoupled=opt.decoupled_weight_decay,
             )
-            continue
-        g = grads[p].add(p, alpha=weight_decay) if coupled else grads[p]
-        step = _grafted_step(graft, state, g, betas, eps)
-        if p not in preconditioned:
-            out[p] = step
-            continue
-        u = directions[p].add(p, alpha=weight_decay) if coupled else directions[p]
-        # no host synchronisation: the ratio stays a tensor; a zero direction stays zero
-        ratio = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(u).clamp_min(
-            torch.finfo(u.dtype).tiny
-        )
-        out[p] = u * ratio
-    return out, 0.0 if coupled else weight_decay
+            params = [p for p in params if p in preconditioned]
+    out: dict[Tensor, Tensor] = {}
+    if not params:
+        return out, left
+    g = [grads[p] for p in params]
+    if coupled:
+        g = list(torch._foreach_add(g, params, alpha=weight_decay))
+    steps = _grafted_step(graft, [opt.state[p] for p in params], g, betas, eps)
+    scaled = [i for i, p in enumerate(params) if p in preconditioned]
+    for i, p in enumerate(params):
+        out[p] = steps[i]
+    if scaled:
+        u = [directions[params[i]] for i in scaled]
+        if coupled:
+            u = list(torch._foreach_add(u, [params[i] for i in scaled], alpha=weight_decay))
+        # no host synchronisation: the ratios stay tensors; a zero direction stays zero
+        norms = torch._foreach_norm(u)
+        torch._foreach_clamp_min_(norms, [torch.finfo(t.dtype).tiny for t in u])
+        ratios = torch._foreach_div(torch._foreach_norm([steps[i] for i in scaled]), norms)
+        for i, d in zip(scaled, torch._foreach_mul(u, ratios), strict=True):
+            out[params[i]] = d
+    return out, left

@@ -38,7 +38,7 @@ from ._checks import (
     is_due,
     resolve_schedule,
 )
-from ._host import to_host
+from ._host import capturing, to_host
 from .adaptive import Adaptation, AdaptiveState
 from .base_updates import BASE_UPDATES, BaseUpdate, adam_update, sgd_update
 from .capture import ModelCapture, describe_unsupported, find_layers, module_name
@@ -79,6 +79,14 @@ def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float
     products are taken with one multi-tensor product and one float64 sum per (lr, dtype,
     device), and read with one host sync per device.
     """
+    total = sum(to_host(_kl_terms(pairs)))
+    if not total > 0.0:
+        return 1.0
+    return min(1.0, math.sqrt(kl_clip / total))
+
+
+def _kl_terms(pairs: Iterable[tuple[Tensor, Tensor, float]]) -> list[Tensor]:
+    """``lr^2 <u, g>`` summed in float64, one 0-dim tensor per (lr, dtype, device)."""
     groups: dict[tuple[float, torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
     for u, g, lr in pairs:
         us, gs = groups.setdefault((lr, u.dtype, u.device), ([], []))
@@ -89,10 +97,18 @@ def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float
         products = torch._foreach_mul(us, gs)
         flat = torch.cat([t.reshape(-1) for t in products])
         terms.append(torch.sum(flat, dtype=torch.float64) * (lr * lr))
-    total = sum(to_host(terms))
-    if not total > 0.0:
-        return 1.0
-    return min(1.0, math.sqrt(kl_clip / total))
+    return terms
+
+
+def _kl_clip_tensor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor:
+    """:func:`kl_clip_factor` as a 0-dim float64 tensor on the device, without reading it
+    (for a step captured in a CUDA graph)."""
+    terms = _kl_terms(pairs)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term.to(total.device)
+    nu = (kl_clip / total.clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp_max(1.0)
+    return torch.where(total > 0, nu, torch.ones_like(nu))
 
 
 # ---- the optimizer ---------------------------------------------------------------------
@@ -627,7 +643,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._stat_scale = 1.0
         if self.comm is not None and self.estimator.needs_graph:
             self._average_gradients(grads)
-        if not self._all_finite(grads):
+        if not capturing() and not self._all_finite(grads):
             self._skip_step(grads)
             return
 
@@ -867,9 +883,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         pre = est.precondition(grads, damping)
         if self.kl_clip is not None and pre:
             lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
-            nu = kl_clip_factor(((u, grads[p], lr_of[p]) for p, u in pre.items()), self.kl_clip)
-            if nu < 1.0:
-                pre = {p: u * nu for p, u in pre.items()}
+            pairs = ((u, grads[p], lr_of[p]) for p, u in pre.items())
+            if capturing():  # no host read inside a CUDA graph: always scale, on the device
+                nu_t = _kl_clip_tensor(pairs, self.kl_clip)
+                pre = {p: u * nu_t.to(device=u.device, dtype=u.dtype) for p, u in pre.items()}
+            else:
+                nu = kl_clip_factor(pairs, self.kl_clip)
+                if nu < 1.0:
+                    pre = {p: u * nu for p, u in pre.items()}
         return {**grads, **pre}, pre.keys()
 
     # ---- layers whose hooks never run ------------------------------------------------------

@@ -91,3 +91,34 @@ def test_bench_shampoo_prints_ratios_against_adamw():
     assert float(rows["adamw"][4]) == 1.0 and float(rows["adamw"][5]) == 1.0
     for row in rows.values():
         assert float(row[1]) > 0 and float(row[6]) > 0  # iteration ms, state MiB
+
+
+def _run_here(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "PYTHONPATH": str(BENCH.parent)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_bench_blocking_reports_every_block_size():
+    out = _run_here("bench_blocking.py", "--blocks", "none", "8", "--seeds", "0", "--epochs",
+                    "1", "--width", "16", "--eval-every", "5")  # fmt: skip
+    rows = [
+        line for line in out.splitlines() if line.startswith("| None") or line.startswith("| 8")
+    ]
+    assert [r.split("|")[1].strip() for r in rows] == ["None", "8"]
+    assert "2 blocks of 8" in out and "full 16" in out  # the 16-wide G: whole, then blocked
+    for row in rows:
+        loss = float(row.split("|")[-3].split("±")[0])
+        assert 0 < loss < 10
+
+
+def test_bench_graft_times_every_graft_and_the_old_module():
+    grafting = BENCH.parent / "secondorder" / "grafting.py"
+    out = _run_here("bench_graft.py", "--model", "resnet8", "--grafts", "none,adam", "--old",
+                    str(grafting), "--rounds", "1", "--steps", "1")  # fmt: skip
+    names = [line.split(" ms")[0].rsplit(None, 1)[0].strip() for line in out.splitlines()
+             if line.startswith("  graft=")]  # fmt: skip
+    assert names == ["graft=None", "graft=adam", "graft=adam (old)"]

@@ -246,3 +246,40 @@ def test_rounds_keep_each_methods_fastest_round(step_breakdown, monkeypatch, cap
     printed = capsys.readouterr().out
     assert "fastest of 2 rounds" in printed and "load average" in printed
     assert "adam (round 2): 6.000 ms" in printed
+
+
+def test_a_variant_is_a_second_copy_of_a_method_with_its_own_overrides(
+    step_breakdown, one_thread, monkeypatch, capsys
+) -> None:
+    built: dict[str, dict] = {}
+    real_build = step_breakdown.build
+
+    def spying_build(name, model, curvature_every, inverse_every, overrides=None):
+        opt, graph = real_build(name, model, curvature_every, inverse_every, overrides)
+        built[opt.config.graft or "none"] = {"name": name, "graft": opt.config.graft}
+        return opt, graph
+
+    monkeypatch.setattr(step_breakdown, "build", spying_build)
+    monkeypatch.setattr(step_breakdown, "CPU_CLOCK", [False])  # main sets it
+    results = step_breakdown.main(
+        ["--opt", "kfac,kfac-adam", "--variant", "kfac-adam=kfac", "--set",
+         "kfac-adam.graft=adam", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--clock", "cpu"]
+    )  # fmt: skip
+    assert set(results) == {"kfac", "kfac-adam"}
+    assert built == {
+        "none": {"name": "kfac", "graft": None},
+        "adam": {"name": "kfac", "graft": "adam"},
+    }
+    printed = capsys.readouterr().out
+    assert "kfac-adam" in printed and "CPU time" in printed
+    assert step_breakdown.CPU_CLOCK[0]
+    for bad in ("kfac=sgd", "x=lbfgs", "nolabel"):
+        with pytest.raises(SystemExit):
+            step_breakdown.main(["--opt", "sgd", "--steps", "1", "--variant", bad])
+
+
+def test_resnet20_task(step_breakdown) -> None:
+    model, x, classes = step_breakdown.make_task("resnet20", 2, "cpu")
+    assert x.shape == (2, 3, 32, 32) and classes == 10
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6

@@ -730,9 +730,12 @@ class KFACEstimator(CurvatureEstimator):
         if "pi" in inv:
             root = damping**0.5
             pi = inv["pi"][:, None]
-            v = v / ((d_g + root / pi)[:, :, None] * (d_a + root * pi)[:, None, :])
+            denom = (d_g + root / pi)[:, :, None] * (d_a + root * pi)[:, None, :]
         else:
-            v = v / (d_g[:, :, None] * d_a[:, None, :] + damping)
+            denom = (d_g[:, :, None] * d_a[:, None, :]).add_(damping)
+        # in place where v is a new tensor (not the gradient itself: diagonal factors)
+        fresh = inv["q_a"] is not None or inv["q_g"] is not None
+        v = v.div_(denom) if fresh else v / denom
         v = self._from_eigenbasis(inv, v)
         return a_layout.unpad(g_layout.unpad(v, -2), -1)
 
