@@ -456,8 +456,9 @@ def build_ours(name: str, model: nn.Module, hp: dict[str, Any], fisher: str):
         cls = secondorder.AdaFisher if name == "adafisher" else secondorder.AdaFisherW
         return cls(model, **hp)
     if name == "mfac":
-        # the reference's window, whatever it costs (it has no budget)
-        return secondorder.MFAC(model, window_memory=None, **hp)
+        # the reference's window, whatever it costs (it has no budget); the reference is
+        # SGD-MFAC (the library's default base is adam)
+        return secondorder.MFAC(model, base="sgd", window_memory=None, **hp)
     raise KeyError(name)
 
 

@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> float:
                 w.mul_(w.abs() > w.abs().flatten().quantile(args.sparsity))
     if args.base == "sgd":
         opt = MFAC(
-            model, lr=0.02, momentum=0.9, ngrads=args.ngrads, damping=0.05, sparse=args.sparsity > 0
+            model,
+            lr=0.02,
+            base="sgd",
+            momentum=0.9,
+            ngrads=args.ngrads,
+            damping=0.05,
+            sparse=args.sparsity > 0,
         )
     else:
         opt = MFAC(

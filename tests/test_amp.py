@@ -20,7 +20,7 @@ OPTIMIZERS = {
         m, lr=0.05, damping=1e-2, curvature_every=1, inverse_every=2, **kw
     ),
     "adafisher": lambda m, **kw: so.AdaFisher(m, lr=1e-2, curvature_every=1, **kw),
-    "mfac": lambda m, **kw: so.MFAC(m, lr=0.05, ngrads=4, damping=0.1, **kw),
+    "mfac": lambda m, **kw: so.MFAC(m, lr=0.05, base="sgd", ngrads=4, damping=0.1, **kw),
     "adahessian": lambda m, **kw: so.AdaHessian(m, lr=0.05, **kw),
 }
 

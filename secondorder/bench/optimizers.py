@@ -202,6 +202,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             factory=_secondorder("MFAC"),
             defaults={
                 "lr": 0.02,
+                "base": "sgd",
                 "momentum": 0.9,
                 "ngrads": 32,
                 "window_memory": None,

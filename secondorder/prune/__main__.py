@@ -228,6 +228,7 @@ def _optimizer(
         opt = MFAC(
             model,
             lr=lr,
+            base="sgd",  # SGD-MFAC, as the sgd fine-tuning it is compared with
             ngrads=32,
             window_memory=None,  # m = 32 at any size (1.3 GiB on the CIFAR ResNet-18)
             damping=0.05,

@@ -43,7 +43,14 @@ def test_preset_then_set_then_grid(tmp_path: Path) -> None:
     )
     rows = load_experiment(path).settings()
     assert [dict(r.overrides) for r in rows] == [
-        {"lr": 1e-3, "momentum": 0.0, "ngrads": n, "damping": 0.05, "weight_decay": 3e-3}
+        {
+            "lr": 1e-3,
+            "base": "sgd",
+            "momentum": 0.0,
+            "ngrads": n,
+            "damping": 0.05,
+            "weight_decay": 3e-3,
+        }
         for n in (16, 32)
     ]
 

@@ -77,7 +77,7 @@ def make_optimizer(name: str, model: nn.Module):
     if name == "adahessian":  # averages gradients and Hessian estimates itself (no DDP)
         return so.AdaHessian(model, lr=0.05)
     if name == "mfac":
-        return so.MFAC(model.parameters(), lr=0.1, ngrads=4, damping=0.1)
+        return so.MFAC(model.parameters(), lr=0.1, base="sgd", ngrads=4, damping=0.1)
     raise ValueError(name)
 
 

@@ -44,7 +44,7 @@ _OPTIMIZERS = {
     "kfac-adam": lambda m, b: KFAC(m, lr=0.01, base="adam", betas=(b, 0.999), damping=0.1),
     "ekfac": lambda m, b: EKFAC(m, lr=0.05, momentum=b, damping=0.1),
     "twolevel": lambda m, b: TwoLevelKFAC(m, lr=0.05, momentum=b, damping=0.1),
-    "mfac": lambda m, b: MFAC(m, lr=0.05, momentum=b, ngrads=4, damping=0.1),
+    "mfac": lambda m, b: MFAC(m, lr=0.05, base="sgd", momentum=b, ngrads=4, damping=0.1),
     "mfac-adam": lambda m, b: MFAC(m, lr=0.01, base="adam", betas=(b, 0.999), ngrads=4),
     "adafisher": lambda m, b: AdaFisher(m, lr=0.01, beta=b, curvature_every=1),
     "adafisherw": lambda m, b: AdaFisherW(m, lr=0.01, beta=b, curvature_every=1, weight_decay=0.1),

@@ -186,7 +186,7 @@ def test_a_budget_chosen_window_resumes_the_same_trajectory():
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(10, 6, generator=gen), torch.randint(0, 3, (10,), generator=gen))]
     batches *= 12
-    kwargs = dict(lr=0.05, momentum=0.9, damping=1e-2, window_memory=_by_hand(5, d))
+    kwargs = dict(lr=0.05, base="sgd", momentum=0.9, damping=1e-2, window_memory=_by_hand(5, d))
 
     reference = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="m=5"):
@@ -207,7 +207,9 @@ def test_a_budget_chosen_window_resumes_the_same_trajectory():
 
     # another budget chooses another m: the error says which ngrads resumes the checkpoint
     with pytest.raises(ValueError, match=r"pass ngrads=5 to resume it"):
-        MFAC(copy.deepcopy(model), lr=0.05, momentum=0.9, damping=1e-2).load_state_dict(saved)
-    explicit = MFAC(copy.deepcopy(model), lr=0.05, momentum=0.9, damping=1e-2, ngrads=5)
+        MFAC(copy.deepcopy(model), lr=0.05, base="sgd", momentum=0.9, damping=1e-2).load_state_dict(
+            saved
+        )
+    explicit = MFAC(copy.deepcopy(model), lr=0.05, base="sgd", momentum=0.9, damping=1e-2, ngrads=5)
     explicit.load_state_dict(saved)
     assert explicit.estimator.count == 5

@@ -202,7 +202,7 @@ def test_masks_stay_exact_through_training(opt_name: str) -> None:
     elif opt_name == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     else:
-        opt = MFAC(model, lr=0.1, ngrads=4, damping=0.1, masks=masks.by_parameter())
+        opt = MFAC(model, lr=0.1, base="sgd", ngrads=4, damping=0.1, masks=masks.by_parameter())
     masks.attach(opt)
     for _ in range(5):
         for x, y in batches:

@@ -66,7 +66,7 @@ SPECS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = 
     "kfac": (so.KFAC, dict(_KFAC_LIKE)),
     "ekfac": (so.EKFAC, {**_KFAC_LIKE, "scale_every": 1}),
     "twolevel": (so.TwoLevelKFAC, {**_KFAC_LIKE, "coarse_damping": 1.0}),
-    "mfac": (so.MFAC, {"lr": 0.02, "momentum": 0.9, "ngrads": 8, "damping": 0.05}),
+    "mfac": (so.MFAC, {"lr": 0.02, "base": "sgd", "momentum": 0.9, "ngrads": 8, "damping": 0.05}),
     "adafisher": (so.AdaFisher, {"lr": 0.01, "curvature_every": 2, "weight_decay": 5e-4}),
     "adafisherw": (so.AdaFisherW, {"lr": 0.01, "curvature_every": 2, "weight_decay": 5e-4}),
     "adahessian": (so.AdaHessian, {"lr": 0.05, "hessian_every": 2}),
