@@ -95,8 +95,10 @@ def _real(value: Any) -> bool:
 @dataclass(kw_only=True)
 class AdaFisherConfig(OptimizerConfig):
     """Hyperparameters of AdaFisher (:class:`AdaFisher` and :class:`AdaFisherEstimator`),
-    checked on construction, with the paper's defaults (lr 1e-3, β 0.9, λ 1e-3, γ 0.8,
-    ``T_cov`` 100). The base update is the ``"momentum"`` one (the bias-corrected first
+    checked on construction. The paper's are lr 1e-3, β 0.9, λ 1e-3, γ 0.8, ``T_cov`` 100
+    (``configs/optimizers/adafisher.yaml``); the defaults refresh the diagonals every step
+    and take λ 3e-3, chosen for the range of good learning rates (issue 18,
+    docs/adafisher.md). The base update is the ``"momentum"`` one (the bias-corrected first
     moment over ``F̃``); SGD's and Adam's base fields, ``kl_clip`` and ``inverse_every``
     do not apply. The paper's training recipes use weight decay 5e-4, a choice of the
     experiment rather than of the optimizer."""
