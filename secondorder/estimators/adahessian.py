@@ -271,22 +271,14 @@ class AdaHessianConfig(OptimizerConfig):
     betas: tuple[float, float] = hyperparameter(
         (0.9, 0.999), "decay of the gradient moment ``m`` and of the squared-Hessian moment ``v``"
     )
-    eps: float = hyperparameter(
-        1e-2,
-        "added to the denominator, > 0 (the paper's 1e-4 lets coordinates of near-zero "
-        "curvature take steps of up to 1e4·lr·m̂; see docs/adahessian.md)",
-    )
+    eps: float = hyperparameter(1e-4, "added to the denominator, > 0")
     weight_decay: float = hyperparameter(0.0, "decoupled weight decay, AdamW-style, >= 0")
     hessian_power: float = hyperparameter(
         1.0,
         "``k`` in ``[0, 1]``: the denominator is ``(√v̂)^k + eps``; 0 leaves bias-corrected "
         "momentum SGD, ``lr·m̂/(1 + eps)``",
     )
-    n_probes: int = hyperparameter(
-        2,
-        "Rademacher probes per Hessian estimate, averaged (the paper's 1: ``v`` averages "
-        "the squared estimate, whose probe variance inflates the denominator; 2 halves it)",
-    )
+    n_probes: int = hyperparameter(1, "Rademacher probes per Hessian estimate, averaged")
     hessian_every: Interval = hyperparameter(
         1,
         "estimate the Hessian at steps that are multiples of this (or a callable of the "

@@ -636,13 +636,14 @@ def test_adafisher_trains_digits_faster_than_adam_at_its_learning_rate(one_threa
 # ---- the library's defaults (issue 18) and the paper's preset ---------------------------------
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 def test_defaults_refresh_the_diagonals_every_step_with_damping_3e_3(cls):
-    """Since issue 18 the defaults are T_cov = 1 and λ = 3e-3 (the paper's: 100 and 1e-3,
-    kept in configs/optimizers/adafisher*.yaml); γ stays the paper's 0.8. With them the first
-    step already updates the diagonals, and F̃ = S Hᵀ + 3e-3."""
+    """Since issue 18 the defaults are T_cov = 1, λ = 3e-3 and lr 0.03 (the paper's: 100,
+    1e-3 and 1e-3, kept in configs/optimizers/adafisher*.yaml); γ and β stay the paper's.
+    With them the first step already updates the diagonals, and F̃ = S Hᵀ + 3e-3."""
     torch.manual_seed(0)
     model = mlp([4, 3, 2])
     opt = cls(model)
     assert (opt.config.curvature_every, opt.config.damping, opt.config.gamma) == (1, 3e-3, 0.8)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["beta"]) == (0.03, 0.9)
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
     opt.step()
     first, second = opt.estimator.diagonals("0")
