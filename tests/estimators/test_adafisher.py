@@ -7,6 +7,7 @@ import copy
 import itertools
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,7 +356,7 @@ def test_unsupported_layer_first_every_parameter_is_updated_and_the_rest_precond
     torch.manual_seed(0)
     model = nn.Sequential(_Scale(4), nn.PReLU(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     with pytest.warns(UserWarning, match=r"no curvature estimate for 2 parameter\(s\)"):
-        opt = AdaFisher(model, lr=0.1, curvature_every=1, factor_dtype=torch.float64)
+        opt = AdaFisher(model, lr=0.1, damping=1e-3, curvature_every=1, factor_dtype=torch.float64)
     assert opt.uncovered_parameters == ["0.scale", "1.weight"]
     grads, before = {}, {}
     loss = F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,)))
@@ -383,7 +384,7 @@ def test_unsupported_layer_first_every_parameter_is_updated_and_the_rest_precond
 def test_precondition_false_updates_every_parameter_with_unit_fisher():
     torch.manual_seed(0)
     model = mlp([4, 3, 2])
-    opt = AdaFisher(model, lr=0.1, precondition=False)
+    opt = AdaFisher(model, lr=0.1, damping=1e-3, precondition=False)
     assert opt.estimator is None and opt.capture is None
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
     want = {n: p.detach() - 0.1 * p.grad / (1 + 1e-3) for n, p in model.named_parameters()}
@@ -463,7 +464,14 @@ def test_adafisherw_decouples_the_decay_and_adafisher_adds_it_to_the_gradient():
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     for cls in (AdaFisher, AdaFisherW):
         net = copy.deepcopy(model)
-        opt = cls(net, lr=lr, weight_decay=wd, curvature_every=1, factor_dtype=torch.float64)
+        opt = cls(
+            net,
+            lr=lr,
+            damping=damping,
+            weight_decay=wd,
+            curvature_every=1,
+            factor_dtype=torch.float64,
+        )
         F.cross_entropy(net(x), y).backward()
         grads = {n: p.grad.clone() for n, p in net.named_parameters()}
         opt.step()
@@ -612,10 +620,10 @@ def test_adafisher_trains_digits_faster_than_adam_at_its_learning_rate(one_threa
     lr = 0.03 (the best of {0.01, 0.02, 0.03, 0.05}) beat Adam at its default lr = 1e-3 by an
     order of magnitude. (Adam tuned to lr = 0.03 still does better: about 0.06 vs 0.13.)"""
     adam = train_digits(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
-    adafisher = train_digits(lambda m: AdaFisher(m, lr=0.03, curvature_every=1))
-    # the reference code's average (0.08 D + 0.008 D̂) at the paper's lr = 1e-3
+    adafisher = train_digits(lambda m: AdaFisher(m, lr=0.03, damping=1e-3, curvature_every=1))
+    # the reference code's average (0.08 D + 0.008 D̂) at the paper's lr = 1e-3 and λ = 1e-3
     reference = train_digits(
-        lambda m: AdaFisher(m, lr=1e-3, curvature_every=10, gamma=(0.08, 0.008))
+        lambda m: AdaFisher(m, lr=1e-3, damping=1e-3, curvature_every=10, gamma=(0.08, 0.008))
     )
     print(
         f"digits train loss, 4 epochs: Adam(1e-3) {adam:.4f}  AdaFisher {adafisher:.4f}  "
@@ -623,3 +631,33 @@ def test_adafisher_trains_digits_faster_than_adam_at_its_learning_rate(one_threa
     )
     assert adafisher < 0.2 * adam
     assert reference < 0.2 * adam
+
+
+# ---- the library's defaults (issue 18) and the paper's preset ---------------------------------
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_defaults_refresh_the_diagonals_every_step_with_damping_3e_3(cls):
+    """Since issue 18 the defaults are T_cov = 1, λ = 3e-3 and lr 0.03 (the paper's: 100,
+    1e-3 and 1e-3, kept in configs/optimizers/adafisher*.yaml); γ and β stay the paper's.
+    With them the first step already updates the diagonals, and F̃ = S Hᵀ + 3e-3."""
+    torch.manual_seed(0)
+    model = mlp([4, 3, 2])
+    opt = cls(model)
+    assert (opt.config.curvature_every, opt.config.damping, opt.config.gamma) == (1, 3e-3, 0.8)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["beta"]) == (0.03, 0.9)
+    F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
+    opt.step()
+    first, second = opt.estimator.diagonals("0")
+    assert not torch.equal(first, torch.ones_like(first))
+    fisher = opt.estimator.fisher("0", opt.config.damping)
+    want = first.unsqueeze(-1) * second.unsqueeze(-2) + 3e-3
+    assert torch.equal(fisher, want)
+
+
+@pytest.mark.parametrize("name", ["adafisher", "adafisherw"])
+def test_presets_keep_the_papers_settings(name):
+    from secondorder.bench.config import load_preset
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "optimizers"
+    hparams = load_preset(root / f"{name}.yaml").hparams
+    assert hparams["damping"] == 1e-3 and hparams["curvature_every"] == 100
+    assert hparams["gamma"] == 0.8 and hparams["lr"] == 1e-3
