@@ -284,9 +284,7 @@ class OptimizerConfig:
         if self.graft is None:
             return
         if self.graft not in GRAFTS:
-            raise ValueError(
-                f"graft must be None, 'auto' or one of {GRAFTS}, got {self.graft!r}"
-            )
+            raise ValueError(f"graft must be None, 'auto' or one of {GRAFTS}, got {self.graft!r}")
         if self.kl_clip is not None:
             raise ValueError(
                 f"kl_clip ({self.kl_clip!r}) has no effect with graft={self.graft!r}: grafting "
