@@ -56,10 +56,11 @@ def _state(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
 def _grafted_step(
     graft: str, state: dict[str, Any], g: Tensor, betas: tuple[float, float], eps: float
 ) -> Tensor:
-    """The grafted method's step from gradient ``g``, updating its state."""
+    """The grafted method's step from gradient ``g``, updating its state (``"adam"``:
+    :func:`_adam_steps`, which takes many parameters at once)."""
     if graft == "sgd":
         return g
-    beta1, beta2 = betas
+    beta2 = betas[1]
     if graft == "adagrad":
         total = _state(state, "graft_sum", g).addcmul_(g, g)
         return g / total.sqrt().add_(eps)
@@ -67,14 +68,7 @@ def _grafted_step(
         square = _state(state, "graft_exp_avg_sq", g)
         square.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         return g / square.sqrt().add_(eps)
-    exp_avg, exp_avg_sq = _state(state, "graft_exp_avg", g), _state(state, "graft_exp_avg_sq", g)
-    step_t = state.setdefault("graft_step", torch.tensor(0.0))
-    step_t += 1
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step = float(step_t)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    return exp_avg / denom / (1 - beta1**step)
+    return _adam_steps([state], [g], betas, eps)[0]
 
 
 def graft_directions(
@@ -98,6 +92,8 @@ def graft_directions(
     graft, betas, eps = cfg.graft, cfg.graft_betas, cfg.graft_eps
     coupled = weight_decay != 0 and not opt.decoupled_weight_decay
     out: dict[Tensor, Tensor] = {}
+    plain: list[Tensor] = []  # Adam graft, no preconditioned direction: Adam itself
+    adam: list[tuple[Tensor, Tensor]] = []  # Adam graft, preconditioned: (p, g)
     for p in group["params"]:
         if p not in directions:
             continue
@@ -106,29 +102,74 @@ def graft_directions(
             for key in ("graft_exp_avg", "graft_exp_avg_sq"):
                 _state(state, key, p)
             state.setdefault("graft_step", torch.tensor(0.0))
-            adam_update(
-                [p],
-                [grads[p]],
-                [state["graft_exp_avg"]],
-                [state["graft_exp_avg_sq"]],
-                [state["graft_step"]],
-                lr=group["lr"],
-                beta1=betas[0],
-                beta2=betas[1],
-                eps=eps,
-                weight_decay=weight_decay,
-                decoupled=opt.decoupled_weight_decay,
-            )
+            plain.append(p)
             continue
         g = grads[p].add(p, alpha=weight_decay) if coupled else grads[p]
-        step = _grafted_step(graft, state, g, betas, eps)
-        if p not in preconditioned:
-            out[p] = step
+        if graft == "adam":
+            adam.append((p, g))
             continue
-        u = directions[p].add(p, alpha=weight_decay) if coupled else directions[p]
-        # no host synchronisation: the ratio stays a tensor; a zero direction stays zero
-        ratio = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(u).clamp_min(
-            torch.finfo(u.dtype).tiny
+        step = _grafted_step(graft, state, g, betas, eps)
+        out[p] = (
+            step
+            if p not in preconditioned
+            else _scaled(directions[p], step, p, weight_decay, coupled)
         )
-        out[p] = u * ratio
+    if plain:  # one call: torch's Adam loops over the tensors (or runs foreach kernels)
+        states = [opt.state[p] for p in plain]
+        adam_update(
+            plain,
+            [grads[p] for p in plain],
+            [s["graft_exp_avg"] for s in states],
+            [s["graft_exp_avg_sq"] for s in states],
+            [s["graft_step"] for s in states],
+            lr=group["lr"],
+            beta1=betas[0],
+            beta2=betas[1],
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=opt.decoupled_weight_decay,
+        )
+    if adam:
+        steps = _adam_steps([opt.state[p] for p, _ in adam], [g for _, g in adam], betas, eps)
+        for (p, _), step in zip(adam, steps, strict=True):
+            out[p] = _scaled(directions[p], step, p, weight_decay, coupled)
     return out, 0.0 if coupled else weight_decay
+
+
+def _scaled(u: Tensor, step: Tensor, p: Tensor, weight_decay: float, coupled: bool) -> Tensor:
+    """``u`` (plus coupled weight decay) scaled to the norm of ``step``."""
+    u = u.add(p, alpha=weight_decay) if coupled else u
+    # no host synchronisation: the ratio stays a tensor; a zero direction stays zero
+    ratio = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(u).clamp_min(
+        torch.finfo(u.dtype).tiny
+    )
+    return u * ratio
+
+
+def _adam_steps(
+    states: list[dict[str, Any]], gs: list[Tensor], betas: tuple[float, float], eps: float
+) -> list[Tensor]:
+    """:func:`_grafted_step` ``"adam"`` of many parameters at once, with multi-tensor
+    (``torch._foreach_*``) operations: the same arithmetic, a few calls instead of a few
+    per parameter."""
+    beta1, beta2 = betas
+    exp_avgs = [_state(s, "graft_exp_avg", g) for s, g in zip(states, gs, strict=True)]
+    squares = [_state(s, "graft_exp_avg_sq", g) for s, g in zip(states, gs, strict=True)]
+    counts = [s.setdefault("graft_step", torch.tensor(0.0)) for s in states]
+    torch._foreach_add_(counts, 1)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(squares, beta2)
+    torch._foreach_addcmul_(squares, gs, gs, value=1 - beta2)
+    by_step: dict[float, list[int]] = {}
+    for i, count in enumerate(counts):  # the bias corrections: one group per step count
+        by_step.setdefault(float(count), []).append(i)
+    out: list[Tensor | None] = [None] * len(states)
+    for step, indices in by_step.items():
+        denom = torch._foreach_sqrt([squares[i] for i in indices])
+        torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        quotient = torch._foreach_div([exp_avgs[i] for i in indices], denom)
+        torch._foreach_div_(quotient, 1 - beta1**step)
+        for i, q in zip(indices, quotient, strict=True):
+            out[i] = q
+    return out  # type: ignore[return-value]
