@@ -174,8 +174,10 @@ def bench(name: str, methods: list[str], rounds: int, warmup: int, window: int) 
     ref = best.get("adamw")
     print(f"\n{name} ({params} parameters): mean of {window} iterations after {warmup}, "
           f"fastest of {rounds} rounds; load {os.getloadavg()}")  # fmt: skip
-    print(f"forward + backward: fastest mean over a window {fastest_fb * 1e3:.1f} ms; step: "
-          "fastest mean over a window of each method")
+    print(
+        f"forward + backward: fastest mean over a window {fastest_fb * 1e3:.1f} ms; step: "
+        "fastest mean over a window of each method"
+    )
     print(f"{'':12} {'iter ms':>9} {'step ms':>9} {'max step':>9} {'vs AdamW':>9} "
           f"{'est. vs AdamW':>14} {'state MiB':>10} {'vs AdamW':>9}")  # fmt: skip
     for method in methods:

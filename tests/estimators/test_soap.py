@@ -116,9 +116,7 @@ def _power_qr(stat, old, v, dim):
 def test_directions_and_the_refresh_match_a_dense_recurrence(shape, refresh):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
-    cfg = SOAPConfig(
-        soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8, basis_refresh=refresh
-    )
+    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8, basis_refresh=refresh)
     est = SOAPEstimator([p], cfg)
     state = est.states[p]
     m_rows = shape[0]
