@@ -4,9 +4,11 @@ Pinned: with no rotation (``max_factor_dim=0``) SOAP's step is ``torch.optim.Ada
 ``AdamW``'s to round-off (Adam's direction, then ``w ← w − lr·u``: the same operations but
 for where ``lr`` multiplies); with the basis forced to the identity the rotated path is the
 unrotated one bit for bit; the directions of a run with refreshes match a dense float64
-recurrence, where the second moment is carried to the new basis as the diagonal of its
-second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker product of size
-``mn``); a carry between bases equal up to order and signs is the reference's permutation,
+recurrence, where with ``basis_refresh="eigh"`` the second moment is carried to the new basis
+as the diagonal of its second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker
+product of size ``mn``) and with ``"qr"`` (the default) the bases are the dense power
+iteration's and ``v`` is permuted by the sorted estimated eigenvalues; the first moment, kept
+rotated, is the rotated dense one; a carry between bases equal up to order and signs is the reference's permutation,
 exactly; a resumed run is the uninterrupted one bit for bit; bad arguments raise.
 
 Tolerances: a direction is a few products with orthogonal matrices of size ``n`` and an
