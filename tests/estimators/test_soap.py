@@ -8,8 +8,9 @@ recurrence, where with ``basis_refresh="eigh"`` the second moment is carried to 
 as the diagonal of its second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker
 product of size ``mn``) and with ``"qr"`` (the default) the bases are the dense power
 iteration's and ``v`` is permuted by the sorted estimated eigenvalues; the first moment, kept
-rotated, is the rotated dense one; a carry between bases equal up to order and signs is the reference's permutation,
-exactly; a resumed run is the uninterrupted one bit for bit; bad arguments raise.
+rotated, is the rotated dense one; a carry between bases equal up to order and signs is the
+reference's permutation, exactly; a resumed run is the uninterrupted one bit for bit; bad
+arguments raise.
 
 Tolerances: a direction is a few products with orthogonal matrices of size ``n`` and an
 elementwise Adam quotient, so ``n`` = the matrix size times the steps of the recurrence,
