@@ -16,6 +16,9 @@ mean is the steady-state cost per iteration; ``step`` is the ``optimizer.step()`
 backward passes (the same model and batch for every method) can vary by 2x from one method's
 window to the next, so ``est. vs AdamW`` gives the ratio with the fastest forward + backward
 seen by any method as the common part: ``(fb + step) / (fb + AdamW's step)``.
+``--clock cpu`` times with ``time.process_time`` (the CPU time of this process, one torch
+thread: time spent waiting for a core on a shared machine is left out, cache contention is
+not) instead of the wall clock.
 Also printed: the optimizer state (bytes of every tensor an optimizer keeps, the
 preconditioner's statistics and roots included) against AdamW's.
 
@@ -29,7 +32,7 @@ and ``po-soap`` (``SOAP``, ``precondition_frequency=10``).
 Usage::
 
     python benchmarks/bench_shampoo.py [resnet20] [gpt] [--rounds 2] [--window 10]
-        [--opt adamw,shampoo,soap,shampoo-t128,po-shampoo,po-scalable,po-soap]
+        [--opt adamw,shampoo,soap,shampoo-t128,po-shampoo,po-scalable,po-soap] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -136,13 +139,16 @@ def state_bytes(opt: torch.optim.Optimizer, model: nn.Module) -> int:
     return sum(storages.values())
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def _iteration(model: nn.Module, opt, loss_fn) -> tuple[float, float]:
-    start = time.perf_counter()
+    start = CLOCK()
     opt.zero_grad()
     loss_fn(model).backward()
-    mid = time.perf_counter()
+    mid = CLOCK()
     opt.step()
-    end = time.perf_counter()
+    end = CLOCK()
     return end - start, end - mid
 
 
@@ -174,8 +180,10 @@ def bench(name: str, methods: list[str], rounds: int, warmup: int, window: int) 
     ref = best.get("adamw")
     print(f"\n{name} ({params} parameters): mean of {window} iterations after {warmup}, "
           f"fastest of {rounds} rounds; load {os.getloadavg()}")  # fmt: skip
-    print(f"forward + backward: fastest mean over a window {fastest_fb * 1e3:.1f} ms; step: "
-          "fastest mean over a window of each method")
+    print(
+        f"forward + backward: fastest mean over a window {fastest_fb * 1e3:.1f} ms; step: "
+        "fastest mean over a window of each method"
+    )
     print(f"{'':12} {'iter ms':>9} {'step ms':>9} {'max step':>9} {'vs AdamW':>9} "
           f"{'est. vs AdamW':>14} {'state MiB':>10} {'vs AdamW':>9}")  # fmt: skip
     for method in methods:
@@ -197,14 +205,20 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--opt", default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time"
+    )
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     methods = args.opt.split(",") if args.opt else list(_factories())
     unknown = set(methods) - set(_factories())
     if unknown:
         parser.error(f"unknown or unavailable methods {sorted(unknown)} (pytorch_optimizer?)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()}", flush=True)  # fmt: skip
+          f"{os.cpu_count()} CPUs, {args.clock} clock, load {os.getloadavg()}",
+          flush=True)  # fmt: skip
     for name in args.what:
         bench(name, methods, args.rounds, args.warmup, args.window)
 

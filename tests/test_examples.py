@@ -44,7 +44,7 @@ def test_every_example_is_tested():
     tested = {
         "kfac_digits", "mfac_digits", "adafisher_loop", "adahessian_loop",
         "kfac_timm_resnet", "autoencoder_kfac_vs_adam", "mfac_adam", "prune_digits",
-        "ddp_kfac",
+        "ddp_kfac", "shampoo_soap",
     }  # fmt: skip
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -120,6 +120,19 @@ def test_prune_digits_example_smoke(capsys):
     assert results["sparsity"] == pytest.approx(0.9, abs=1e-3)  # still 90% after fine-tuning
     assert results["mfac"] > results["magnitude"]
     assert results["finetuned"] > 0.5
+
+
+def test_shampoo_soap_example_smoke(capsys):
+    example = _load("shampoo_soap")
+    losses = example.main(["--smoke"])
+    out = capsys.readouterr().out
+    printed = _result(out, "shampoo,soap,adam")
+    assert set(losses) == {"shampoo", "soap", "adam"}
+    for name, loss in losses.items():
+        assert printed[name] == pytest.approx(loss, abs=1e-4)
+        assert loss < 0.8 * CHANCE  # every one learned in one epoch, with its defaults
+    with pytest.raises(SystemExit):
+        example.main(["--smoke", "--opt", "lbfgs"])
 
 
 def test_example_runs_as_a_script():

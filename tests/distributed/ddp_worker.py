@@ -78,6 +78,19 @@ def make_optimizer(name: str, model: nn.Module):
         return so.AdaHessian(model, lr=0.05)
     if name == "mfac":
         return so.MFAC(model.parameters(), lr=0.1, base="sgd", ngrads=4, damping=0.1)
+    # No hooks: the estimators see DDP's averaged gradients. ε well above the float32
+    # round-off of the statistics' near-null directions (1e-12 and 1e-8 would amplify the
+    # ranks' other summation order: SOAP's first basis diagonalises G itself). SOAP rotates
+    # only the sides of at most 5 (the conv's and the last Linear's rows): the first basis
+    # comes from one gradient, and a wider side's statistic is rank-deficient there, its
+    # null space's basis set by round-off, which Adam's coordinate-wise step is not
+    # invariant to (two processes would rightly differ)
+    if name == "shampoo":
+        return so.Shampoo(model.parameters(), lr=1e-2, damping=1e-4, inverse_every=2)
+    if name == "soap":
+        return so.SOAP(
+            model.parameters(), lr=1e-2, soap_eps=1e-4, inverse_every=2, max_factor_dim=5
+        )
     raise ValueError(name)
 
 

@@ -30,6 +30,8 @@ OPTS = [
     "adahessian",
     "kfac-partial",
     "kfac-amp",
+    "shampoo",
+    "soap",
 ]
 
 pytestmark = pytest.mark.skipif(

@@ -100,6 +100,45 @@ def test_direction_equals_the_dense_matrix_roots(shape, block, beta2, exponent):
     assert_close(out[p].reshape(shape[0], -1), want, n=size, cond=cond)
 
 
+def test_tiles_of_one_shape_are_batched_and_match_the_per_tile_path():
+    """Two weights of one shape and a third of another, blocked: the tiles of one shape
+    share one stacked statistic (one ``baddbmm`` / ``bmm`` / batched eigh), and the batched
+    directions equal the dense per-tile references, and the per-tile fallback the estimator
+    takes when some parameters of a group have no gradient, to round-off."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 10), (6, 10), (5, 3, 2, 2)]
+    params = [nn.Parameter(torch.randn(s, dtype=torch.float64, generator=gen)) for s in shapes]
+    damping, block = 1e-3, 4
+    est = ShampooEstimator(params, ShampooConfig(beta2=0.9, max_factor_dim=block))
+    tiles = sum(len(t) for t in est.tiles.values())
+    # (6, 10): tiles 4x4, 4x4, 4x2, 2x4, 2x4, 2x2, twice; (5, 12): 4x4 x3, 1x4 x3; groups
+    # 4x4 (7 tiles), 2x4 (4), 1x4 (3), 4x2 (2), 2x2 (2)
+    assert tiles == 18 and len(est.groups) == 5
+    assert sorted(len(g.members) for g in est.groups) == [2, 2, 3, 4, 7]
+    history = {p: [] for p in params}
+    for step in range(4):
+        grads = {p: torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in params}
+        if step == 2:  # the first weight has no gradient: the others' per-tile update
+            del grads[params[0]]
+        est.update(grads)
+        for p, g in grads.items():
+            history[p].append(g.reshape(p.shape[0], -1))
+    est.refresh(damping)
+    final = {p: torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in params}
+    batched = est.precondition(final, damping)
+    alone = est.precondition({params[1]: final[params[1]]}, damping)  # per-tile fallback
+    for p in params:
+        fm = final[p].reshape(p.shape[0], -1)
+        want, size, cond = _reference(history[p], fm, damping, 0.9, (-0.25, -0.25), block)
+        assert_close(batched[p].reshape(fm.shape), want, n=size, cond=cond)
+    want, size, cond = _reference(
+        history[params[1]], final[params[1]], damping, 0.9, (-0.25, -0.25), block
+    )
+    assert set(alone) == {params[1]}
+    assert_close(alone[params[1]], want, n=size, cond=cond)
+    assert_close(alone[params[1]], batched[params[1]], n=size, cond=cond)
+
+
 def test_the_optimizer_step_is_the_dense_direction():
     """graft None, lr 1, momentum 0: the first step is ``w ← w − u`` (statistics of the
     first gradient, roots refreshed after the first update); the bias takes SGD's."""

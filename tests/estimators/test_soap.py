@@ -4,10 +4,13 @@ Pinned: with no rotation (``max_factor_dim=0``) SOAP's step is ``torch.optim.Ada
 ``AdamW``'s to round-off (Adam's direction, then ``w ← w − lr·u``: the same operations but
 for where ``lr`` multiplies); with the basis forced to the identity the rotated path is the
 unrotated one bit for bit; the directions of a run with refreshes match a dense float64
-recurrence, where the second moment is carried to the new basis as the diagonal of its
-second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker product of size
-``mn``); a carry between bases equal up to order and signs is the reference's permutation,
-exactly; a resumed run is the uninterrupted one bit for bit; bad arguments raise.
+recurrence, where with ``basis_refresh="eigh"`` the second moment is carried to the new basis
+as the diagonal of its second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker
+product of size ``mn``) and with ``"qr"`` (the default) the bases are the dense power
+iteration's and ``v`` is permuted by the sorted estimated eigenvalues; the first moment, kept
+rotated, is the rotated dense one; a carry between bases equal up to order and signs is the
+reference's permutation, exactly; a resumed run is the uninterrupted one bit for bit; bad
+arguments raise.
 
 Tolerances: a direction is a few products with orthogonal matrices of size ``n`` and an
 elementwise Adam quotient, so ``n`` = the matrix size times the steps of the recurrence,
@@ -85,7 +88,7 @@ def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
                 for m in matrices]  # fmt: skip
 
     monkeypatch.setattr(soap_module, "symmetric_eigh_many", identity)
-    rotated = so.SOAP(model.parameters(), inverse_every=2)
+    rotated = so.SOAP(model.parameters(), inverse_every=2, basis_refresh="eigh")
     batches = _batches(5)
     _run(model, rotated, batches)
     _run(twin, plain, batches)
@@ -104,11 +107,19 @@ def _kron_carry(v, old_l, old_r, new_l, new_r):
     return torch.einsum("ka,kl,la->a", new, second, new).reshape(v.shape)
 
 
+def _power_qr(stat, old, v, dim):
+    """The reference's QR refresh of one side, densely: old columns sorted by
+    ``diag(oldᵀ L old)`` descending, ``v`` permuted alike, ``qr(L old_sorted)``."""
+    order = torch.argsort(torch.diagonal(old.T @ stat @ old), descending=True)
+    return torch.linalg.qr(stat @ old[:, order]).Q, v.index_select(dim, order)
+
+
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
 @pytest.mark.parametrize("shape", [(4, 6), (3, 2, 2, 2)], ids=["linear", "conv"])
-def test_directions_and_the_refresh_match_a_dense_recurrence(shape):
+def test_directions_and_the_refresh_match_a_dense_recurrence(shape, refresh):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
-    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8)
+    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8, basis_refresh=refresh)
     est = SOAPEstimator([p], cfg)
     state = est.states[p]
     m_rows = shape[0]
@@ -116,9 +127,13 @@ def test_directions_and_the_refresh_match_a_dense_recurrence(shape):
     beta1, beta2, beta = 0.9, 0.95, 0.8
     left = torch.zeros(m_rows, m_rows, dtype=torch.float64)
     right = torch.zeros(n_cols, n_cols, dtype=torch.float64)
-    m = torch.zeros(m_rows, n_cols, dtype=torch.float64)
+    m = torch.zeros(m_rows, n_cols, dtype=torch.float64)  # original space
     v = torch.zeros(m_rows, n_cols, dtype=torch.float64)
-    ql = qr = None
+    # no basis before the first refresh: the identity. (A refresh at step 1 would give a
+    # diagonal G' = Q_Lᵀ G Q_R, whose round-off zeros over ε make the quotient ill-posed.)
+    ql = torch.eye(m_rows, dtype=torch.float64)
+    qr = torch.eye(n_cols, dtype=torch.float64)
+    first = True
     steps = 7
     for t in range(1, steps + 1):
         g = torch.randn(shape, dtype=torch.float64, generator=gen)
@@ -128,26 +143,40 @@ def test_directions_and_the_refresh_match_a_dense_recurrence(shape):
         right = beta * right + (1 - beta) * gm.T @ gm
         assert_close(state.left, left, n=t)
         assert_close(state.right, right, n=t)
-        if t in (1, 3, 6):  # refreshes
+        if t in (2, 4, 6):  # refreshes (the optimizer's first comes after the first update)
             est.refresh(0.0)
             new_l, new_r = state.left_basis, state.right_basis
-            for basis, stat in ((new_l, left), (new_r, right)):
-                # an orthogonal basis that diagonalises the dense statistic
-                assert_close(basis.T @ basis, torch.eye(basis.shape[0], dtype=torch.float64),
-                             n=basis.shape[0])  # fmt: skip
-                rotated = basis.T @ stat @ basis
-                values = torch.linalg.eigvalsh(stat)
-                assert_close(rotated, torch.diag(torch.diagonal(rotated)), n=basis.shape[0],
-                             scale=float(values.abs().max()))  # fmt: skip
-                assert_close(torch.diagonal(rotated).sort().values, values, n=basis.shape[0])
-            if ql is not None:
+            if refresh == "qr" and not first:
+                # one power-iteration step from the old basis, v permuted
+                want_l, v = _power_qr(left, ql, v, 0)
+                want_r, v = _power_qr(right, qr, v, 1)
+                cond = max(
+                    float(torch.linalg.cond(stat)) for stat in (left, right)
+                )  # of L Q: Q's error from QR
+                assert_close(new_l, want_l, n=m_rows, cond=cond)
+                assert_close(new_r, want_r, n=n_cols, cond=cond)
+                assert_close(state.exp_avg_sq, v, n=m_rows * n_cols * t)
+            else:
+                for basis, stat in ((new_l, left), (new_r, right)):
+                    # an orthogonal basis that diagonalises the dense statistic
+                    assert_close(basis.T @ basis, torch.eye(basis.shape[0], dtype=torch.float64),
+                                 n=basis.shape[0])  # fmt: skip
+                    rotated = basis.T @ stat @ basis
+                    values = torch.linalg.eigvalsh(stat)
+                    assert_close(rotated, torch.diag(torch.diagonal(rotated)), n=basis.shape[0],
+                                 scale=float(values.abs().max()))  # fmt: skip
+                    assert_close(torch.diagonal(rotated).sort().values, values, n=basis.shape[0])
+                # carried from the old basis (the identity at the first refresh)
                 v = _kron_carry(v, ql, qr, new_l, new_r)
                 assert_close(state.exp_avg_sq, v, n=m_rows * n_cols)
             ql, qr = new_l.clone(), new_r.clone()
+            first = False
         u = est.precondition({p: g}, 0.0)[p]
         m = beta1 * m + (1 - beta1) * gm
         rotated_g = ql.T @ gm @ qr
         v = beta2 * v + (1 - beta2) * rotated_g**2
+        # the first moment, kept rotated by the estimator, is the rotated dense one
+        assert_close(state.exp_avg, ql.T @ m @ qr, n=(m_rows + n_cols) * t)
         inner = (ql.T @ m @ qr / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + 1e-8)
         want = ql @ inner @ qr.T
         assert u.shape == p.shape
@@ -157,7 +186,7 @@ def test_directions_and_the_refresh_match_a_dense_recurrence(shape):
 def test_a_carry_between_bases_equal_up_to_order_and_sign_is_a_permutation(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(4, 5, dtype=torch.float64, generator=gen))
-    est = SOAPEstimator([p], SOAPConfig())
+    est = SOAPEstimator([p], SOAPConfig(basis_refresh="eigh"))
     state = est.states[p]
     ql = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen)).Q
     qr = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=gen)).Q
