@@ -172,7 +172,7 @@ def test_momentum_defaults_to_zero_under_the_adam_graft_only():
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (so.KFAC, {"graft": "lion"}, "graft must be None or one of"),
+        (so.KFAC, {"graft": "lion"}, "graft must be None, .auto. or one of"),
         (so.KFAC, {"graft": "adam", "base": "adam"}, "graft applies to base='sgd'"),
         (so.KFAC, {"graft": "adam", "graft_betas": (1.0, 0.9)}, r"betas\[0\] must be in"),
         (so.KFAC, {"graft": "adam", "graft_eps": -1.0}, "graft_eps must be"),
@@ -182,3 +182,34 @@ def test_momentum_defaults_to_zero_under_the_adam_graft_only():
 def test_bad_graft_arguments_name_the_argument(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(mlp([5, 3]), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC, so.TwoLevelKFAC])
+def test_the_k_fac_family_grafts_adam_by_default_and_auto_steps_aside(cls):
+    """``graft="auto"`` (the K-FAC family's default) is Adam grafting with base="sgd", and
+    None where the step size is chosen otherwise: another base, adaptive lr / momentum."""
+    model = mlp([5, 4, 3])
+    default = cls(model)
+    assert default.config.graft == "adam" and default.config.kl_clip is None
+    assert default.param_groups[0]["momentum"] == 0.0 and default.param_groups[0]["lr"] == 0.03
+    assert cls(mlp([5, 3]), base="adam").config.graft is None
+    assert cls(mlp([5, 3]), adaptive_lr=True).config.graft is None
+    assert cls(mlp([5, 3]), adaptive_momentum=True).config.graft is None
+    papers = cls(mlp([5, 3]), graft=None)
+    assert papers.config.graft is None and papers.param_groups[0]["momentum"] == 0.9
+
+    # the default's step is the explicitly grafted one
+    explicit_model = copy.deepcopy(model)
+    explicit = cls(explicit_model, graft="adam", lr=0.03, kl_clip=None, momentum=0.0)
+    for batch in _batches(3):
+        _step(model, default, batch)
+        _step(explicit_model, explicit, batch)
+    for p, q in zip(model.parameters(), explicit_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("graft", GRAFTS)
+def test_kl_clip_with_a_graft_is_refused_as_a_no_op(graft):
+    with pytest.raises(ValueError, match=r"kl_clip \(0.01\) has no effect with graft="):
+        so.KFAC(mlp([5, 3]), graft=graft, kl_clip=1e-2)
+    assert so.KFAC(mlp([5, 3]), graft=None, kl_clip=1e-2).config.kl_clip == 1e-2
