@@ -90,7 +90,7 @@ def test_a_config_and_keywords_build_the_same_optimizer(cls):
 
 def test_a_config_of_another_method_is_refused():
     with pytest.raises(TypeError, match="config must be a KFACConfig, got MFACConfig"):
-        so.KFAC(mlp([4, 3]), config=so.MFACConfig())
+        so.KFAC(mlp([4, 3]), config=so.MFACConfig(), graft=None)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_a_model_without_trainable_parameters_gets_the_documented_message():
     frozen = mlp([4, 3]).requires_grad_(False)
     for model in (nn.ReLU(), frozen):
         with pytest.raises(ValueError, match="no parameter that requires grad"):
-            so.KFAC(model)
+            so.KFAC(model, graft=None)
 
 
 # ---- add_param_group -----------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_a_group_added_later_is_reported_uncovered_and_trained_by_the_base():
     torch.manual_seed(0)
     model = mlp([4, 3])
     scale = nn.Parameter(torch.ones(3))
-    opt = so.KFAC(model, lr=0.1, curvature_every=1, inverse_every=1)
+    opt = so.KFAC(model, lr=0.1, curvature_every=1, inverse_every=1, graft=None)
     assert opt.uncovered_parameters == []
     opt.add_param_group({"params": [scale], "lr": 0.5, "momentum": 0.0})
     assert opt.uncovered_parameters == ["param[2]"]

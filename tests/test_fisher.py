@@ -112,7 +112,7 @@ def _mc_kfac(model, **kwargs):
         factor_dtype=torch.float64,
         inverse_dtype=torch.float64,
     )
-    return KFAC(model, **{**options, **kwargs})
+    return KFAC(model, **{**options, **kwargs}, graft=None)
 
 
 def _true_loss(likelihood, outputs, targets, sigma=1.0):
@@ -257,7 +257,7 @@ def test_loss_scale_scales_the_g_statistics_by_its_square():
 
 def test_sample_fisher_does_nothing_when_no_curvature_step_is_due():
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=2)
+    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=2, graft=None)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     backward_passes = []
     for due in (True, False, True):
@@ -275,7 +275,7 @@ def test_sample_fisher_does_nothing_when_no_curvature_step_is_due():
 
 def test_sample_fisher_inside_a_closure():
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=1)
+    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=1, graft=None)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
 
     def closure():
@@ -295,7 +295,9 @@ def test_curvature_off_makes_sample_fisher_a_no_op():
     model = nn.Sequential(nn.Linear(4, 3))
     ref = nn.Sequential(nn.Linear(4, 3))
     ref.load_state_dict(model.state_dict())
-    opt = KFAC(model, lr=0.1, fisher_type="mc", likelihood="categorical", precondition=False)
+    opt = KFAC(
+        model, lr=0.1, fisher_type="mc", likelihood="categorical", precondition=False, graft=None
+    )
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     for _ in range(3):
@@ -351,6 +353,7 @@ def test_mc_kfac_trains_digits_faster_than_sgd_and_updates_with_the_users_gradie
             inverse_every=10,
             fisher_type="mc",
             likelihood="categorical",
+            graft=None,
         ),
         mc=True,
     )
@@ -361,7 +364,7 @@ def test_mc_kfac_trains_digits_faster_than_sgd_and_updates_with_the_users_gradie
 # ---- errors ---------------------------------------------------------------------------------
 def test_step_without_sample_fisher_on_a_curvature_step_raises():
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=1)
+    opt = KFAC(model, fisher_type="mc", likelihood="categorical", curvature_every=1, graft=None)
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match=r"opt\.sample_fisher\(outputs\)"):
@@ -372,14 +375,14 @@ def test_step_without_sample_fisher_on_a_curvature_step_raises():
 
 def test_sample_fisher_with_the_empirical_fisher_raises():
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = KFAC(model)
+    opt = KFAC(model, graft=None)
     with pytest.raises(ValueError, match="fisher_type='mc'"):
         opt.sample_fisher(model(torch.randn(5, 4)))
 
 
 def test_sample_fisher_after_backward_says_to_call_it_before():
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3))
-    opt = KFAC(model, fisher_type="mc", likelihood="categorical")
+    opt = KFAC(model, fisher_type="mc", likelihood="categorical", graft=None)
     logits = model(torch.randn(5, 4))
     F.cross_entropy(logits, torch.randint(0, 3, (5,))).backward()
     with pytest.raises(RuntimeError, match=r"before loss\.backward"):
@@ -388,7 +391,7 @@ def test_sample_fisher_after_backward_says_to_call_it_before():
 
 def test_sample_fisher_argument_errors():
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = KFAC(model, fisher_type="mc")
+    opt = KFAC(model, fisher_type="mc", graft=None)
     logits = model(torch.randn(5, 4))
     with pytest.raises(ValueError, match="no likelihood"):
         opt.sample_fisher(logits)
@@ -404,15 +407,15 @@ def test_sample_fisher_argument_errors():
 def test_constructor_validates_fisher_type_and_likelihood():
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"fisher_type must be one of \('empirical', 'mc'\)"):
-        KFAC(model, fisher_type="true")
+        KFAC(model, fisher_type="true", graft=None)
     with pytest.raises(ValueError, match="likelihood must be one of"):
-        KFAC(model, fisher_type="mc", likelihood="softmax")
+        KFAC(model, fisher_type="mc", likelihood="softmax", graft=None)
     with pytest.raises(ValueError, match="apply to fisher_type='mc'"):
-        KFAC(model, likelihood="categorical")
+        KFAC(model, likelihood="categorical", graft=None)
     with pytest.raises(ValueError, match="likelihood_sigma applies to likelihood='gaussian'"):
-        KFAC(model, fisher_type="mc", likelihood="categorical", likelihood_sigma=2.0)
+        KFAC(model, fisher_type="mc", likelihood="categorical", likelihood_sigma=2.0, graft=None)
     with pytest.raises(ValueError, match="likelihood_sigma"):
-        KFAC(model, fisher_type="mc", likelihood="gaussian", likelihood_sigma=-1.0)
+        KFAC(model, fisher_type="mc", likelihood="gaussian", likelihood_sigma=-1.0, graft=None)
 
 
 def test_mfac_rejects_the_mc_fisher():

@@ -62,7 +62,7 @@ def _pair(seed: int = 0):
 )
 def test_curvature_off_reproduces_sgd_exactly(ours, theirs):
     model_a, model_b = _pair()
-    opt_a = KFAC(model_a, lr=0.1, precondition=False, **ours)
+    opt_a = KFAC(model_a, lr=0.1, precondition=False, **ours, graft=None)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, foreach=False, **theirs)
     batches = _batches(6)
     for pa, pb in zip(
@@ -84,6 +84,7 @@ def test_curvature_off_adam_base_reproduces_adam_and_adamw(decoupled, weight_dec
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled,
         precondition=False,
+        graft=None,
     )
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     opt_b = cls(
@@ -110,6 +111,7 @@ def test_decoupled_sgd_is_sgdw():
         weight_decay=0.5,
         decoupled_weight_decay=True,
         precondition=False,
+        graft=None,
     )
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
@@ -131,6 +133,7 @@ def test_huge_damping_turns_kfac_into_scaled_sgd():
         kl_clip=None,
         curvature_every=1,
         inverse_every=1,
+        graft=None,
     )
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9)
     batches = _batches(4)
@@ -157,7 +160,9 @@ def test_param_groups_and_lr_scheduler_match_torch():
             {"params": [model[2].weight, model[2].bias], "weight_decay": 1e-2},
         ]
 
-    opt_a = KFAC(model_a, lr=0.1, momentum=0.9, params=groups(model_a), precondition=False)
+    opt_a = KFAC(
+        model_a, lr=0.1, momentum=0.9, params=groups(model_a), precondition=False, graft=None
+    )
     opt_b = torch.optim.SGD(groups(model_b), lr=0.1, momentum=0.9, foreach=False)
     sched_a = torch.optim.lr_scheduler.StepLR(opt_a, step_size=2, gamma=0.5)
     sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=2, gamma=0.5)
@@ -173,13 +178,13 @@ def test_params_subset_limits_coverage():
     model, _ = _pair()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # everything given is covered: nothing to warn about
-        opt = KFAC(model, params=[model[0].weight, model[2].weight, model[2].bias])
+        opt = KFAC(model, params=[model[0].weight, model[2].weight, model[2].bias], graft=None)
     # layer 0's bias is not optimised at all, so layer 0 has no homogeneous column
     assert opt.uncovered_parameters == []
     assert [layer.name for layer in opt.estimator.layers] == ["0", "2"]
     assert not opt.estimator.layers[0].has_bias
     with pytest.raises(ValueError, match="does not belong to the model"):
-        KFAC(model, params=[nn.Parameter(torch.zeros(3))])
+        KFAC(model, params=[nn.Parameter(torch.zeros(3))], graft=None)
 
 
 def test_uncovered_parameters_are_trained_and_reported():
@@ -195,7 +200,7 @@ def test_uncovered_parameters_are_trained_and_reported():
 
     model = WithFreeParam()
     with pytest.warns(UserWarning, match="no curvature estimate for 1 parameter"):
-        opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1)
+        opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1, graft=None)
     assert opt.uncovered_parameters == ["scale"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = _batches(1)[0]
@@ -211,19 +216,19 @@ def test_passing_parameters_raises_type_error_naming_the_fix():
     with pytest.raises(
         TypeError, match=r"KFAC\(model, \.\.\.\) rather than KFAC\(model.parameters"
     ):
-        KFAC(model.parameters())
+        KFAC(model.parameters(), graft=None)
     with pytest.raises(TypeError, match=r"nn\.Module"):
-        KFAC(list(model.parameters()))
+        KFAC(list(model.parameters()), graft=None)
 
 
 def test_model_without_supported_layer_gives_a_message():
     model = nn.Sequential(nn.PReLU(), nn.Dropout())
     with pytest.raises(ValueError, match=r"found no layer it can precondition.*PReLU"):
-        KFAC(model)
+        KFAC(model, graft=None)
     frozen = mlp([4, 3]).requires_grad_(False)
     frozen[0].bias.requires_grad_(True)
     with pytest.raises(ValueError, match=r"requires_grad is False"):
-        KFAC(frozen)
+        KFAC(frozen, graft=None)
 
 
 @pytest.mark.parametrize(
@@ -257,13 +262,17 @@ def test_model_without_supported_layer_gives_a_message():
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, match):
     model = mlp([4, 5, 3])
     with pytest.raises((ValueError, TypeError), match=match):
-        KFAC(model, **kwargs)
+        KFAC(model, **kwargs, graft=None)
 
 
 def test_callable_schedules_are_checked_when_used():
     model = mlp([6, 3])
     opt = KFAC(
-        model, damping=lambda step: 1e-3 if step < 1 else -1.0, curvature_every=1, inverse_every=1
+        model,
+        damping=lambda step: 1e-3 if step < 1 else -1.0,
+        curvature_every=1,
+        inverse_every=1,
+        graft=None,
     )
     x, y = _batches(1)[0]
     F.cross_entropy(model(x), y).backward()
@@ -271,13 +280,13 @@ def test_callable_schedules_are_checked_when_used():
     with pytest.raises(ValueError, match=r"damping\(1\) must be"):
         opt.step()
     with pytest.raises(ValueError, match=r"curvature_every\(0\) must be a positive int"):
-        KFAC(model, curvature_every=lambda step: 0)
+        KFAC(model, curvature_every=lambda step: 0, graft=None)
 
 
 # ---- non-finite gradients -------------------------------------------------------------
 def test_nonfinite_gradient_skips_the_step_and_keeps_curvature_intact():
     model = mlp([6, 8, 3])
-    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1)
+    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1, graft=None)
     batches = _batches(3)
     _train(model, opt, batches[:2])
     state = copy.deepcopy(opt.state_dict())
@@ -305,7 +314,7 @@ def test_nonfinite_gradient_skips_the_step_and_keeps_curvature_intact():
 
 def test_nonfinite_raise_mode_names_the_parameter():
     model = mlp([6, 3])
-    opt = KFAC(model, nonfinite="raise")
+    opt = KFAC(model, nonfinite="raise", graft=None)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     model[0].bias.grad[0] = float("nan")
@@ -315,7 +324,7 @@ def test_nonfinite_raise_mode_names_the_parameter():
 
 def test_nonfinite_statistics_are_dropped_not_absorbed():
     model = mlp([6, 3])
-    opt = KFAC(model, curvature_every=1, inverse_every=1)
+    opt = KFAC(model, curvature_every=1, inverse_every=1, graft=None)
     est = opt.estimator
     layer = est.layers[0]
     stats = {
@@ -358,9 +367,9 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
         for _ in range(11)
     ]
 
-    straight = _train(reference, KFAC(reference, **kwargs), batches)
+    straight = _train(reference, KFAC(reference, **kwargs, graft=None), batches)
 
-    opt = KFAC(model, **kwargs)
+    opt = KFAC(model, **kwargs, graft=None)
     _train(model, opt, batches[:split])
     saved = copy.deepcopy(opt.state_dict())
     model_state = copy.deepcopy(model.state_dict())
@@ -368,7 +377,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
     torch.manual_seed(123)
     fresh_model = small_cnn()
     fresh_model.load_state_dict(model_state)
-    fresh = KFAC(fresh_model, **kwargs)
+    fresh = KFAC(fresh_model, **kwargs, graft=None)
     fresh.load_state_dict(saved)
     resumed = _train(fresh_model, fresh, batches[split:])
     for a, b in zip(straight, resumed, strict=True):
@@ -377,10 +386,10 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
 
 def test_load_state_dict_from_another_model_is_rejected():
     model = mlp([6, 8, 3])
-    opt = KFAC(model, curvature_every=1)
+    opt = KFAC(model, curvature_every=1, graft=None)
     _train(model, opt, _batches(1))
     other = mlp([6, 9, 3])
-    other_opt = KFAC(other)
+    other_opt = KFAC(other, graft=None)
     with pytest.raises(ValueError):
         other_opt.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="no 'curvature' entry"):
@@ -389,7 +398,7 @@ def test_load_state_dict_from_another_model_is_rejected():
 
 def test_is_a_torch_optimizer():
     model = mlp([6, 3])
-    opt = KFAC(model)
+    opt = KFAC(model, graft=None)
     assert isinstance(opt, torch.optim.Optimizer)
     assert isinstance(opt, CurvatureOptimizer)
     x, y = _batches(1)[0]
@@ -408,7 +417,7 @@ def test_is_a_torch_optimizer():
 
 def test_remove_hooks_stops_recording():
     model = mlp([6, 3])
-    opt = KFAC(model, curvature_every=1)
+    opt = KFAC(model, curvature_every=1, graft=None)
     opt.remove_hooks()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -420,7 +429,7 @@ def test_first_statistics_arriving_late_are_used_at_once():
     """If the first passes record nothing (eval mode), the inverse is computed right
     after the first update instead of waiting for the next scheduled refresh."""
     model = mlp([6, 5, 3])
-    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=100)
+    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=100, graft=None)
     batches = _batches(3)
     model.eval()
     _train(model, opt, batches[:1])  # records nothing
@@ -434,7 +443,7 @@ def test_first_statistics_arriving_late_are_used_at_once():
 def test_construction_warning_points_at_the_callers_line():
     model = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
     with pytest.warns(UserWarning, match="no curvature estimate") as record:
-        KFAC(model)
+        KFAC(model, graft=None)
     assert record[0].filename == __file__
 
 
@@ -446,6 +455,7 @@ def test_param_group_given_as_a_generator_is_not_exhausted():
             {"params": model[0].parameters(), "lr": 0.1},
             {"params": (p for p in model[2].parameters())},
         ],
+        graft=None,
     )
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
     assert opt.param_groups[0]["lr"] == 0.1
@@ -489,7 +499,7 @@ def test_the_checked_init_keeps_the_signature_and_forwarded_keywords():
     import inspect
 
     assert "damping" in inspect.signature(KFAC).parameters
-    opt = KFAC(mlp([4, 3]), lr=0.1, weight_decay=0.5, nonfinite="raise")  # via **kwargs
+    opt = KFAC(mlp([4, 3]), lr=0.1, weight_decay=0.5, nonfinite="raise", graft=None)  # via **kwargs
     assert opt.param_groups[0]["weight_decay"] == 0.5 and opt.nonfinite == "raise"
     with pytest.raises(TypeError, match=r"^CurvatureOptimizer\.__init__\(\) .* 'dampng'"):
         CurvatureOptimizer(mlp([4, 3]), dampng=0.1)

@@ -35,7 +35,7 @@ def _stack(depth: int) -> nn.Sequential:
 def _plain_step_ops(depth: int, **kwargs) -> tuple[KFAC, OpCounter, int]:
     torch.manual_seed(0)
     model = _stack(depth)
-    opt = KFAC(model, lr=0.1, curvature_every=100, inverse_every=100, **kwargs)
+    opt = KFAC(model, lr=0.1, curvature_every=100, inverse_every=100, **kwargs, graft=None)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     for _ in range(2):  # step 0 records and refreshes; step 1 is plain
         opt.zero_grad()

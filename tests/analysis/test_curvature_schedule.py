@@ -54,6 +54,7 @@ def test_off_steps_equal_sgd_exactly_then_kfac_preconditions(k: int) -> None:
         curvature_every=1,
         inverse_every=1,
         use_curvature=[(k, None)],
+        graft=None,
     )
     sgd = torch.optim.SGD(
         reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=False
@@ -79,12 +80,12 @@ def test_the_first_on_step_is_the_first_step_of_a_fresh_kfac() -> None:
     KFAC started at step k's weights: statistics of that batch, refresh, precondition."""
     model, _ = _pair()
     kwargs = dict(lr=0.1, momentum=0.0, curvature_every=10, inverse_every=100, kl_clip=None)
-    opt = KFAC(model, use_curvature=[(3, None)], **kwargs)
+    opt = KFAC(model, use_curvature=[(3, None)], **kwargs, graft=None)
     batches = _batches(4)
     for batch in batches[:3]:
         _step(model, opt, batch)
     fresh_model = copy.deepcopy(model)
-    fresh = KFAC(fresh_model, **kwargs)
+    fresh = KFAC(fresh_model, **kwargs, graft=None)
     _step(model, opt, batches[3])  # step 3: not a multiple of curvature_every=10
     _step(fresh_model, fresh, batches[3])
     for pa, pb in zip(_params(model), _params(fresh_model), strict=True):
@@ -95,7 +96,12 @@ def test_the_first_on_step_is_the_first_step_of_a_fresh_kfac() -> None:
 def test_resuming_refreshes_from_the_factors_before_using_them() -> None:
     model, _ = _pair()
     opt = KFAC(
-        model, lr=0.05, curvature_every=1, inverse_every=100, use_curvature=[(0, 2), (4, None)]
+        model,
+        lr=0.05,
+        curvature_every=1,
+        inverse_every=100,
+        use_curvature=[(0, 2), (4, None)],
+        graft=None,
     )
     batches = _batches(6)
     for batch in batches[:2]:
@@ -117,7 +123,7 @@ def test_resuming_refreshes_from_the_factors_before_using_them() -> None:
 
 def test_adam_base_and_mfac_off_are_adam_and_sgd() -> None:
     model, reference = _pair()
-    opt = KFAC(model, lr=1e-2, base="adam", use_curvature=lambda step: step >= 5)
+    opt = KFAC(model, lr=1e-2, base="adam", use_curvature=lambda step: step >= 5, graft=None)
     adam = torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)
     for batch in _batches(5):
         _step(model, opt, batch)
@@ -167,7 +173,14 @@ def test_adafisher_off_from_the_start_is_its_precondition_false_update() -> None
 
 def test_ekfac_and_a_callable_schedule() -> None:
     model, reference = _pair()
-    opt = EKFAC(model, lr=0.1, momentum=0.9, curvature_every=1, use_curvature=lambda s: s % 4 >= 2)
+    opt = EKFAC(
+        model,
+        lr=0.1,
+        momentum=0.9,
+        curvature_every=1,
+        use_curvature=lambda s: s % 4 >= 2,
+        graft=None,
+    )
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
     batches = _batches(3)
     for batch in batches[:2]:
@@ -183,15 +196,15 @@ def test_ekfac_and_a_callable_schedule() -> None:
 def test_checkpoint_resume_follows_the_schedule() -> None:
     model, other = _pair()
     kwargs = dict(lr=0.05, curvature_every=2, inverse_every=3, use_curvature=[(1, 3), (5, None)])
-    opt = KFAC(model, **kwargs)
+    opt = KFAC(model, **kwargs, graft=None)
     batches = _batches(8)
     for batch in batches:
         _step(model, opt, batch)
-    opt_b = KFAC(other, **kwargs)
+    opt_b = KFAC(other, **kwargs, graft=None)
     for batch in batches[:4]:
         _step(other, opt_b, batch)
     state = copy.deepcopy(opt_b.state_dict())
-    opt_c = KFAC(other, **kwargs)
+    opt_c = KFAC(other, **kwargs, graft=None)
     opt_c.load_state_dict(state)
     for batch in batches[4:]:
         _step(other, opt_c, batch)
@@ -215,8 +228,8 @@ def test_checkpoint_resume_follows_the_schedule() -> None:
 def test_bad_schedules_are_rejected(value, error, match) -> None:
     model, _ = _pair()
     with pytest.raises(error, match=match):
-        KFAC(model, use_curvature=value)
-    opt = KFAC(model)
+        KFAC(model, use_curvature=value, graft=None)
+    opt = KFAC(model, graft=None)
     with pytest.raises(error, match=match):
         opt.use_curvature = value
     assert opt.use_curvature is None  # unchanged
@@ -225,15 +238,15 @@ def test_bad_schedules_are_rejected(value, error, match) -> None:
 def test_schedule_needs_curvature_and_a_bool() -> None:
     model, _ = _pair()
     with pytest.raises(ValueError, match="needs curvature"):
-        KFAC(model, precondition=False, use_curvature=[(0, 1)])
-    opt = KFAC(model, use_curvature=[[0, 2], (4, None)])
+        KFAC(model, precondition=False, use_curvature=[(0, 1)], graft=None)
+    opt = KFAC(model, use_curvature=[[0, 2], (4, None)], graft=None)
     assert opt.use_curvature == ((0, 2), (4, None))
     assert [opt.curvature_on(s) for s in range(6)] == [True, True, False, False, True, True]
     with pytest.raises(TypeError, match=r"use_curvature\(0\) must return a bool"):
         opt.use_curvature = lambda step: 1
     assert opt.use_curvature == ((0, 2), (4, None))  # unchanged
     with pytest.raises(TypeError, match=r"use_curvature\(0\) must return a bool"):
-        KFAC(model, use_curvature=lambda step: None)
+        KFAC(model, use_curvature=lambda step: None, graft=None)
 
 
 def test_adafisher_off_after_statistics_takes_the_one_plus_damping_update() -> None:

@@ -31,7 +31,9 @@ F64 = dict(factor_dtype=torch.float64, inverse_dtype=torch.float64)
 
 def _ekfac(model, **kwargs):
     """EKFAC with plain steps (no momentum, no clipping) in float64."""
-    return EKFAC(model, **{"lr": 1.0, "momentum": 0.0, "kl_clip": None, **F64, **kwargs})
+    return EKFAC(
+        model, **{"lr": 1.0, "momentum": 0.0, "kl_clip": None, **F64, **kwargs}, graft=None
+    )
 
 
 def _make_layer(kind, in_dim, out_dim, batch, seq, bias, groups=1):
@@ -277,7 +279,7 @@ def test_each_step_records_only_the_statistics_it_uses():
     overwrites them) nor before the first eigenbasis; nothing at all at other steps."""
     torch.manual_seed(0)
     model = mlp([4, 5, 3])
-    opt = EKFAC(model, curvature_every=3, inverse_every=4, scale_every=2)
+    opt = EKFAC(model, curvature_every=3, inverse_every=4, scale_every=2, graft=None)
     seen = {}
     accumulate = opt.capture.accumulate
 
@@ -339,6 +341,7 @@ def test_eigenbasis_layers_and_kfac_path_layers_together():
             inverse_every=10,
             kl_clip=None,
             **F64,
+            graft=None,
         ),
     ):
         model = build()
@@ -381,6 +384,7 @@ def test_monte_carlo_fisher_feeds_factors_and_scalings_on_their_schedule():
         curvature_every=2,
         inverse_every=4,
         scale_every=1,
+        graft=None,
     )
     for _ in range(8):
         opt.zero_grad()
@@ -421,9 +425,9 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
         (torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen))
         for _ in range(11)
     ]
-    straight = _train(reference, EKFAC(reference, **kwargs), batches)
+    straight = _train(reference, EKFAC(reference, **kwargs, graft=None), batches)
 
-    opt = EKFAC(model, **kwargs)
+    opt = EKFAC(model, **kwargs, graft=None)
     _train(model, opt, batches[:split])
     saved = copy.deepcopy(opt.state_dict())
     assert saved["curvature"]["estimator"]["scalings"]
@@ -432,7 +436,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
     torch.manual_seed(123)
     fresh_model = small_cnn()
     fresh_model.load_state_dict(model_state)
-    fresh = EKFAC(fresh_model, **kwargs)
+    fresh = EKFAC(fresh_model, **kwargs, graft=None)
     fresh.load_state_dict(saved)
     resumed = _train(fresh_model, fresh, batches[split:])
     for a, b in zip(straight, resumed, strict=True):
@@ -441,14 +445,14 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
 
 def test_load_state_dict_from_another_model_is_rejected():
     model = mlp([6, 8, 3])
-    opt = EKFAC(model, curvature_every=1)
+    opt = EKFAC(model, curvature_every=1, graft=None)
     _train(model, opt, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))])
     with pytest.raises(ValueError, match="different model"):
-        EKFAC(mlp([6, 9, 3])).load_state_dict(opt.state_dict())
+        EKFAC(mlp([6, 9, 3]), graft=None).load_state_dict(opt.state_dict())
     state = copy.deepcopy(opt.state_dict())
     state["curvature"]["estimator"]["scalings"]["0"]["scalings"] = torch.zeros(1, 2, 2)
     with pytest.raises(ValueError, match="scalings of shape"):
-        EKFAC(mlp([6, 8, 3])).load_state_dict(state)
+        EKFAC(mlp([6, 8, 3]), graft=None).load_state_dict(state)
 
 
 @pytest.mark.parametrize(
@@ -474,12 +478,12 @@ def test_load_state_dict_from_another_model_is_rejected():
 )
 def test_bad_arguments_name_the_argument(kwargs, error, name):
     with pytest.raises(error, match=name):
-        EKFAC(mlp([4, 3]), **kwargs)
+        EKFAC(mlp([4, 3]), **kwargs, graft=None)
 
 
 def test_needs_the_model_not_its_parameters():
     with pytest.raises(TypeError, match="model itself"):
-        EKFAC(mlp([4, 3]).parameters())
+        EKFAC(mlp([4, 3]).parameters(), graft=None)
 
 
 def test_scalings_before_the_first_basis_and_plain_estimator_use():
@@ -496,7 +500,7 @@ def test_scalings_before_the_first_basis_and_plain_estimator_use():
     _train(model, opt, [(x, y)] * 3)
     assert est.state_dict()["scalings"]["0"]["updates"] == 3  # the reset, then steps 1 and 2
     with pytest.raises(TypeError, match="EKFACConfig"):
-        EKFACEstimator(est.layers, config=KFAC(mlp([4, 3])).estimator.config)
+        EKFACEstimator(est.layers, config=KFAC(mlp([4, 3]), graft=None).estimator.config)
     with pytest.raises(ValueError, match="inverse_method"):
         EKFACConfig(inverse_method="cholesky", damping_mode="factored")
 

@@ -43,6 +43,7 @@ def _one_step_update(model, layer, x, loss_fn, damping, method, mode):
         damping_mode=mode,
         factor_dtype=torch.float64,
         inverse_dtype=torch.float64,
+        graft=None,
     )
     out = layer(x)
     out.retain_grad()
@@ -148,7 +149,7 @@ def test_one_datum_deep_linear_net_kronecker_block_is_the_exact_fisher(
 ):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)).double()
-    opt = KFAC(model, curvature_every=1, factor_dtype=torch.float64)
+    opt = KFAC(model, curvature_every=1, factor_dtype=torch.float64, graft=None)
     x = torch.randn(1, in_dim, dtype=torch.float64)
     F.cross_entropy(model(x), torch.tensor([1])).backward()
     opt.estimator.update(opt.capture.collect())
@@ -162,7 +163,7 @@ def test_one_datum_deep_linear_net_kronecker_block_is_the_exact_fisher(
 def test_one_datum_conv_kronecker_block_is_the_exact_fisher():
     """One example, one output position (kernel covers the input): A ⊗ G is exact."""
     layer = nn.Conv2d(2, 3, 3).double()
-    opt = KFAC(layer, curvature_every=1, factor_dtype=torch.float64)
+    opt = KFAC(layer, curvature_every=1, factor_dtype=torch.float64, graft=None)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     (layer(x).sin().sum()).backward()
     opt.estimator.update(opt.capture.collect())
@@ -176,7 +177,14 @@ def test_float32_path_is_close_to_the_float64_reference():
     layer = nn.Linear(8, 5)
     x = torch.randn(16, 8)
     opt = KFAC(
-        layer, lr=1.0, momentum=0.0, damping=1e-2, curvature_every=1, inverse_every=1, kl_clip=None
+        layer,
+        lr=1.0,
+        momentum=0.0,
+        damping=1e-2,
+        curvature_every=1,
+        inverse_every=1,
+        kl_clip=None,
+        graft=None,
     )
     out = layer(x)
     out.retain_grad()
@@ -209,6 +217,7 @@ def test_kl_clipping_scales_the_step_onto_the_trust_region(kappa):
             curvature_every=1,
             inverse_every=1,
             kl_clip=clip,
+            graft=None,
         )
         F.cross_entropy(layer(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
         grads = [p.grad.clone() for p in layer.parameters()]
@@ -238,7 +247,7 @@ def test_damping_schedule_callable_is_used():
         return 1e-2 / (step + 1)
 
     layer = nn.Linear(4, 3)
-    opt = KFAC(layer, damping=damping, curvature_every=1, inverse_every=1)
+    opt = KFAC(layer, damping=damping, curvature_every=1, inverse_every=1, graft=None)
     for _ in range(3):
         opt.zero_grad()
         F.cross_entropy(layer(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()

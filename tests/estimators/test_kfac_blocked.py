@@ -95,7 +95,7 @@ def _one_step(model, layer, x, loss_fn, damping, method, mode, **kw):
     """One K-FAC step with lr=1, no momentum: ``(update as a matrix, output grad, ∇, opt)``."""
     opt = KFAC(
         model, lr=1.0, momentum=0.0, damping=damping, curvature_every=1, inverse_every=1,
-        kl_clip=None, inverse_method=method, damping_mode=mode, **FLOAT64, **{**NO_LIMITS, **kw},
+        kl_clip=None, inverse_method=method, damping_mode=mode, **FLOAT64, **{**NO_LIMITS, **kw}, graft=None
     )  # fmt: skip
     out = layer(x)
     out.retain_grad()
@@ -202,7 +202,7 @@ def test_wide_head_never_allocates_its_g_and_steps_with_diagonal_g():
     for kw, g_kind in (({}, "blocks"), ({"diagonal_factor_dim": 4096}, "diagonal")):
         m = copy.deepcopy(model)
         opt = KFAC(m, lr=1.0, momentum=0.0, damping=0.1, curvature_every=1, inverse_every=1,
-                   kl_clip=None, **FLOAT64, **kw)  # fmt: skip
+                   kl_clip=None, **FLOAT64, **kw, graft=None)  # fmt: skip
         out = m(x)
         out.retain_grad()
         F.cross_entropy(out, y).backward()
@@ -232,7 +232,7 @@ def test_memory_budget_warns_once_and_describe_reports_every_layer():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # 41² · 4 = 6724 bytes for G of layer 0 and A of layer 2: over 5000
-        opt = KFAC(model, factor_memory=5000)
+        opt = KFAC(model, factor_memory=5000, graft=None)
     budget = [w for w in caught if "factor_memory" in str(w.message)]
     assert len(budget) == 1
     message = str(budget[0].message)
@@ -259,12 +259,12 @@ def test_memory_budget_warns_once_and_describe_reports_every_layer():
 def test_no_warning_at_the_defaults_for_a_model_that_fits():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        KFAC(nn.Sequential(nn.Linear(30, 40), nn.Linear(40, 5)))
+        KFAC(nn.Sequential(nn.Linear(30, 40), nn.Linear(40, 5)), graft=None)
 
 
 # ---- resume, E-KFAC, two-level, distributed -----------------------------------------------
 def _make(opt_cls, model, **kw):
-    return opt_cls(model, lr=0.1, curvature_every=1, inverse_every=2, **FLOAT64, **kw)
+    return opt_cls(model, lr=0.1, curvature_every=1, inverse_every=2, graft=None, **FLOAT64, **kw)
 
 
 @pytest.mark.parametrize("opt_cls", [KFAC, EKFAC, TwoLevelKFAC])
@@ -321,7 +321,7 @@ def test_ekfac_on_blocked_layers_equals_the_dense_eigenbasis_reference():
     torch.manual_seed(6)
     layer = nn.Linear(6, 5).double()  # A 7 -> blocks 4/3 (padded to 8); G 5 -> 3/2 (6)
     opt = EKFAC(layer, lr=1.0, momentum=0.0, damping=0.1, curvature_every=100,
-                inverse_every=100, kl_clip=None, max_factor_dim=4, **FLOAT64)  # fmt: skip
+                inverse_every=100, kl_clip=None, max_factor_dim=4, **FLOAT64, graft=None)  # fmt: skip
     est = opt.estimator
     a_layout, g_layout = est.layouts[""]
     assert (a_layout.padded_dim, g_layout.padded_dim) == (8, 6)
@@ -362,7 +362,7 @@ def test_twolevel_coarse_correction_on_blocked_layers_is_the_unblocked_one():
     def step(cls, blocks, **kw):
         m = copy.deepcopy(model)
         opt = cls(m, lr=1.0, momentum=0.0, damping=0.1, curvature_every=1, inverse_every=1,
-                  kl_clip=None, max_factor_dim=blocks, **FLOAT64, **kw)  # fmt: skip
+                  kl_clip=None, graft=None, max_factor_dim=blocks, **FLOAT64, **kw)  # fmt: skip
         F.cross_entropy(m(x), y).backward()
         opt.step()
         return [
@@ -406,7 +406,7 @@ def test_one_rank_distributed_equals_local_with_blocked_factors(world_of_one, op
 def _refresh_twice(capsys, **kw):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
-    opt = KFAC(model, curvature_every=1, inverse_every=1, max_factor_dim=16, **kw)
+    opt = KFAC(model, curvature_every=1, inverse_every=1, max_factor_dim=16, **kw, graft=None)
     lines = []
     for _ in range(2):
         opt.zero_grad()

@@ -40,7 +40,7 @@ def _float64_opt(model, **kwargs):
         factor_dtype=torch.float64,
         inverse_dtype=torch.float64,
     )
-    return TwoLevelKFAC(model, **{**options, **kwargs})
+    return TwoLevelKFAC(model, **{**options, **kwargs}, graft=None)
 
 
 def _record(layers):
@@ -395,9 +395,9 @@ def test_layer_run_twice_per_forward_is_left_out_of_the_coarse_update():
 def test_layers_without_a_full_input_factor_have_no_coarse_row():
     """The coarse space holds the Kronecker layers with a full A, in module order."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    est = TwoLevelKFAC(model).estimator
+    est = TwoLevelKFAC(model, graft=None).estimator
     assert [layer.name for layer in est.coarse_layers] == ["0", "2"]
-    assert TwoLevelKFAC(model, w2=0.0).estimator.coarse_layers == []
+    assert TwoLevelKFAC(model, w2=0.0, graft=None).estimator.coarse_layers == []
 
 
 def test_layers_outside_the_coarse_space_get_w1_times_kfac():
@@ -413,7 +413,10 @@ def test_layers_outside_the_coarse_space_get_w1_times_kfac():
         nn.Linear(3, 3),
     ).double()
     kwargs = dict(damping=0.1, factor_dtype=torch.float64, inverse_dtype=torch.float64)
-    opts = [TwoLevelKFAC(model, w1=0.5, **kwargs), KFAC(model, **kwargs)]  # one backward feeds both
+    opts = [
+        TwoLevelKFAC(model, w1=0.5, **kwargs, graft=None),
+        KFAC(model, **kwargs, graft=None),
+    ]  # one backward feeds both
     x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,))
     F.cross_entropy(model(x), y).backward()
     grads = {p: p.grad for p in model.parameters()}
@@ -463,8 +466,8 @@ def test_w2_zero_is_kfac_exactly():
     model = small_cnn()
     reference = copy.deepcopy(model)
     batches = _cnn_batches(5)
-    ours = _train(model, TwoLevelKFAC(model, w2=0.0, **kwargs), batches)
-    theirs = _train(reference, KFAC(reference, **kwargs), batches)
+    ours = _train(model, TwoLevelKFAC(model, w2=0.0, **kwargs, graft=None), batches)
+    theirs = _train(reference, KFAC(reference, **kwargs, graft=None), batches)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -472,7 +475,7 @@ def test_w2_zero_is_kfac_exactly():
 def test_w1_zero_gives_one_value_per_layer():
     torch.manual_seed(0)
     model = small_cnn()
-    opt = TwoLevelKFAC(model, w1=0.0, damping=1e-2, curvature_every=1, inverse_every=1)
+    opt = TwoLevelKFAC(model, w1=0.0, damping=1e-2, curvature_every=1, inverse_every=1, graft=None)
     x, y = _cnn_batches(1)[0]
     F.cross_entropy(model(x), y).backward()
     grads = {p: p.grad.clone() for p in model.parameters()}
@@ -503,9 +506,9 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
     reference = copy.deepcopy(model)
     kwargs = {"lr": 0.02, "damping": 0.1, **kwargs}
     batches = _cnn_batches(11)
-    straight = _train(reference, TwoLevelKFAC(reference, **kwargs), batches)
+    straight = _train(reference, TwoLevelKFAC(reference, **kwargs, graft=None), batches)
 
-    opt = TwoLevelKFAC(model, **kwargs)
+    opt = TwoLevelKFAC(model, **kwargs, graft=None)
     _train(model, opt, batches[:split])
     saved = copy.deepcopy(opt.state_dict())
     assert saved["curvature"]["estimator"]["coarse"]["matrix"].shape == (3, 3)
@@ -514,7 +517,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
     torch.manual_seed(123)
     fresh_model = small_cnn()
     fresh_model.load_state_dict(model_state)
-    fresh = TwoLevelKFAC(fresh_model, **kwargs)
+    fresh = TwoLevelKFAC(fresh_model, **kwargs, graft=None)
     fresh.load_state_dict(saved)
     resumed = _train(fresh_model, fresh, batches[split:])
     for a, b in zip(straight, resumed, strict=True):
@@ -523,10 +526,10 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kwargs, split):
 
 def test_load_state_dict_with_other_coarse_layers_is_rejected():
     model = mlp([4, 5, 3])
-    opt = TwoLevelKFAC(model, curvature_every=1)
+    opt = TwoLevelKFAC(model, curvature_every=1, graft=None)
     _train(model, opt, [(torch.randn(3, 4), torch.tensor([0, 1, 2]))])
     with pytest.warns(UserWarning, match="no curvature estimate"):
-        other = TwoLevelKFAC(model, skip_layers=["0"])
+        other = TwoLevelKFAC(model, skip_layers=["0"], graft=None)
     with pytest.raises(ValueError, match="coarse layers"):
         other.load_state_dict(opt.state_dict())
 
@@ -548,12 +551,12 @@ def test_load_state_dict_with_other_coarse_layers_is_rejected():
 )
 def test_bad_arguments_name_themselves(kwargs, error, match):
     with pytest.raises(error, match=match):
-        TwoLevelKFAC(mlp([4, 5, 3]), **kwargs)
+        TwoLevelKFAC(mlp([4, 5, 3]), **kwargs, graft=None)
 
 
 def test_passing_parameters_raises_type_error_naming_the_fix():
     with pytest.raises(TypeError, match=r"TwoLevelKFAC\(model, \.\.\.\)"):
-        TwoLevelKFAC(mlp([4, 3]).parameters())
+        TwoLevelKFAC(mlp([4, 3]).parameters(), graft=None)
 
 
 # ---- training -----------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def test_one_position_one_example_kronecker_block_is_the_exact_fisher(
         2 * groups, 3 * groups, kernel, stride=stride, dilation=dilation, groups=groups, bias=bias
     ).double()
     x = torch.randn(1, 2 * groups, *[dilation * (kernel - 1) + 1] * n, dtype=torch.float64)
-    opt = KFAC(conv, curvature_every=1, factor_dtype=torch.float64)
+    opt = KFAC(conv, curvature_every=1, factor_dtype=torch.float64, graft=None)
     out = conv(x)
     assert out.shape[2:].numel() == 1
     out.sin().sum().backward()
@@ -286,6 +286,7 @@ def test_kfac_step_on_conv1d_and_conv3d_models_equals_dense_kronecker_solve(
         damping_mode=mode[1],
         factor_dtype=torch.float64,
         inverse_dtype=torch.float64,
+        graft=None,
     )
     batch = 2
     x = torch.randn(batch, 2 * groups, *[4 if n == 1 else 3] * n, dtype=torch.float64)

@@ -22,7 +22,9 @@ def _kfac(model, **kwargs):
     kwargs.setdefault("inverse_dtype", torch.float64)
     kwargs.setdefault("factor_decay", 0.0)
     kwargs.setdefault("kl_clip", None)
-    return KFAC(model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs)
+    return KFAC(
+        model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs, graft=None
+    )
 
 
 def _read_back(weight, expected) -> float:
@@ -219,9 +221,13 @@ def test_batchnorm_per_example_contributions_sum_to_the_gradient():
 
 def test_norm_blocks_option_is_checked():
     with pytest.raises(ValueError, match="norm_blocks must be one of"):
-        KFAC(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), layer_options={"norm_blocks": "x"})
+        KFAC(
+            nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)),
+            layer_options={"norm_blocks": "x"},
+            graft=None,
+        )
     with pytest.raises(ValueError, match="layer_options: unknown option"):
-        KFAC(nn.Linear(2, 2), layer_options={"nope": 1})
+        KFAC(nn.Linear(2, 2), layer_options={"nope": 1}, graft=None)
 
 
 # ---- a transformer-ish model -------------------------------------------------------------
@@ -240,7 +246,7 @@ class _TokenModel(nn.Module):
 def test_embedding_linear_layernorm_linear_every_parameter_is_covered_and_moves():
     torch.manual_seed(0)
     model = _TokenModel()
-    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1)
+    opt = KFAC(model, lr=0.1, curvature_every=1, inverse_every=1, graft=None)
     assert opt.uncovered_parameters == []
     assert {layer.kind for layer in opt.estimator.layers} == {"kronecker", "blocks"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -268,15 +274,15 @@ def test_state_dict_round_trip_with_embedding_and_norm_layers(inverse_method):
             opt.step()
 
     reference = copy.deepcopy(model)
-    opt_ref = KFAC(reference, **kwargs)
+    opt_ref = KFAC(reference, **kwargs, graft=None)
     run(reference, opt_ref, data)
 
     first = copy.deepcopy(model)
-    opt_first = KFAC(first, **kwargs)
+    opt_first = KFAC(first, **kwargs, graft=None)
     run(first, opt_first, data[:4])
     state = copy.deepcopy(opt_first.state_dict())
     second = copy.deepcopy(first)
-    opt_second = KFAC(second, **kwargs)
+    opt_second = KFAC(second, **kwargs, graft=None)
     opt_second.load_state_dict(state)
     run(second, opt_second, data[4:])
     for p, q in zip(reference.parameters(), second.parameters(), strict=True):
@@ -342,7 +348,7 @@ def test_weight_tied_across_module_kinds_is_left_to_the_base_update():
     head.weight = emb.weight
     model = nn.Sequential(emb, nn.Linear(3, 3), nn.Tanh(), head)
     with pytest.warns(UserWarning, match="no curvature estimate for 1 parameter"):
-        opt = KFAC(model)
+        opt = KFAC(model, graft=None)
     assert opt.uncovered_parameters == ["0.weight"]
     assert [layer.name for layer in opt.estimator.layers] == ["1"]
     assert any("tied" in line for line in opt.left_out_layers)
@@ -351,7 +357,7 @@ def test_weight_tied_across_module_kinds_is_left_to_the_base_update():
 def test_layer_run_twice_in_one_forward_counts_the_batch_once():
     layer = nn.Linear(3, 3)
     model = nn.Sequential(layer, nn.Tanh(), layer)
-    opt = KFAC(model)
+    opt = KFAC(model, graft=None)
     x = torch.randn(4, 3)
     model(x).sum().backward()  # one forward: 4 examples, 8 rows
     model(x[:2]).sum().backward()  # gradient accumulation: 2 more examples

@@ -30,7 +30,9 @@ def _kfac(model, **kwargs):
     kwargs.setdefault("inverse_dtype", torch.float64)
     kwargs.setdefault("factor_decay", 0.0)
     kwargs.setdefault("kl_clip", None)
-    return KFAC(model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs)
+    return KFAC(
+        model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs, graft=None
+    )
 
 
 class _Probe(nn.Module):
@@ -278,7 +280,7 @@ def test_multihead_attention_in_proj_is_uncovered_with_the_reason():
 
     model = Attn()
     with pytest.warns(UserWarning, match="in_proj_weight"):
-        opt = KFAC(model, lr=1e-2)
+        opt = KFAC(model, lr=1e-2, graft=None)
     assert {"attn.in_proj_weight", "attn.in_proj_bias"} <= set(opt.uncovered_parameters)
     assert any(
         line.startswith("attn: nn.MultiheadAttention projects q, k, v")
