@@ -47,7 +47,7 @@ def train(block: int | None, seed: int, args: argparse.Namespace) -> dict:
     data = TASKS["digits-mlp"].data()
     model = wide_mlp(seed, args.width)
     hparams = {"lr": args.lr} if args.library_defaults else dict(OPTIMIZERS["kfac"].defaults)
-    opt = KFAC(model, max_factor_dim=block, graft=args.graft, progress=False, **hparams)
+    opt = KFAC(model, max_factor_dim=block, progress=False, **{**hparams, "graft": args.graft})
     order = torch.Generator().manual_seed(seed)
     step = 0
     to_loss: dict[float, int | None] = dict.fromkeys(args.loss_targets)

@@ -451,7 +451,8 @@ def build_ours(name: str, model: nn.Module, hp: dict[str, Any], fisher: str):
         cls = secondorder.KFAC if name == "kfac" else secondorder.EKFAC
         with warnings.catch_warnings():  # the skipped layers get the plain update, as theirs
             warnings.filterwarnings("ignore", message=".*no curvature estimate for")
-            return cls(model, skip_layers=_non_kfac_layers(model) or None, **hp, **mc)
+            # the seeds' update: no graft (the library's default grafts Adam)
+            return cls(model, skip_layers=_non_kfac_layers(model) or None, graft=None, **hp, **mc)
     if name in ("adafisher", "adafisherw"):
         cls = secondorder.AdaFisher if name == "adafisher" else secondorder.AdaFisherW
         return cls(model, **hp)

@@ -42,7 +42,8 @@ for every method that has them, and ``--set NAME.KEY=VALUE`` for one method (it 
 both). ``--variant LABEL=NAME`` adds a second copy of method ``NAME`` under ``LABEL``
 (to be named in ``--opt`` and given its own ``--set LABEL.KEY=VALUE``), e.g. K-FAC with and
 without grafting in one run: ``--opt sgd,kfac,kfac-adam --variant kfac-adam=kfac
---set kfac-adam.graft=adam``. Prints a table (ms per step) and, with ``--csv``, writes one
+--set kfac-adam.graft=adam --set kfac-adam.kl_clip=none`` (the bench's K-FAC clips, which
+a graft excludes). Prints a table (ms per step) and, with ``--csv``, writes one
 row per (method, stage): ms per step, share of the iteration, and the method's iteration
 time over SGD's and over Adam's (blank when that baseline was not run). The ``iteration``
 row is the wall time of the whole training iteration (zero_grad to the end of step()),

@@ -152,6 +152,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "curvature_every": 1,
                 "inverse_every": 10,
                 "kl_clip": 1e-2,
+                "graft": None,  # tuned without a graft (the library default grafts Adam)
             },
         ),
         # Swept on digits-mlp (20 epochs, seed 0) over lr {0.02, 0.05} x damping {0.01, 0.03,
@@ -170,6 +171,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "inverse_every": 10,
                 "scale_every": 1,
                 "kl_clip": 1e-2,
+                "graft": None,  # tuned without a graft (the library default grafts Adam)
             },
         ),
         # Tuned on digits-mlp and digits-cnn (20 epochs, seed 0) over lr {0.02, 0.05} x damping
@@ -189,6 +191,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "curvature_every": 1,
                 "inverse_every": 10,
                 "kl_clip": 1e-2,
+                "graft": None,  # tuned without a graft (the library default grafts Adam)
             },
         ),
         # Tuned on digits-mlp (20 epochs, seed 0, ngrads 32): SGD-MFAC over lr {0.02, 0.05,

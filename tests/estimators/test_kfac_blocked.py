@@ -95,7 +95,8 @@ def _one_step(model, layer, x, loss_fn, damping, method, mode, **kw):
     """One K-FAC step with lr=1, no momentum: ``(update as a matrix, output grad, ∇, opt)``."""
     opt = KFAC(
         model, lr=1.0, momentum=0.0, damping=damping, curvature_every=1, inverse_every=1,
-        kl_clip=None, inverse_method=method, damping_mode=mode, **FLOAT64, **{**NO_LIMITS, **kw}, graft=None
+        kl_clip=None, graft=None, inverse_method=method, damping_mode=mode, **FLOAT64,
+        **{**NO_LIMITS, **kw}
     )  # fmt: skip
     out = layer(x)
     out.retain_grad()
@@ -321,7 +322,8 @@ def test_ekfac_on_blocked_layers_equals_the_dense_eigenbasis_reference():
     torch.manual_seed(6)
     layer = nn.Linear(6, 5).double()  # A 7 -> blocks 4/3 (padded to 8); G 5 -> 3/2 (6)
     opt = EKFAC(layer, lr=1.0, momentum=0.0, damping=0.1, curvature_every=100,
-                inverse_every=100, kl_clip=None, max_factor_dim=4, **FLOAT64, graft=None)  # fmt: skip
+                inverse_every=100, kl_clip=None, graft=None, max_factor_dim=4,
+                **FLOAT64)  # fmt: skip
     est = opt.estimator
     a_layout, g_layout = est.layouts[""]
     assert (a_layout.padded_dim, g_layout.padded_dim) == (8, 6)
