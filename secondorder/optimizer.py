@@ -1049,6 +1049,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"{covered}); was it saved from a different model?"
                 )
             estimator = self._estimator_without(unhooked)  # installed once the state loads
+        self._check_saved_groups(state_dict.get("param_groups", ()))
         # All or nothing: torch checks the parameter counts, the estimator checks the
         # curvature against the model; a rejected state leaves this optimizer as it was.
         base_before = (self.state, self.param_groups)
@@ -1075,6 +1076,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.capture.recording = self._records_at(self._step)
             if self.capture.sampler is not None and "sampler" in curvature:
                 self.capture.sampler.load_state_dict(curvature["sampler"])
+
+    def _check_saved_groups(self, groups: Any) -> None:
+        """A state saved with another base update (``base="sgd"`` into ``"adam"``) lacks this
+        base's group keys: say so, rather than fail later on a missing key."""
+        wanted = {key for group in self.param_groups for key in group if key != "params"}
+        for index, group in enumerate(groups):
+            missing = sorted(wanted - set(group))
+            if missing:
+                raise ValueError(
+                    f"state_dict's param group {index} has no {missing}: it was saved by an "
+                    f"optimizer with another base update or configuration (this "
+                    f"{type(self).__name__} has base={self.config.base!r}); build it with the "
+                    "saved run's settings"
+                )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -175,3 +175,18 @@ def test_a_rejected_state_leaves_the_optimizer_as_it_was(name):
         opt.load_state_dict(_saved_state(name))
     assert_same(before, opt.state_dict())
     train(model, opt, data[2:])  # and it still trains
+
+
+@pytest.mark.parametrize(("saved", "loading"), [("sgd", "adam"), ("adam", "sgd")])
+def test_a_state_saved_with_another_base_update_is_rejected_naming_the_base(saved, loading):
+    import secondorder as so
+
+    model = tiny_model()
+    opt = so.MFAC(model, base=saved, ngrads=4)
+    train(model, opt, batches(2))
+    state = copy.deepcopy(opt.state_dict())
+    other = so.MFAC(tiny_model(), base=loading, ngrads=4)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=rf"another base update.*base='{loading}'"):
+        other.load_state_dict(state)
+    assert_same(before, other.state_dict())
