@@ -40,6 +40,28 @@ from torch import Tensor, nn
 
 from secondorder.linalg import damped_inverse_cholesky, factored_damping, symmetric_eigh
 
+#: keywords of a K-FAC-family optimizer whose every ``step()`` is one exact step of the
+#: papers' update on that batch: no momentum, statistics and inverses every step, no KL
+#: clip and no graft (the library's default grafts Adam); tests add ``lr`` and ``damping``
+EXACT_STEP: dict[str, Any] = {
+    "momentum": 0.0,
+    "curvature_every": 1,
+    "inverse_every": 1,
+    "kl_clip": None,
+    "graft": None,
+}
+
+#: the papers' K-FAC-family update at the settings the digits training tests use (SGD
+#: momentum, KL clip, statistics every step and inverses every 10, no graft)
+DIGITS_PAPERS: dict[str, Any] = {
+    "momentum": 0.9,
+    "damping": 1e-2,
+    "curvature_every": 1,
+    "inverse_every": 10,
+    "kl_clip": 1e-2,
+    "graft": None,
+}
+
 
 def tolerance(dtype: torch.dtype, *, n: int = 1, cond: float = 1.0, safety: float = 8.0) -> float:
     """Relative tolerance ``safety · eps(dtype) · n · cond`` (the module docstring gives the

@@ -16,6 +16,7 @@ from secondorder import EKFAC, KFAC, CurvatureOptimizer, EKFACEstimator
 from secondorder.estimators.ekfac import EKFACConfig
 
 from ..helpers import (
+    DIGITS_PAPERS,
     assert_close,
     kron_precondition,
     layer_grad_matrix,
@@ -536,16 +537,7 @@ def test_ekfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr, one_t
     ]
     ekfac = [
         train_digits(
-            lambda m: EKFAC(
-                m,
-                lr=lr,
-                momentum=0.9,
-                damping=1e-2,
-                curvature_every=1,
-                inverse_every=10,
-                kl_clip=1e-2,
-                graft=None,
-            ),
+            lambda m: EKFAC(m, lr=lr, **DIGITS_PAPERS),
             epochs,
             seed,
         )

@@ -12,6 +12,8 @@ from torch import nn
 from secondorder import KFAC
 
 from ..helpers import (
+    DIGITS_PAPERS,
+    EXACT_STEP,
     assert_close,
     damped_kron_cond,
     dense_conv_patches,
@@ -176,16 +178,7 @@ def test_float32_path_is_close_to_the_float64_reference():
     torch.manual_seed(0)
     layer = nn.Linear(8, 5)
     x = torch.randn(16, 8)
-    opt = KFAC(
-        layer,
-        lr=1.0,
-        momentum=0.0,
-        damping=1e-2,
-        curvature_every=1,
-        inverse_every=1,
-        kl_clip=None,
-        graft=None,
-    )
+    opt = KFAC(layer, lr=1.0, damping=1e-2, **EXACT_STEP)
     out = layer(x)
     out.retain_grad()
     F.cross_entropy(out, torch.randint(0, 5, (16,))).backward()
@@ -209,16 +202,7 @@ def test_kl_clipping_scales_the_step_onto_the_trust_region(kappa):
     for clip in (None, kappa):
         torch.manual_seed(0)
         layer = nn.Linear(4, 3)
-        opt = KFAC(
-            layer,
-            lr=lr,
-            momentum=0.0,
-            damping=1e-3,
-            curvature_every=1,
-            inverse_every=1,
-            kl_clip=clip,
-            graft=None,
-        )
+        opt = KFAC(layer, lr=lr, damping=1e-3, **{**EXACT_STEP, "kl_clip": clip})
         F.cross_entropy(layer(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
         grads = [p.grad.clone() for p in layer.parameters()]
         before = [p.detach().clone() for p in layer.parameters()]
@@ -260,16 +244,7 @@ def test_kfac_trains_digits_faster_than_sgd_at_the_same_learning_rate(lr):
     epochs = 4
     sgd = train_digits(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), epochs)
     kfac = train_digits(
-        lambda m: KFAC(
-            m,
-            lr=lr,
-            momentum=0.9,
-            damping=1e-2,
-            curvature_every=1,
-            inverse_every=10,
-            kl_clip=1e-2,
-            graft=None,
-        ),
+        lambda m: KFAC(m, lr=lr, **DIGITS_PAPERS),
         epochs,
     )
     print(f"digits train loss after {epochs} epochs at lr={lr}: SGD {sgd:.4f}  K-FAC {kfac:.4f}")
