@@ -1082,7 +1082,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         base's group keys: say so, rather than fail later on a missing key."""
         wanted = {key for group in self.param_groups for key in group if key != "params"}
         for index, group in enumerate(groups):
-            missing = sorted(wanted - set(group))
+            # what the base update derives from an older state's keys is not missing
+            missing = sorted(wanted - set(self.base_update.normalise_group(dict(group))))
             if missing:
                 raise ValueError(
                     f"state_dict's param group {index} has no {missing}: it was saved by an "
