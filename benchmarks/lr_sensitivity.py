@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from secondorder._cli import as_type, positive_int
 from secondorder.bench.optimizers import OPTIMIZERS, parse_overrides
 from secondorder.bench.report import machine_info, steps_to_target
 from secondorder.bench.runner import RunConfig, resolve_optimizers, resolve_task, train
@@ -377,16 +378,6 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -406,11 +397,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"learning rates (default: {','.join(map(_lr, DEFAULT_LRS))})",
     )
     parser.add_argument(
-        "--seeds", type=_positive_int, default=None, help="seeds 0..N-1 (default 3)"
+        "--seeds", type=as_type(positive_int), default=None, help="seeds 0..N-1 (default 3)"
     )
     parser.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=as_type(positive_int),
         default=None,
         help="epochs for every task (default per task: "
         + ", ".join(f"{t} {e}" for t, e in EPOCHS.items())
@@ -426,7 +417,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(repeatable)",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=1, help="torch threads (default 1)"
+        "--threads", type=as_type(positive_int), default=1, help="torch threads (default 1)"
     )
     parser.add_argument("--out", default="lr-sensitivity", help="output folder")
     parser.add_argument(
