@@ -29,6 +29,7 @@ process) never agree bit for bit on every CPU.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from functools import partial
@@ -318,6 +319,36 @@ def digits_closure_steps(make_opt, steps: int, seed: int = 0):
             yield model, done
             if done == steps:
                 return
+
+
+def train_steps(model: nn.Module, opt: Any, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """One cross-entropy step of ``opt`` per ``(x, y)`` batch."""
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def assert_resume_is_exact(
+    make_opt, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], split: int
+) -> dict[str, Any]:
+    """Train a copy of ``model`` with ``make_opt(model)`` over every batch, and another over
+    ``batches[:split]``, save its state, load it into a fresh optimizer on a copy of that
+    model and train on ``batches[split:]``: the two runs end on the same parameters bit for
+    bit (the same code path). Returns the saved state, for checks of its contents."""
+    whole = copy.deepcopy(model)
+    train_steps(whole, make_opt(whole), batches)
+    first = copy.deepcopy(model)
+    opt = make_opt(first)
+    train_steps(first, opt, batches[:split])
+    saved = copy.deepcopy(opt.state_dict())
+    second = copy.deepcopy(first)
+    resumed = make_opt(second)
+    resumed.load_state_dict(saved)
+    train_steps(second, resumed, batches[split:])
+    for p, q in zip(whole.parameters(), second.parameters(), strict=True):
+        assert torch.equal(p, q)
+    return saved
 
 
 def train_digits(make_opt, epochs: int = 4, seed: int = 0) -> float:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import secondorder as so
 from secondorder.grafting import GRAFTS
 
-from .helpers import assert_close, mlp
+from .helpers import assert_close, assert_resume_is_exact, mlp, train_steps
 
 
 def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -26,13 +26,6 @@ def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         (torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
         for _ in range(n)
     ]
-
-
-def _step(model, opt, batch) -> None:
-    x, y = batch
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
 
 
 @pytest.mark.parametrize(
@@ -59,8 +52,8 @@ def test_adam_graft_with_the_curvature_off_is_adam_bit_for_bit(cls, kwargs, refe
     opt = cls(model, lr=3e-3, graft="adam", precondition=False, **base, **kwargs)
     ref = reference(twin.parameters())
     for batch in _batches(6):
-        _step(model, opt, batch)
-        _step(twin, ref, batch)
+        train_steps(model, opt, [batch])
+        train_steps(twin, ref, [batch])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)  # the same arithmetic: adam_update is torch's, op for op
 
@@ -72,8 +65,8 @@ def test_adam_graft_is_adam_at_steps_where_use_curvature_is_off():
     opt = so.KFAC(model, lr=3e-3, graft="adam", use_curvature=[(100, None)])
     ref = torch.optim.Adam(twin.parameters(), lr=3e-3)
     for batch in _batches(4):
-        _step(model, opt, batch)
-        _step(twin, ref, batch)
+        train_steps(model, opt, [batch])
+        train_steps(twin, ref, [batch])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -141,26 +134,9 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
 def test_graft_state_resumes_exactly():
     torch.manual_seed(0)
     batches = _batches(6)
-    model = mlp([5, 7, 3])
-    start = copy.deepcopy(model.state_dict())
     kwargs = dict(lr=1e-2, graft="rmsprop", curvature_every=1, inverse_every=2)
-    opt = so.KFAC(model, **kwargs)
-    for batch in batches:
-        _step(model, opt, batch)
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    model.load_state_dict(start)
-    opt = so.KFAC(model, **kwargs)
-    for batch in batches[:3]:
-        _step(model, opt, batch)
-    saved = copy.deepcopy(opt.state_dict())
+    saved = assert_resume_is_exact(lambda m: so.KFAC(m, **kwargs), mlp([5, 7, 3]), batches, 3)
     assert any(k.startswith("graft_") for st in saved["state"].values() for k in st)
-    resumed = so.KFAC(model, **kwargs)
-    resumed.load_state_dict(saved)
-    for batch in batches[3:]:
-        _step(model, resumed, batch)
-    for p, q in zip(model.parameters(), straight, strict=True):
-        assert torch.equal(p, q)
 
 
 def test_momentum_defaults_to_zero_under_the_adam_graft_only():
@@ -202,8 +178,8 @@ def test_the_k_fac_family_grafts_adam_by_default_and_auto_steps_aside(cls):
     explicit_model = copy.deepcopy(model)
     explicit = cls(explicit_model, graft="adam", lr=0.03, kl_clip=None, momentum=0.0)
     for batch in _batches(3):
-        _step(model, default, batch)
-        _step(explicit_model, explicit, batch)
+        train_steps(model, default, [batch])
+        train_steps(explicit_model, explicit, [batch])
     for p, q in zip(model.parameters(), explicit_model.parameters(), strict=True):
         assert torch.equal(p, q)
 

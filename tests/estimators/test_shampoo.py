@@ -23,7 +23,7 @@ from torch import nn
 import secondorder as so
 from secondorder.estimators.shampoo import ShampooConfig, ShampooEstimator
 
-from ..helpers import assert_close, mlp
+from ..helpers import assert_close, assert_resume_is_exact, mlp
 
 
 def _dense_root(stat: torch.Tensor, damping: float, exponent: float) -> torch.Tensor:
@@ -220,25 +220,7 @@ def test_resume_is_exact():
         for _ in range(7)
     ]
 
-    def run(m, o, part):
-        for x, y in part:
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
-
-    whole = copy.deepcopy(model)
-    opt = so.Shampoo(whole.parameters(), **kwargs)
-    run(whole, opt, batches)
-    first = copy.deepcopy(model)
-    opt = so.Shampoo(first.parameters(), **kwargs)
-    run(first, opt, batches[:4])
-    saved = copy.deepcopy(opt.state_dict())
-    second = copy.deepcopy(first)
-    resumed = so.Shampoo(second.parameters(), **kwargs)
-    resumed.load_state_dict(saved)
-    run(second, resumed, batches[4:])
-    for p, q in zip(whole.parameters(), second.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resume_is_exact(lambda m: so.Shampoo(m.parameters(), **kwargs), model, batches, 4)
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import secondorder as so
 from secondorder.estimators import soap as soap_module
 from secondorder.estimators.soap import SOAPConfig, SOAPEstimator
 
-from ..helpers import assert_close, mlp
+from ..helpers import assert_close, assert_resume_is_exact, mlp, train_steps
 
 
 def _batches(n: int, dtype=torch.float32):
@@ -39,13 +38,6 @@ def _batches(n: int, dtype=torch.float32):
         (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen))
         for _ in range(n)
     ]
-
-
-def _run(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize(
@@ -70,8 +62,8 @@ def test_without_rotation_soap_is_adam(kwargs, reference):
     ref = reference(twin.parameters())
     steps = 6
     for batch in _batches(steps, torch.float64):
-        _run(model, opt, [batch])
-        _run(twin, ref, [batch])
+        train_steps(model, opt, [batch])
+        train_steps(twin, ref, [batch])
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             # the parameters move by lr·u ~ 3e-3 a step; their round-off is that of p
             assert_close(p, q, n=steps)
@@ -90,8 +82,8 @@ def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
     monkeypatch.setattr(soap_module, "symmetric_eigh_many", identity)
     rotated = so.SOAP(model.parameters(), inverse_every=2, basis_refresh="eigh")
     batches = _batches(5)
-    _run(model, rotated, batches)
-    _run(twin, plain, batches)
+    train_steps(model, rotated, batches)
+    train_steps(twin, plain, batches)
     assert all(
         s.left_basis is not None for s in rotated.estimator.states.values() if s.left is not None
     )
@@ -215,18 +207,8 @@ def test_resume_is_exact():
         (torch.randn(5, 2, 6, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen))
         for _ in range(8)
     ]
-    whole = copy.deepcopy(model)
-    _run(whole, so.SOAP(whole.parameters(), **kwargs), batches)
-    first = copy.deepcopy(model)
-    opt = so.SOAP(first.parameters(), **kwargs)
-    _run(first, opt, batches[:4])  # a refresh at step 3 carried v; the next comes at 6
-    saved = copy.deepcopy(opt.state_dict())
-    second = copy.deepcopy(first)
-    resumed = so.SOAP(second.parameters(), **kwargs)
-    resumed.load_state_dict(saved)
-    _run(second, resumed, batches[4:])
-    for p, q in zip(whole.parameters(), second.parameters(), strict=True):
-        assert torch.equal(p, q)
+    # saved after step 4: a refresh at step 3 carried v; the next comes at 6
+    assert_resume_is_exact(lambda m: so.SOAP(m.parameters(), **kwargs), model, batches, 4)
 
 
 @pytest.mark.parametrize(
