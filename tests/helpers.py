@@ -193,6 +193,14 @@ def kron_factored_precondition(a: Tensor, g: Tensor, grad: Tensor, damping: floa
     return torch.linalg.solve(big, vec).reshape(grad.shape[1], grad.shape[0]).T
 
 
+def update_matrix(delta: Sequence[Tensor], layer: nn.Module) -> Tensor:
+    """A layer's parameter change (weight, then bias if any) in :func:`layer_grad_matrix`'s
+    layout: ``(groups, out / groups, in [+ 1])``."""
+    groups = getattr(layer, "groups", 1)
+    w = delta[0].reshape(groups, delta[0].shape[0] // groups, -1)
+    return w if len(delta) == 1 else torch.cat([w, delta[1].reshape(groups, -1, 1)], 2)
+
+
 def layer_grad_matrix(layer: nn.Module, groups: int = 1) -> Tensor:
     """``[∇W | ∇b]`` of a Linear/Conv2d layer as ``(groups, out/groups, cols)``."""
     w = layer.weight.grad.reshape(groups, layer.weight.shape[0] // groups, -1)
@@ -319,6 +327,21 @@ def digits_closure_steps(make_opt, steps: int, seed: int = 0):
             yield model, done
             if done == steps:
                 return
+
+
+def exact_kfac(model: nn.Module, **kwargs: Any) -> Any:
+    """``KFAC`` whose every step is one exact float64 step of the papers' update
+    (:data:`EXACT_STEP`, lr 1, factors without memory); ``kwargs`` override."""
+    from secondorder import KFAC
+
+    settings = {
+        "lr": 1.0,
+        "factor_dtype": torch.float64,
+        "inverse_dtype": torch.float64,
+        "factor_decay": 0.0,
+        **EXACT_STEP,
+    }
+    return KFAC(model, **{**settings, **kwargs})
 
 
 def train_steps(model: nn.Module, opt: Any, batches: Sequence[tuple[Tensor, Tensor]]) -> None:

@@ -24,6 +24,7 @@ from ..helpers import (
     small_cnn,
     tolerance,
     train_digits,
+    update_matrix,
 )
 
 dampings = st.floats(1e-4, 10.0).map(float)
@@ -69,10 +70,7 @@ def _take_step(opt, layer, x, lr):
     before = [p.detach().clone() for p in layer.parameters()]
     opt.step()
     delta = [b - p.detach() for b, p in zip(before, layer.parameters(), strict=True)]
-    w = delta[0].reshape(groups, layer.weight.shape[0] // groups, -1)
-    if len(delta) == 1:
-        return grad, w
-    return grad, torch.cat([w, delta[1].reshape(groups, -1, 1)], dim=2)
+    return grad, update_matrix(delta, layer)
 
 
 def _per_example_grads(layer, x):

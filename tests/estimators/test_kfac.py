@@ -24,6 +24,7 @@ from ..helpers import (
     layer_grad_matrix,
     tolerance,
     train_digits,
+    update_matrix,
     with_ones,
 )
 
@@ -55,11 +56,6 @@ def _one_step_update(model, layer, x, loss_fn, damping, method, mode):
     opt.step()
     delta = [b - p.detach() for b, p in zip(before, layer.parameters(), strict=True)]
     return delta, out.grad, grad
-
-
-def _as_matrix(delta, layer, groups=1):
-    w = delta[0].reshape(groups, layer.weight.shape[0] // groups, -1)
-    return w if len(delta) == 1 else torch.cat([w, delta[1].reshape(groups, -1, 1)], 2)
 
 
 def _reference(a, g, grad, damping, mode):
@@ -102,7 +98,7 @@ def test_linear_preconditioned_gradient_equals_dense_kronecker_solve(
     rows = x.reshape(-1, in_dim)
     a, g = kfac_factors((with_ones(rows) if bias else rows)[None], grad_rows(g_out), batch)
     expected = _reference(a, g, grad, damping, mode[1])
-    _check_step(_as_matrix(delta, layer), expected, a, g, len(rows), damping, mode[1], layer)
+    _check_step(update_matrix(delta, layer), expected, a, g, len(rows), damping, mode[1], layer)
 
 
 @given(
@@ -131,7 +127,7 @@ def test_conv2d_preconditioned_gradient_equals_dense_kronecker_solve(
         patches = torch.cat([patches, torch.ones(*patches.shape[:2], 1, dtype=torch.float64)], 2)
     a, g = kfac_factors(patches, grad_rows(g_out, groups), batch=2)
     expected = _reference(a, g, grad, damping, mode[1])
-    delta = _as_matrix(delta, layer, groups)
+    delta = update_matrix(delta, layer)
     _check_step(delta, expected, a, g, patches.shape[1], damping, mode[1], layer)
 
 

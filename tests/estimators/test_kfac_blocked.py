@@ -27,6 +27,7 @@ from ..helpers import (
     kron_factored_precondition,
     kron_precondition,
     layer_grad_matrix,
+    update_matrix,
     with_ones,
 )
 
@@ -106,10 +107,7 @@ def _one_step(model, layer, x, loss_fn, damping, method, mode, **kw):
     before = [p.detach().clone() for p in layer.parameters()]
     opt.step()
     delta = [b - p.detach() for b, p in zip(before, layer.parameters(), strict=True)]
-    w = delta[0].reshape(groups, layer.weight.shape[0] // groups, -1)
-    if len(delta) == 2:
-        w = torch.cat([w, delta[1].reshape(groups, -1, 1)], 2)
-    return w, out.grad, grad, opt
+    return update_matrix(delta, layer), out.grad, grad, opt
 
 
 def _check(delta, a, g, grad, rows, damping, mode, layer, layouts):

@@ -23,6 +23,7 @@ from ..helpers import (
     kron_factored_precondition,
     kron_precondition,
     layer_grad_matrix,
+    update_matrix,
 )
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -238,11 +239,6 @@ def _reference(a, g, grad, damping, mode):
     return torch.stack([fn(a[i], g[i], grad[i], damping) for i in range(a.shape[0])])
 
 
-def _as_matrix(delta, conv):
-    w = delta[0].reshape(conv.groups, conv.out_channels // conv.groups, -1)
-    return w if len(delta) == 1 else torch.cat([w, delta[1].reshape(conv.groups, -1, 1)], 2)
-
-
 @settings(max_examples=15)
 @given(
     n=st.sampled_from([1, 3]),
@@ -307,4 +303,4 @@ def test_kfac_step_on_conv1d_and_conv3d_models_equals_dense_kronecker_solve(
         n = patches.shape[1] + a.shape[-1] + g.shape[-1]
         cond = damped_kron_cond(a, g, float(damping), mode[1])
         scale = float(expected.abs().max()) + max(float(w.abs().max()) for w in old)
-        assert_close(_as_matrix(delta, c), expected, n=n, cond=cond, scale=scale)
+        assert_close(update_matrix(delta, c), expected, n=n, cond=cond, scale=scale)

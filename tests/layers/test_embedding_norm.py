@@ -14,17 +14,7 @@ from torch import nn
 
 from secondorder import KFAC
 
-from ..helpers import assert_close, kron_precondition, with_ones
-
-
-def _kfac(model, **kwargs):
-    kwargs.setdefault("factor_dtype", torch.float64)
-    kwargs.setdefault("inverse_dtype", torch.float64)
-    kwargs.setdefault("factor_decay", 0.0)
-    kwargs.setdefault("kl_clip", None)
-    return KFAC(
-        model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs, graft=None
-    )
+from ..helpers import assert_close, exact_kfac, kron_precondition, with_ones
 
 
 def _read_back(weight, expected) -> float:
@@ -53,7 +43,7 @@ def _delta(model, opt, loss_fn):
 def test_one_token_embedding_kronecker_block_is_the_exact_fisher():
     torch.manual_seed(0)
     emb = nn.Embedding(7, 3).double()
-    opt = _kfac(emb)
+    opt = exact_kfac(emb)
     tokens = torch.tensor([4])
     (emb(tokens) ** 3).sum().backward()
     opt.estimator.update(opt.capture.collect())
@@ -99,7 +89,7 @@ def test_embedding_direction_is_the_dense_kronecker_solve(
     g = batch * g_rows.T @ g_rows
     emb.zero_grad()
 
-    opt = _kfac(model, damping=damping)  # after the pass above, which it must not see
+    opt = exact_kfac(model, damping=damping)  # after the pass above, which it must not see
     delta, grads = _delta(model, opt, loss)
     expected = kron_precondition(a, g, grads["0.weight"].T, damping).T
     # G sums the token rows; factors of sizes vocab and dim; a damped solve
@@ -153,7 +143,7 @@ def test_layernorm_blocks_are_the_exact_per_channel_fisher(
     fisher = batch * torch.einsum("nci,ncj->cij", d, d)
     if mode == "diagonal":
         fisher = torch.diag_embed(torch.diagonal(fisher, dim1=1, dim2=2))
-    opt = _kfac(model, damping=damping, layer_options={"norm_blocks": mode})
+    opt = exact_kfac(model, damping=damping, layer_options={"norm_blocks": mode})
     delta, grads = _delta(model, opt, lambda: loss_of(model(x)))
     grad = torch.stack([grads["0.weight"], grads["0.bias"]], -1)
     # sums over the examples' tokens, bounded by the sum of their sizes
@@ -187,7 +177,7 @@ def test_one_example_norm_block_is_the_exact_fisher(kind):
     norm = norm.double()
     nn.init.normal_(norm.weight)
     x = x.double()
-    opt = _kfac(norm)
+    opt = exact_kfac(norm)
     (norm(x).sin() * torch.arange(x[0].numel()).reshape(x.shape[1:])).sum().backward()
     opt.estimator.update(opt.capture.collect())
     fisher, none = opt.estimator.factors("")
@@ -203,7 +193,7 @@ def test_batchnorm_per_example_contributions_sum_to_the_gradient():
     norm = nn.BatchNorm2d(4).double()
     nn.init.normal_(norm.weight)
     x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
-    opt = _kfac(norm)
+    opt = exact_kfac(norm)
     out = norm(x)
     (out.sin() * torch.randn_like(out)).sum().backward()
     layer = opt.estimator.layers[0]
@@ -324,7 +314,7 @@ def test_tied_weight_pools_statistics_and_is_updated_once(second_bias):
     g = 3 * g_rows.T @ g_rows  # 3 examples, counted once although two modules saw them
     model.zero_grad()
 
-    opt = _kfac(model, damping=1e-2)
+    opt = exact_kfac(model, damping=1e-2)
     layers = opt.estimator.layers
     assert [layer.name for layer in layers] == ["first"]
     assert [t.name for t in layers[0].tied] == ["second"]

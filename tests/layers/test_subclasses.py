@@ -22,17 +22,7 @@ from secondorder.layers import (
     resolve_helper,
 )
 
-from ..helpers import assert_close
-
-
-def _kfac(model, **kwargs):
-    kwargs.setdefault("factor_dtype", torch.float64)
-    kwargs.setdefault("inverse_dtype", torch.float64)
-    kwargs.setdefault("factor_decay", 0.0)
-    kwargs.setdefault("kl_clip", None)
-    return KFAC(
-        model, lr=1.0, momentum=0.0, curvature_every=1, inverse_every=1, **kwargs, graft=None
-    )
+from ..helpers import assert_close, exact_kfac
 
 
 class _Probe(nn.Module):
@@ -89,7 +79,7 @@ def test_channels_first_layernorm_blocks_are_the_exact_per_channel_fisher(
     # per-example gradients: sums over each example's positions
     assert_close(per_example, d, n=rows, scale=float(d.abs().max()))
 
-    opt = _kfac(model, damping=damping, layer_options={"norm_blocks": mode})
+    opt = exact_kfac(model, damping=damping, layer_options={"norm_blocks": mode})
     before = [p.detach().clone() for p in (norm.weight, norm.bias)]
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
