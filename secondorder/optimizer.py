@@ -295,14 +295,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self, layers: list[LayerHelper], params: list[nn.Parameter]
     ) -> CurvatureEstimator | None:
         """The estimator for the covered ``layers`` (and all ``params``):
-        ``estimator_class(layers, self.config)``, or the ``estimator`` factory given to
+        ``estimator_class.build(...)`` (``estimator_class(layers, self.config)``, or from the
+        parameters for a :class:`~secondorder.estimators.base.ParameterEstimator`), or the
+        ``estimator`` factory given to
         ``CurvatureOptimizer`` itself; a subclass whose estimator needs more overrides it.
         Called again with fewer layers when layers are left to the base update after
         construction (hooks that never ran)."""
         if self._estimator_factory is not None:
             return self._estimator_factory(layers, params)
         if self.estimator_class is not None:
-            return self.estimator_class(layers, self.config)
+            names = [self._names[p] for p in params]
+            return self.estimator_class.build(layers, params, self.config, names)
         return None
 
     def attach(self, model: nn.Module | None) -> None:

@@ -122,6 +122,15 @@ class CurvatureEstimator(ABC):
         if len(set(names)) != len(names):
             raise ValueError("layer names must be unique")
 
+    @classmethod
+    def build(
+        cls, layers: list[LayerHelper], params: list[nn.Parameter], config: Any, names: list[str]
+    ) -> CurvatureEstimator:
+        """The estimator an optimizer's ``estimator_class`` builds (the default
+        :meth:`CurvatureOptimizer.build_estimator`): ``cls(layers, config)``; ``names`` are
+        the parameters' names, in the order of ``params``."""
+        return cls(layers, config)  # type: ignore[call-arg]
+
     @property
     def params(self) -> list[nn.Parameter]:
         """Every parameter whose gradient :meth:`precondition` may replace."""
@@ -214,3 +223,37 @@ def format_layer_table(rows: Sequence[Mapping[str, Any]], left_out: Sequence[str
     ]
     lines += [f"left out: {reason}" for reason in left_out]
     return "\n".join(lines)
+
+
+class ParameterEstimator(CurvatureEstimator):
+    """Base of the estimators built from the parameters and their gradients alone (no
+    hooks, no layers): Shampoo's and SOAP's.
+
+    Args:
+        params (list[nn.Parameter]): the parameters; those that do not require grad are
+            left out.
+        names (list[str], optional): their names, for messages (default ``param i``).
+    """
+
+    requires_capture = False
+
+    def __init__(self, params: list[nn.Parameter], names: list[str] | None = None) -> None:
+        super().__init__([])
+        names = names if names is not None else [f"param {i}" for i in range(len(params))]
+        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
+        self._params = [p for p in params if p.requires_grad]
+
+    @classmethod
+    def build(
+        cls, layers: list[LayerHelper], params: list[nn.Parameter], config: Any, names: list[str]
+    ) -> CurvatureEstimator:
+        """``cls(params, config, names)``: the parameters, not the layers."""
+        return cls(params, config, names)  # type: ignore[call-arg]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return list(self._params)
+
+    @abstractmethod
+    def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
+        """Each parameter's direction from its gradient (acts on the gradient)."""

@@ -36,10 +36,9 @@ from torch import Tensor, nn
 
 from .._checks import Schedule
 from ..config import OptimizerConfig, hyperparameter
-from ..layers import LayerHelper
 from ..linalg import symmetric_eigh_many
 from ..optimizer import CurvatureOptimizer
-from .base import CurvatureEstimator
+from .base import ParameterEstimator
 
 
 def _real(value: Any) -> bool:
@@ -223,7 +222,7 @@ def matrix_power(values: Tensor, vectors: Tensor, damping: float, exponent: floa
     return (vectors * (values + damping).pow(exponent).unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
 
-class ShampooEstimator(CurvatureEstimator):
+class ShampooEstimator(ParameterEstimator):
     """Shampoo's statistics ``L``, ``R`` per tile and their inverse roots.
 
     Args:
@@ -232,19 +231,14 @@ class ShampooEstimator(CurvatureEstimator):
         config (ShampooConfig, optional): hyperparameters.
     """
 
-    requires_capture = False
-
     def __init__(
         self,
         params: list[nn.Parameter],
         config: ShampooConfig | None = None,
         names: list[str] | None = None,
     ) -> None:
-        super().__init__([])
+        super().__init__(params, names)
         self.config = config if config is not None else ShampooConfig()
-        names = names if names is not None else [f"param {i}" for i in range(len(params))]
-        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
-        self._params = [p for p in params if p.requires_grad]
         self.exponents = check_exponents("exponent", self.config.exponent)
         self.tiles: dict[Tensor, list[_Tile]] = {
             p: tiles_of(p, self.config.max_factor_dim) for p in self._params if p.dim() >= 2
@@ -259,10 +253,6 @@ class ShampooEstimator(CurvatureEstimator):
             _Group(members, self.exponents, key[2], key[3]) for key, members in by_shape.items()
         ]
         self.refreshed = False
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return list(self._params)
 
     def describe_layers(self) -> list[dict[str, Any]]:
         rows = []
@@ -457,8 +447,4 @@ class Shampoo(CurvatureOptimizer):
     l2_before_precondition = True
 
     config_class = ShampooConfig
-
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> ShampooEstimator:
-        return ShampooEstimator(params, self.config, [self._names[p] for p in params])
+    estimator_class = ShampooEstimator

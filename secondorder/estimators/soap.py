@@ -56,10 +56,9 @@ from torch import Tensor, nn
 
 from .._checks import Interval, Schedule, UseCurvature
 from ..config import OptimizerConfig, fixed, hyperparameter
-from ..layers import LayerHelper
 from ..linalg import symmetric_eigh_many
 from ..optimizer import CurvatureOptimizer
-from .base import CurvatureEstimator
+from .base import ParameterEstimator
 from .shampoo import as_matrix, check_beta, statistics_dtype
 
 
@@ -187,7 +186,7 @@ class _State:
 _FIELDS = ("exp_avg", "exp_avg_sq", "left", "right", "left_basis", "right_basis")
 
 
-class SOAPEstimator(CurvatureEstimator):
+class SOAPEstimator(ParameterEstimator):
     """SOAP's statistics, bases and Adam moments (rotated second moment).
 
     Args:
@@ -196,24 +195,15 @@ class SOAPEstimator(CurvatureEstimator):
         config (SOAPConfig, optional): hyperparameters.
     """
 
-    requires_capture = False
-
     def __init__(
         self,
         params: list[nn.Parameter],
         config: SOAPConfig | None = None,
         names: list[str] | None = None,
     ) -> None:
-        super().__init__([])
+        super().__init__(params, names)
         self.config = config if config is not None else SOAPConfig()
-        names = names if names is not None else [f"param {i}" for i in range(len(params))]
-        self.names = {p: n for p, n in zip(params, names, strict=True) if p.requires_grad}
-        self._params = [p for p in params if p.requires_grad]
         self.states = {p: _State(p, self.config.max_factor_dim) for p in self._params}
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return list(self._params)
 
     @property
     def shampoo_beta(self) -> float:
@@ -384,8 +374,4 @@ class SOAP(CurvatureOptimizer):
     l2_before_precondition = True
 
     config_class = SOAPConfig
-
-    def build_estimator(
-        self, layers: list[LayerHelper], params: list[nn.Parameter]
-    ) -> SOAPEstimator:
-        return SOAPEstimator(params, self.config, [self._names[p] for p in params])
+    estimator_class = SOAPEstimator
