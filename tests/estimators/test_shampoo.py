@@ -23,7 +23,7 @@ from torch import nn
 import secondorder as so
 from secondorder.estimators.shampoo import ShampooConfig, ShampooEstimator
 
-from ..helpers import assert_close, assert_resume_is_exact, mlp
+from ..helpers import assert_close, assert_resume_is_exact, mlp, train_steps
 
 
 def _dense_root(stat: torch.Tensor, damping: float, exponent: float) -> torch.Tensor:
@@ -182,9 +182,7 @@ def test_curvature_off_is_adam_bit_for_bit(kwargs, reference):
     for _ in range(5):
         x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
         for m, o in ((model, opt), (twin, ref)):
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
+            train_steps(m, o, [(x, y)])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -200,9 +198,7 @@ def test_one_dimensional_parameters_take_adams_step():
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
     for m, o in ((model, opt), (twin, ref)):
-        o.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        o.step()
+        train_steps(m, o, [(x, y)])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         if p.dim() == 1:
             assert torch.equal(p, q)
