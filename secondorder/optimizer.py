@@ -18,7 +18,6 @@ direction, as in K-FAC reference implementations.
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -77,12 +76,9 @@ def kl_clip_factor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float
 
     Returns 1 when the sum is not positive (no trust-region information). The inner
     products are taken with one multi-tensor product and one float64 sum per (lr, dtype,
-    device), and read with one host sync per device.
+    device), and the factor is read with one host sync.
     """
-    total = sum(to_host(_kl_terms(pairs)))
-    if not total > 0.0:
-        return 1.0
-    return min(1.0, math.sqrt(kl_clip / total))
+    return to_host([_kl_clip_tensor(pairs, kl_clip)])[0]
 
 
 def _kl_terms(pairs: Iterable[tuple[Tensor, Tensor, float]]) -> list[Tensor]:
@@ -101,9 +97,11 @@ def _kl_terms(pairs: Iterable[tuple[Tensor, Tensor, float]]) -> list[Tensor]:
 
 
 def _kl_clip_tensor(pairs: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor:
-    """:func:`kl_clip_factor` as a 0-dim float64 tensor on the device, without reading it
-    (for a step captured in a CUDA graph)."""
+    """:func:`kl_clip_factor` as a 0-dim float64 tensor on the device, not read back (a
+    step captured in a CUDA graph uses it as it is); 1 where the sum is not positive."""
     terms = _kl_terms(pairs)
+    if not terms:
+        return torch.ones((), dtype=torch.float64)
     total = terms[0]
     for term in terms[1:]:
         total = total + term.to(total.device)

@@ -11,6 +11,7 @@ the eager step, and the device KL factor equals the host one.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 
 import pytest
@@ -173,8 +174,10 @@ def test_adam_graft_refuses_capture(monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3, 0.0])
-def test_the_device_kl_factor_equals_the_host_one(scale):
-    """Clipped (large directions), not clipped (small ones: factor 1), and a zero sum (1)."""
+def test_the_kl_factor_is_the_float64_formula_on_the_device_and_on_the_host(scale):
+    """Clipped (large directions), not clipped (small ones: factor 1), and a zero sum (1):
+    the device tensor and the host value :func:`kl_clip_factor` reads from it both equal
+    ``min(1, sqrt(κ / Σ lr² <u, g>))`` computed in float64."""
     gen = torch.Generator().manual_seed(0)
     us = [torch.randn(5, 3, generator=gen) * scale, torch.randn(4, generator=gen) * scale]
     # gradients close to the directions' signs: a positive inner product
@@ -182,7 +185,11 @@ def test_the_device_kl_factor_equals_the_host_one(scale):
         (u, u.sign() + 0.1 * torch.randn(u.shape, generator=gen), lr)
         for u, lr in zip(us, (0.1, 0.2), strict=True)
     ]
-    want = kl_clip_factor(iter(pairs), 1e-2)
+    total = sum(lr**2 * float((u.double() * g.double()).sum()) for u, g, lr in pairs)
+    want = 1.0 if not total > 0 else min(1.0, math.sqrt(1e-2 / total))
     got = _kl_clip_tensor(iter(pairs), 1e-2)
     assert got.dtype == torch.float64 and got.dim() == 0
-    assert_close(got, torch.tensor(want, dtype=torch.float64), dtype=torch.float64, n=16)
+    # float32 products of 19 terms, summed in float64
+    assert_close(got, torch.tensor(want, dtype=torch.float64), dtype=torch.float32, n=19)
+    assert kl_clip_factor(iter(pairs), 1e-2) == float(got)
+    assert kl_clip_factor(iter([]), 1e-2) == 1.0
