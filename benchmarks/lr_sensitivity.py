@@ -284,13 +284,18 @@ def markdown_table(
             lines.append(line)
     lines.append("")
     lrs = next(iter(next(iter(summary.values())).values()))["lrs"] if summary else []
-    lines.append(
+    note = (
         "Seeds reaching, per lr: for lr " + ", ".join(_lr(lr) for lr in lrs) + " in that order. "
         "Best final train loss: the mean over seeds of the train loss after the last epoch, at "
-        "the lr where it is lowest (lrs where a seed diverged are left out). Final train loss "
-        f"at {REFERENCE}'s best lr: the same mean at the lr where {REFERENCE}'s is lowest (the "
-        "issue's second goal compares a grafted method with Adam there)."
+        "the lr where it is lowest (lrs where a seed diverged are left out)."
     )
+    if any(summary[t].get(REFERENCE, {}).get("best_lr") is not None for t in tasks):
+        note += (
+            f" Final train loss at {REFERENCE}'s best lr: the same mean at the lr where "
+            f"{REFERENCE}'s is lowest (the issue's second goal compares a grafted method with "
+            "Adam there)."
+        )
+    lines.append(note)
     return "\n".join(lines) + "\n"
 
 
