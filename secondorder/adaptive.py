@@ -280,13 +280,7 @@ class AdaptiveState:
     previous_key = "previous_update"
 
     def __init__(self, config: OptimizerConfig) -> None:
-        self.adaptive_damping = config.adaptive_damping
-        self.adaptive_lr = config.adaptive_lr
-        self.adaptive_momentum = config.adaptive_momentum
-        self.interval = config.damping_adaptation_interval
-        self.decay = config.damping_adaptation_decay
-        self.min_damping = config.min_damping
-        self.max_damping = config.max_damping
+        self.config = config  # the adaptive options and their bounds
         self.last: Adaptation | None = None
         self._snapshot: list[Tensor] | None = None  # θ before a base update that is measured
         self._pending: dict[str, Any] | None = None
@@ -300,10 +294,11 @@ class AdaptiveState:
     @property
     def replaces_base_update(self) -> bool:
         """Whether the step is ``α v₁ + μ v₂`` (else the base update's, measured)."""
-        return self.adaptive_lr or self.adaptive_momentum
+        return self.config.adaptive_lr or self.config.adaptive_momentum
 
     def adapts_damping_at(self, step: int) -> bool:
-        return self.adaptive_damping and (step + 1) % self.interval == 0
+        cfg = self.config
+        return cfg.adaptive_damping and (step + 1) % cfg.damping_adaptation_interval == 0
 
     # ---- the hooks -------------------------------------------------------------------------
     def before_base_update(
@@ -322,7 +317,7 @@ class AdaptiveState:
             on = [
                 n
                 for n in ("adaptive_damping", "adaptive_lr", "adaptive_momentum")
-                if getattr(self, n)
+                if getattr(self.config, n)
             ]
             raise RuntimeError(
                 f"{type(opt).__name__}: {', '.join(on)} needs the loss: call "
@@ -402,9 +397,9 @@ class AdaptiveState:
         opt.damping = levenberg_marquardt(
             float(opt.damping),
             record.rho,
-            self.decay,
-            min_damping=self.min_damping,
-            max_damping=self.max_damping,
+            self.config.damping_adaptation_decay,
+            min_damping=self.config.min_damping,
+            max_damping=self.config.max_damping,
         )
         record.next_damping = float(opt.damping)
 
@@ -429,17 +424,17 @@ class AdaptiveState:
         previous = [opt.state[p].get(self.previous_key) for p in params]
         has_previous = all(d is not None for d in previous) and bool(_dot(previous, previous) > 0)
         # a coefficient that is not adaptive is 1 on a vector scaled per group
-        if not self.adaptive_lr:
+        if not self.config.adaptive_lr:
             descent = [lr[p] * d for p, d in zip(params, descent, strict=True)]
         vectors = [descent]
         if has_previous:
-            if not self.adaptive_momentum:
+            if not self.config.adaptive_momentum:
                 previous = [momentum[p] * d for p, d in zip(params, previous, strict=True)]
             vectors.append(previous)
         matrix, linear = self._model(opt, closure, params, grads, vectors, l2_applied)
-        wanted = [None if self.adaptive_lr else 1.0]
+        wanted = [None if self.config.adaptive_lr else 1.0]
         if has_previous:
-            wanted.append(None if self.adaptive_momentum else 1.0)
+            wanted.append(None if self.config.adaptive_momentum else 1.0)
         coefficients = minimise_quadratic_model(matrix, linear, wanted)
         if coefficients is None and len(wanted) == 2 and wanted[1] is None:
             # δ_prev nearly parallel to Δ, or negative curvature along it: drop μ
@@ -452,8 +447,8 @@ class AdaptiveState:
                 [opt.param_groups[0]["lr"], *wanted[1:]], dtype=torch.float64
             )
         else:
-            record.alpha = float(coefficients[0]) if self.adaptive_lr else None
-            if self.adaptive_momentum:
+            record.alpha = float(coefficients[0]) if self.config.adaptive_lr else None
+            if self.config.adaptive_momentum:
                 record.mu = float(coefficients[1]) if has_previous else 0.0
         record.model_change = quadratic_model_change(matrix, linear, coefficients)
         c = [float(x) for x in coefficients]
@@ -524,18 +519,18 @@ class AdaptiveState:
         """λ (adaptive damping) and the last record; the previous step δ is per-parameter
         optimizer state (``previous_update``)."""
         return {
-            "damping": float(opt.damping) if self.adaptive_damping else None,
+            "damping": float(opt.damping) if self.config.adaptive_damping else None,
             "last": None if self.last is None else asdict(self.last),
         }
 
     def load_state_dict(self, opt: CurvatureOptimizer, state: Mapping[str, Any] | None) -> None:
         if state is None:
-            if self.adaptive_damping:
+            if self.config.adaptive_damping:
                 raise ValueError(
                     "this state_dict was saved without adaptive_damping: it has no adapted λ"
                 )
             return
-        if self.adaptive_damping:
+        if self.config.adaptive_damping:
             if state.get("damping") is None:
                 raise ValueError(
                     "this state_dict was saved without adaptive_damping: it has no adapted λ"
