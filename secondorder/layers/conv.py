@@ -1,13 +1,24 @@
 """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: receptive-field patches as input
-rows, one row per output position.
+rows, one row per output position (or one per example, ``conv_positions="reduce"``).
 
 The helpers accept any stride, padding (ints, tuples, ``'same'``, ``'valid'``; every
-padding mode), dilation and groups, and batched or unbatched inputs. Each output
-position of each example is a row: its input row is the receptive-field patch
-(``in_channels/groups * k1 * ... * kN`` values, channel-major as in the weight), its
-output-gradient row the gradient at that position. Rows are ordered example first,
-then output positions in row-major order. A grouped convolution is ``groups``
-independent blocks.
+padding mode), dilation and groups, and batched or unbatched inputs. By default
+(``conv_positions="expand"``, Grosse & Martens' KFC) each output position of each example
+is a row: its input row is the receptive-field patch (``in_channels/groups * k1 * ... *
+kN`` values, channel-major as in the weight), its output-gradient row the gradient at that
+position. Rows are ordered example first, then output positions in row-major order. A
+grouped convolution is ``groups`` independent blocks.
+
+``conv_positions="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023, for the convolution's
+weight sharing over positions, as ``linear_sequence="reduce"`` for tokens): one row per
+example, the *mean* of its patches (with the homogeneous 1) and the *sum* of its output
+gradients over the positions. ``A`` then costs ``n · a_dim²`` multiply-adds instead of
+``n · positions · a_dim²`` (1024 positions per example in a CIFAR ResNet's first stage),
+and the patch means need no patch matrix: one strided sum of the padded input per kernel
+offset. It is exact (``A ⊗ G`` is the example's empirical Fisher block) when every
+position has the same output gradient (a global mean pool right after the layer), where
+``"expand"`` is not; in general it is another approximation of the same block, with its
+own scale (a mean patch varies less than a patch), so the damping that suits it may differ.
 """
 
 from __future__ import annotations
@@ -24,13 +35,47 @@ from ..kernels import symmetric_factor_update
 from ..kernels.conv_factor import CHUNK_ELEMENTS, conv2d_factor_update
 from .base import KroneckerHelper
 
+_POSITION_MODES = ("expand", "reduce")
+
 
 class _ConvNdHelper(KroneckerHelper):
     """Shared code of the convolution helpers; subclasses set
     :attr:`~secondorder.layers.base.KroneckerHelper.spatial_dims` (and
-    ``unbatched_dims = spatial_dims + 1``)."""
+    ``unbatched_dims = spatial_dims + 1``).
+
+    Args:
+        module (nn.Conv1d | nn.Conv2d | nn.Conv3d): the layer.
+        name (str): its qualified name in the model.
+        include_bias (bool, optional): see :class:`~secondorder.layers.base.LayerHelper`
+            (default: None).
+        conv_positions (str, optional): ``"expand"`` (a row per output position) or
+            ``"reduce"`` (a row per example: mean patch, summed output gradient); see the
+            module docstring (default: ``"expand"``). Passed by the optimizers'
+            ``layer_options``.
+    """
 
     module: nn.Conv1d | nn.Conv2d | nn.Conv3d
+    options = ("conv_positions",)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        include_bias: bool | None = None,
+        conv_positions: str = "expand",
+    ) -> None:
+        if conv_positions not in _POSITION_MODES:
+            raise ValueError(
+                f"conv_positions must be one of {_POSITION_MODES}, got {conv_positions!r}"
+            )
+        super().__init__(module, name, include_bias=include_bias)
+        self.conv_positions = conv_positions
+
+    @property
+    def reduces(self) -> bool:
+        """Whether the rows are per example (``conv_positions="reduce"``)."""
+        return self.conv_positions == "reduce"
 
     @property
     def groups(self) -> int:
@@ -56,6 +101,8 @@ class _ConvNdHelper(KroneckerHelper):
         return t if t.dim() == self.spatial_dims + 2 else t.unsqueeze(0)
 
     def a_rows(self, inputs: Tensor) -> Tensor:
+        if self.reduces:
+            return self.append_ones(self._mean_patches(inputs))
         m = self.module
         n = self.spatial_dims
         x = self._batched(inputs)
@@ -84,6 +131,9 @@ class _ConvNdHelper(KroneckerHelper):
         Triton kernel on GPU, patches of a few examples at a time on the CPU), after
         applying non-zero padding modes and asymmetric ('same') padding to the input;
         Conv3d folds in the patches of a chunk of examples at a time."""
+        if self.reduces:  # a row per example: the mean patches are small
+            super().a_factor_update(inputs, a, beta=beta)
+            return
         m = self.module
         x = self._batched(inputs)
         if self.spatial_dims == 3 or self.zero_bias_column:
@@ -112,39 +162,65 @@ class _ConvNdHelper(KroneckerHelper):
             groups=m.groups, bias=self.has_bias, beta=beta,
         )  # fmt: skip
 
-    def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
-        """``(Σ_rows ã², rows)`` without building the patches: for each kernel offset one
-        strided sum of the squared (padded) input over the examples and output positions."""
+    def _padded(self, inputs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The batched input (in ``dtype``), with the layer's padding applied."""
         m = self.module
         x = self._batched(inputs if dtype is None else inputs.to(dtype))
         pad = m._reversed_padding_repeated_twice
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, pad, mode=mode)
-        sq = x.square()
-        spatial = x.shape[2:]
-        out = [
-            (size - dil * (k - 1) - 1) // s + 1
-            for size, k, s, dil in zip(spatial, m.kernel_size, m.stride, m.dilation, strict=True)
-        ]
+        return x
+
+    def _window_sums(self, x: Tensor, *, over_examples: bool) -> tuple[Tensor, int]:
+        """For each kernel offset, the sum of the padded input ``x`` over the output
+        positions (and the examples too, with ``over_examples``): ``([n,] C, offsets)``,
+        channel-major then offsets as the weight's columns, and the number of output
+        positions per example. One strided sum per offset: no patch matrix."""
+        m = self.module
+        sides = zip(x.shape[2:], m.kernel_size, m.stride, m.dilation, strict=True)
+        out = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in sides]
+        dims = (0, *range(2, x.dim())) if over_examples else tuple(range(2, x.dim()))
         sums = []
         for offset in itertools.product(*(range(k) for k in m.kernel_size)):
             cuts = [
                 slice(o * dil, o * dil + s * (n - 1) + 1, s)
                 for o, s, dil, n in zip(offset, m.stride, m.dilation, out, strict=True)
             ]
-            window = sq[(slice(None), slice(None), *cuts)]
-            sums.append(window.sum(dim=(0, *range(2, window.dim()))))
+            sums.append(x[(slice(None), slice(None), *cuts)].sum(dim=dims))
+        return torch.stack(sums, dim=-1), math.prod(out)
+
+    def _mean_patches(self, inputs: Tensor) -> Tensor:
+        """Each example's mean receptive-field patch, ``(groups, n, a_dim - has_bias)``."""
+        sums, positions = self._window_sums(self._padded(inputs), over_examples=False)
+        # (n, C, offsets) -> (groups, n, C/groups * offsets)
+        return rearrange(sums, "n (x c) k -> x n (c k)", x=self.groups) / positions
+
+    def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
+        """``(Σ_rows ã², rows)`` without building the patches: for each kernel offset one
+        strided sum of the squared (padded) input over the examples and output positions
+        (with ``conv_positions="reduce"``, the squares of the mean patches)."""
+        if self.reduces:
+            return super().a_square_sum(inputs, dtype)
+        x = self._padded(inputs, dtype)
+        sums, positions = self._window_sums(x.square(), over_examples=True)
         # (C, offsets) -> (groups, C/groups * offsets): channel-major, as the weight
-        diag = torch.stack(sums, dim=1).reshape(m.groups, -1)
-        rows = x.shape[0] * math.prod(out)
+        diag = sums.reshape(self.groups, -1)
+        rows = x.shape[0] * positions
         if self.has_bias:
-            bias = diag.new_full((m.groups, 1), 0.0 if self.zero_bias_column else float(rows))
+            bias = diag.new_full((self.groups, 1), 0.0 if self.zero_bias_column else float(rows))
             diag = torch.cat([diag, bias], dim=1)
         return diag, rows
 
+    def rows_count(self, inputs: Tensor) -> int:
+        if self.reduces:
+            return self.batch_size(inputs)
+        return super().rows_count(inputs)
+
     def g_rows(self, grad_output: Tensor) -> Tensor:
         g = self._batched(grad_output)
+        if self.reduces:
+            return rearrange(g.flatten(2).sum(-1), "b (x o) -> x b o", x=self.groups)
         return rearrange(g, "b (x o) ... -> x (b ...) o", x=self.groups)
 
 
