@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME.KEY=VALUE",
         help="override one hyperparameter, e.g. kfac.lr=0.1 or kfac.kl_clip=none; repeatable. "
-        "VALUE is read as int, float, true/false, none, else a string; a KEY the optimizer "
+        "VALUE is read as int, float, true/false, none, a Python literal when it starts with "
+        '[, ( or { (e.g. \'{"conv_positions": "reduce"}\'), else a string; a KEY the optimizer '
         "does not take reaches its constructor, which rejects it; NAME must be among --opt",
     )
     parser.add_argument(

@@ -12,6 +12,7 @@ own constructor reports it.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -298,12 +299,28 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 
 def parse_value(text: str) -> Any:
-    """Read a command-line value as the narrowest of int, float, bool, None, or str.
+    """Read a command-line value as the narrowest of int, float, bool, None, a Python
+    literal container, or str.
 
     ``"10"`` -> 10, ``"1e-3"`` -> 0.001, ``"true"`` / ``"false"`` -> bool (any case),
-    ``"none"`` / ``"null"`` -> None (any case), anything else -> the string itself.
+    ``"none"`` / ``"null"`` -> None (any case); text that starts with ``[``, ``(`` or ``{``
+    is read as a Python literal (``"(0.9,0.99)"`` -> a tuple, ``'{"conv_positions":
+    "reduce"}'`` -> a dict), and a malformed one raises ``ValueError``; anything else ->
+    the string itself.
+
+    Raises:
+        ValueError: a ``[``/``(``/``{`` value that is not a Python literal.
     """
-    lowered = text.strip().lower()
+    stripped = text.strip()
+    if stripped[:1] in ("[", "(", "{"):
+        try:
+            return ast.literal_eval(stripped)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(
+                f"value {stripped!r} starts like a list, tuple or dict but is not a Python "
+                f'literal ({exc}); e.g. (0.9,0.99) or {{"conv_positions":"reduce"}}'
+            ) from None
+    lowered = stripped.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):

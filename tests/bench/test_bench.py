@@ -129,6 +129,15 @@ def test_parse_override() -> None:
     assert parse_override("kfac.kl_clip=None") == ("kfac", "kl_clip", None)
     assert parse_override("sgd.nesterov=true") == ("sgd", "nesterov", True)
     assert parse_value("adam") == "adam"
+    # containers as Python literals (layer_options, betas)
+    assert parse_override('kfac.layer_options={"conv_positions": "reduce"}') == (
+        "kfac",
+        "layer_options",
+        {"conv_positions": "reduce"},
+    )
+    assert parse_value("(0.9,0.99)") == (0.9, 0.99) and parse_value(" [1, 2]") == [1, 2]
+    with pytest.raises(ValueError, match=r"'\{conv_positions: reduce\}'.*not a Python literal"):
+        parse_value("{conv_positions: reduce}")
     for bad in ("kfac.lr", "lr=0.1", ".lr=1", "kfac.=1", "kfac.lr="):
         with pytest.raises(ValueError, match=r"NAME\.KEY=VALUE"):
             parse_override(bad)
