@@ -148,6 +148,12 @@ class OptimizerConfig:
         (0.9, 0.999), "the grafted method's β₁ (adam) and β₂ (adam, rmsprop)"
     )
     graft_eps: float = hyperparameter(1e-8, "the grafted method's ε")
+    graft_moment: bool = hyperparameter(
+        True,
+        'with graft="adam": precondition Adam\'s bias-corrected first moment m̂ (Distributed '
+        "Shampoo's filtered gradient) instead of the raw gradient, so that the direction "
+        "carries the momentum its norm comes from; False: the raw gradient",
+    )
     skip_layers: Iterable[Any] | None = hyperparameter(
         None, "module names or regexes (full match) of layers to leave to the base update"
     )
@@ -278,6 +284,8 @@ class OptimizerConfig:
         from .base_updates import check_betas
         from .grafting import GRAFTS
 
+        if not isinstance(self.graft_moment, bool):
+            raise TypeError(f"graft_moment must be a bool, got {type(self.graft_moment).__name__}")
         if self.graft == "auto":
             adaptive_step = self.adaptive_lr is True or self.adaptive_momentum is True
             self.graft = "adam" if self.base == "sgd" and not adaptive_step else None

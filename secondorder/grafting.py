@@ -21,6 +21,16 @@ grafted methods (``g`` the gradient, plus ``wd·w`` with coupled weight decay):
   direction takes exactly ``torch.optim.Adam``'s (``AdamW``'s, with decoupled weight decay)
   update: with the curvature off the optimizer *is* Adam, bit for bit.
 
+  With ``graft_moment=True`` (the default) the curvature preconditions Adam's
+  bias-corrected first moment ``m̂`` (after this step's gradient) instead of the raw
+  gradient, as Distributed Shampoo preconditions its filtered gradient: ``u = P m̂``, so the
+  direction carries the same momentum as the norm it takes. The moment is computed before
+  the preconditioning and stored only when the step goes through (a skipped step leaves
+  it as it was); the statistics still come from the raw gradients. With coupled weight
+  decay the L2 term is part of ``m̂`` and so is preconditioned with it. On the
+  learning-rate grid of ``benchmarks/lr_sensitivity.py`` this moved K-FAC's good learning
+  rates down to Adam's and lowered its final losses (``benchmarks/RESULTS.md``).
+
 The norms are per parameter. The base update (``base="sgd"``: momentum, learning rate,
 decoupled weight decay) then applies to ``d``; coupled weight decay enters ``u`` and ``g``
 before grafting. KL clipping, if set, acts before grafting (so grafting undoes its scale).
@@ -42,7 +52,7 @@ from .base_updates import adam_update
 if TYPE_CHECKING:
     from .optimizer import CurvatureOptimizer
 
-__all__ = ["GRAFTS", "graft_directions"]
+__all__ = ["GRAFTS", "graft_directions", "graft_moments"]
 
 #: the methods a preconditioned direction can take its step norm from
 GRAFTS = ("sgd", "adagrad", "rmsprop", "adam")
@@ -60,10 +70,13 @@ def _grafted_step(
     grads: list[Tensor],
     betas: tuple[float, float],
     eps: float,
+    exp_avgs: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The grafted method's steps from gradients ``grads`` (one per state), updating the
     states: multi-tensor operations over all of them, no device synchronisation (Adam's
-    step counters live on the host, as ``torch.optim.Adam``'s do)."""
+    step counters live on the host, as ``torch.optim.Adam``'s do). ``exp_avgs``: Adam's
+    first moments after this step, already computed (:func:`graft_moments`), stored
+    instead of updating the old ones."""
     if graft == "sgd":
         return list(grads)
     beta1, beta2 = betas
@@ -78,12 +91,16 @@ def _grafted_step(
         denom = torch._foreach_sqrt(squares)
         torch._foreach_add_(denom, eps)
         return list(torch._foreach_div(grads, denom))
-    exp_avgs = [_state(st, "graft_exp_avg", g) for st, g in zip(states, grads, strict=True)]
     exp_avg_sqs = [_state(st, "graft_exp_avg_sq", g) for st, g in zip(states, grads, strict=True)]
     counters = [st.setdefault("graft_step", torch.tensor(0.0)) for st in states]
     torch._foreach_add_(counters, 1.0)
     steps = to_host(counters)  # host tensors (as torch.optim.Adam keeps them): no device sync
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    if exp_avgs is None:
+        exp_avgs = [_state(st, "graft_exp_avg", g) for st, g in zip(states, grads, strict=True)]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    else:
+        for st, m in zip(states, exp_avgs, strict=True):
+            st["graft_exp_avg"] = m
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -94,6 +111,41 @@ def _grafted_step(
     return list(out)
 
 
+def graft_moments(
+    opt: CurvatureOptimizer, grads: Mapping[Tensor, Tensor], *, l2_applied: bool
+) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+    """With ``graft="adam"`` and ``graft_moment``: what the curvature preconditions.
+
+    Returns ``(m̂, m)``: per parameter with a gradient, Adam's bias-corrected first moment
+    after this step's gradient, and the moment itself, computed out of place (the state
+    is untouched: :func:`graft_directions` stores ``m`` for the parameters it grafts, so
+    a step skipped in between leaves the moments as they were). ``l2_applied``: the
+    coupled weight decay is already in ``grads``.
+    """
+    beta1 = opt.config.graft_betas[0]
+    hats: dict[Tensor, Tensor] = {}
+    moments: dict[Tensor, Tensor] = {}
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p in grads]
+        if not params:
+            continue
+        g = [grads[p] for p in params]
+        decay = 0.0 if l2_applied else group["weight_decay"]
+        if decay != 0 and not opt.decoupled_weight_decay:  # as graft_directions adds it
+            g = list(torch._foreach_add(g, params, alpha=decay))
+        states = [opt.state[p] for p in params]
+        old = [
+            st["graft_exp_avg"] if "graft_exp_avg" in st else torch.zeros_like(p)
+            for st, p in zip(states, params, strict=True)
+        ]
+        new = torch._foreach_lerp(old, g, 1 - beta1)
+        steps = [float(st["graft_step"]) + 1 if "graft_step" in st else 1.0 for st in states]
+        hat = torch._foreach_div(new, [1 - beta1**t for t in steps])
+        for p, m, h in zip(params, new, hat, strict=True):
+            moments[p], hats[p] = m, h
+    return hats, moments
+
+
 def graft_directions(
     opt: CurvatureOptimizer,
     group: dict[str, Any],
@@ -102,6 +154,7 @@ def graft_directions(
     preconditioned: Collection[Tensor],
     *,
     weight_decay: float,
+    moments: Mapping[Tensor, Tensor] | None = None,
 ) -> tuple[dict[Tensor, Tensor], float]:
     """The grafted directions of ``group``'s parameters, and the weight decay left to the
     base update.
@@ -110,6 +163,9 @@ def graft_directions(
     ``preconditioned`` the parameters whose direction came from the curvature. With
     ``graft="adam"`` the parameters without such a direction are updated here, by Adam
     itself (one ``torch.optim.Adam`` update over all of them), and left out of the result.
+    ``moments``: Adam's new first moments from :func:`graft_moments`, when the directions
+    are the preconditioned ``m̂``: they are stored for the preconditioned parameters (and
+    the coupled weight decay, already in ``m̂``, is not added to the directions again).
     Every stage is one multi-tensor operation over the group's parameters; the norm ratios
     stay on the device.
     """
@@ -153,13 +209,14 @@ def graft_directions(
     g = [grads[p] for p in params]
     if coupled:
         g = list(torch._foreach_add(g, params, alpha=weight_decay))
-    steps = _grafted_step(graft, [opt.state[p] for p in params], g, betas, eps)
+    new_moments = None if moments is None or graft != "adam" else [moments[p] for p in params]
+    steps = _grafted_step(graft, [opt.state[p] for p in params], g, betas, eps, new_moments)
     scaled = [i for i, p in enumerate(params) if p in preconditioned]
     for i, p in enumerate(params):
         out[p] = steps[i]
     if scaled:
         u = [directions[params[i]] for i in scaled]
-        if coupled:
+        if coupled and new_moments is None:  # else the L2 term is in m̂ already
             u = list(torch._foreach_add(u, [params[i] for i in scaled], alpha=weight_decay))
         # no host synchronisation: the ratios stay tensors; a zero direction stays zero
         norms = torch._foreach_norm(u)

@@ -45,7 +45,7 @@ from .config import OptimizerConfig, config_fields
 from .distributed import Communicator, default_communicator, scale_output_statistics
 from .estimators.base import CurvatureEstimator, NonFiniteStatistics, format_layer_table
 from .fisher import LIKELIHOODS, check_likelihood, sampled_loss
-from .grafting import graft_directions
+from .grafting import graft_directions, graft_moments
 from .layers import LayerHelper
 from .subsample import ExampleSampler
 
@@ -659,9 +659,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                             grads[p] = grads[p].add(p, alpha=group["weight_decay"])
         directions: Mapping[Tensor, Tensor] = grads
         preconditioned: Collection[Tensor] = ()
+        moments = None
         if curvature:
+            targets = grads
+            if (
+                self.config.graft == "adam"
+                and self.config.graft_moment
+                and self.estimator.acts_on == "gradient"
+            ):  # precondition Adam's first moment (secondorder/grafting.py)
+                targets, moments = graft_moments(self, grads, l2_applied=l2_first)
             try:
-                directions, preconditioned = self._precondition(k, grads)
+                directions, preconditioned = self._precondition(k, grads, targets)
             except NonFiniteStatistics as err:  # the estimator's state is unchanged
                 self._skip_step(grads, err)
                 return
@@ -683,7 +691,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             weight_decay = 0.0 if l2_first else group["weight_decay"]
             if self.config.graft is not None:
                 group_directions, weight_decay = graft_directions(
-                    self, group, grads, directions, preconditioned, weight_decay=weight_decay
+                    self,
+                    group,
+                    grads,
+                    directions,
+                    preconditioned,
+                    weight_decay=weight_decay,
+                    moments=moments,
                 )
             self.base_update.step(
                 self,
@@ -839,10 +853,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return grads
 
     def _precondition(
-        self, k: int, grads: dict[Tensor, Tensor]
+        self, k: int, grads: dict[Tensor, Tensor], targets: dict[Tensor, Tensor] | None = None
     ) -> tuple[dict[Tensor, Tensor], Collection[Tensor]]:
-        """The directions of step ``k`` (raw gradients where the curvature gives none)
-        and the parameters whose direction the curvature gave."""
+        """The directions of step ``k`` (``targets`` where the curvature gives none) and
+        the parameters whose direction the curvature gave. ``grads`` feed the statistics;
+        ``targets`` (default: ``grads``) are what is preconditioned (Adam's first moment
+        with ``graft_moment``)."""
+        targets = grads if targets is None else targets
         if self.capture is not None and self._updates == 0:
             self._check_coverage(grads)  # may replace the estimator
         est = self.estimator
@@ -881,7 +898,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._refreshes += self._updates > 0
         if est.acts_on != "gradient":  # the base update reads the curvature itself
             return grads, ()
-        pre = est.precondition(grads, damping)
+        pre = est.precondition(targets, damping)
         if self.kl_clip is not None and pre:
             lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
             pairs = ((u, grads[p], lr_of[p]) for p, u in pre.items())
@@ -892,7 +909,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 nu = kl_clip_factor(pairs, self.kl_clip)
                 if nu < 1.0:
                     pre = {p: u * nu for p, u in pre.items()}
-        return {**grads, **pre}, pre.keys()
+        return {**targets, **pre}, pre.keys()
 
     # ---- layers whose hooks never run ------------------------------------------------------
     def _check_coverage(self, grads: Mapping[Tensor, Tensor]) -> None:

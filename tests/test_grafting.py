@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import secondorder as so
+from secondorder.estimators.base import NonFiniteStatistics
 from secondorder.grafting import GRAFTS
 
 from .helpers import assert_close, assert_resume_is_exact, mlp, train_steps
@@ -93,11 +94,23 @@ def _reference_steps(graft: str, grads: list[torch.Tensor], betas=(0.9, 0.999), 
     return steps
 
 
-@pytest.mark.parametrize("graft", GRAFTS)
-def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(graft):
+def _reference_moment(grads: list[torch.Tensor], beta1: float = 0.9) -> torch.Tensor:
+    """Adam's bias-corrected first moment ``m̂`` after the given gradients, in float64."""
+    m = torch.zeros_like(grads[0], dtype=torch.float64)
+    for g in grads:
+        m = beta1 * m + (1 - beta1) * g.double()
+    return m / (1 - beta1 ** len(grads))
+
+
+@pytest.mark.parametrize(
+    ("graft", "moment"), [(g, True) for g in GRAFTS] + [("adam", False)], ids=str
+)
+def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(graft, moment):
     """lr 1, momentum 0, no decay: Δw = (‖a‖/‖u‖) u per parameter, with ``a`` the grafted
     method's step (float64 reference over the same gradients) and ``u`` the K-FAC direction
-    (asked of the estimator after the step, whose inverses did not change since)."""
+    (asked of the estimator after the step, whose inverses did not change since) of the
+    gradient, or with ``graft="adam"`` and ``graft_moment`` (the default) of Adam's
+    bias-corrected first moment."""
     torch.manual_seed(0)
     model = mlp([5, 7, 3])
     opt = so.KFAC(
@@ -109,6 +122,7 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
         inverse_every=1,
         kl_clip=None,
         graft=graft,
+        graft_moment=moment,
     )
     history: dict[torch.Tensor, list[torch.Tensor]] = {p: [] for p in model.parameters()}
     for batch in _batches(4):
@@ -120,7 +134,11 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
         for p, g in grads.items():
             history[p].append(g)
         opt.step()
-        directions = opt.estimator.precondition(grads, opt.current_damping())
+        if graft == "adam" and moment:
+            targets = {p: _reference_moment(history[p]).float() for p in grads}
+        else:
+            targets = grads
+        directions = opt.estimator.precondition(targets, opt.current_damping())
         assert set(directions) == set(grads)  # every parameter is covered
         for p, u in directions.items():
             moved = (before[p] - p.detach()).double()
@@ -129,6 +147,49 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
             # a handful of roundings per entry in float32, relative to the step's size
             assert_close(moved, want, dtype=torch.float32, n=16, scale=float(want.abs().max()))
             assert_close(moved.norm(), a.norm(), dtype=torch.float32, n=16 * moved.numel())
+
+
+def test_the_adam_graft_preconditions_the_moment_and_a_skipped_step_keeps_it():
+    """``graft_moment`` changes the direction (the two settings part after the first step,
+    where ``m̂`` is the gradient), and a step skipped for non-finite statistics (raised after
+    the moments were computed) leaves Adam's moments as they were: the run then equals one
+    without that attempt."""
+    torch.manual_seed(0)
+    batches = _batches(4)
+
+    def run(moment: bool, bad_at: int | None = None):
+        torch.manual_seed(1)
+        model = mlp([5, 7, 3])
+        opt = so.KFAC(model, lr=1e-2, curvature_every=1, inverse_every=1, graft_moment=moment)
+        for i, (x, y) in enumerate(batches):
+            if i == bad_at:
+                update = opt.estimator.update
+
+                def refuse(stats):
+                    raise NonFiniteStatistics("factors", list(model.parameters()))
+
+                opt.estimator.update = refuse
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                with pytest.warns(RuntimeWarning, match="non-finite gradient or factors"):
+                    opt.step()
+                opt.estimator.update = update
+            train_steps(model, opt, [(x, y)])
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    with_moment, opt = run(True)
+    assert all("graft_exp_avg" in opt.state[p] for p in opt.state)
+    without, _ = run(False)
+    assert max(float((a - b).abs().max()) for a, b in zip(with_moment, without, strict=True)) > 1e-4
+    skipped, opt = run(True, bad_at=2)
+    assert opt.skipped_steps == 1
+    for a, b in zip(skipped, with_moment, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_graft_moment_must_be_a_bool():
+    with pytest.raises(TypeError, match="graft_moment must be a bool, got str"):
+        so.KFAC(mlp([2, 2]), graft_moment="yes")
 
 
 def test_graft_state_resumes_exactly():
@@ -167,7 +228,8 @@ def test_the_k_fac_family_grafts_adam_by_default_and_auto_steps_aside(cls):
     model = mlp([5, 4, 3])
     default = cls(model)
     assert default.config.graft == "adam" and default.config.kl_clip is None
-    assert default.param_groups[0]["momentum"] == 0.0 and default.param_groups[0]["lr"] == 0.03
+    assert default.param_groups[0]["momentum"] == 0.0 and default.param_groups[0]["lr"] == 0.01
+    assert default.config.graft_moment is True
     assert cls(mlp([5, 3]), base="adam").config.graft is None
     assert cls(mlp([5, 3]), adaptive_lr=True).config.graft is None
     assert cls(mlp([5, 3]), adaptive_momentum=True).config.graft is None
@@ -176,7 +238,9 @@ def test_the_k_fac_family_grafts_adam_by_default_and_auto_steps_aside(cls):
 
     # the default's step is the explicitly grafted one
     explicit_model = copy.deepcopy(model)
-    explicit = cls(explicit_model, graft="adam", lr=0.03, kl_clip=None, momentum=0.0)
+    explicit = cls(
+        explicit_model, graft="adam", graft_moment=True, lr=0.01, kl_clip=None, momentum=0.0
+    )
     for batch in _batches(3):
         train_steps(model, default, [batch])
         train_steps(explicit_model, explicit, [batch])

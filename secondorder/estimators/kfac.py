@@ -136,7 +136,7 @@ class KFACConfig(OptimizerConfig):
 
     default_momentum: ClassVar[float] = 0.9
 
-    lr: float = hyperparameter(3e-2, "learning rate (with a graft, the grafted method's)")
+    lr: float = hyperparameter(1e-2, "learning rate (with a graft, the grafted method's)")
     curvature_every: Interval = hyperparameter(10, "factor update interval, in steps")
     inverse_every: Interval = hyperparameter(100, "inverse (eigenbasis) refresh interval")
     graft: str | None = hyperparameter(

@@ -111,7 +111,8 @@ def test_a_zero_gradient_with_zero_momentum_leaves_a_head_in_place(name):
         "adafisher": {"beta": 0.0, "weight_decay": 0.0},
         "adafisherw": {"beta": 0.0, "weight_decay": 0.0},
         "adahessian": {"betas": (0.0, 0.999)},
-    }.get(name, {"momentum": 0.0})
+        # the Adam graft's first moment is the momentum (and what K-FAC preconditions)
+    }.get(name, {"momentum": 0.0, "graft_betas": (0.0, 0.999)})
     model = TwoHeads()
     opt = make_optimizer(name, model, **zero_momentum, **_EVERY_STEP.get(name, {}))
     data = batches(6)
