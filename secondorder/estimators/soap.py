@@ -37,12 +37,23 @@ at a refresh ``m' ← P_Lᵀ m' P_R``. That is the reference's ``Q_Lᵀ m Q_R`` 
 matrix products a step fewer (the reference keeps ``m`` in the original space and rotates it
 at every step).
 
+**The first step.** A parameter whose basis is built from its first gradient alone (the
+refresh that follows the first statistics) does not move at that step: in that basis
+``G' = Q_Lᵀ G Q_R`` is diagonal (the singular values) up to round-off, and Adam's first
+step ``G'/|G'|`` would turn every round-off entry into a ±1 as large as the signal (the
+direction of a float32 first step had a cosine of 0.30 with the gradient, Adam's sign step
+0.84). So that step only makes the basis, as the reference's first step makes only its
+preconditioner, and Adam's moments and bias correction start at the next gradient.
+Parameters without a rotation (fewer than two dimensions, sides above ``max_factor_dim``)
+take Adam's step from the first gradient (the reference skips their first step too), and
+a decoupled weight decay still applies at that step.
+
 Differences from the reference: the statistics and the basis refresh come *before* the step
-(the framework's order; the reference updates them after its step, and skips the parameter
-update at its first step); ε is added as ``torch.optim.Adam`` adds it
-(``√(v/(1 − β₂ᵗ)) + ε``; the reference adds it to ``√v``); conv weights are one matrix (the
-reference rotates each tensor dimension); the first basis's columns come in ascending order
-of eigenvalue (the reference flips them to descending: Adam is the same in any order).
+(the framework's order; the reference updates them after its step); ε is added as
+``torch.optim.Adam`` adds it (``√(v/(1 − β₂ᵗ)) + ε``; the reference adds it to ``√v``); conv
+weights are one matrix (the reference rotates each tensor dimension); the first basis's
+columns come in ascending order of eigenvalue (the reference flips them to descending: Adam
+is the same in any order).
 """
 
 from __future__ import annotations
@@ -147,14 +158,24 @@ BASIS_REFRESHES = ("qr", "eigh")
 class _State:
     """One parameter's SOAP state."""
 
-    __slots__ = ("exp_avg", "exp_avg_sq", "left", "left_basis", "right", "right_basis", "step")
+    __slots__ = (
+        "exp_avg",
+        "exp_avg_sq",
+        "left",
+        "left_basis",
+        "right",
+        "right_basis",
+        "seen",
+        "step",
+    )
 
     def __init__(self, p: Tensor, max_dim: int | None) -> None:
         dtype = statistics_dtype(p)
         shape = as_matrix(p).shape if p.dim() >= 2 else p.shape
         self.exp_avg = torch.zeros(shape, dtype=dtype, device=p.device)
         self.exp_avg_sq = torch.zeros(shape, dtype=dtype, device=p.device)
-        self.step = 0
+        self.step = 0  # Adam steps taken (its bias correction)
+        self.seen = 0  # gradients preconditioned, the skipped first one included
         self.left: Tensor | None = None
         self.right: Tensor | None = None
         self.left_basis: Tensor | None = None
@@ -272,6 +293,14 @@ class SOAPEstimator(ParameterEstimator):
             g = grads.get(p)
             if g is None:
                 continue
+            state.seen += 1
+            if state.seen == 1 and (state.left_basis is not None or state.right_basis is not None):
+                # The basis was just built from this one gradient: in it G' is diagonal up to
+                # round-off, and Adam's first step, G'/|G'|, would give every round-off entry
+                # the size of a signal one. Only the basis is made (the reference's first
+                # step makes only the preconditioner too); Adam starts at the next gradient.
+                out[p] = torch.zeros_like(g)
+                continue
             matrix = g.detach().to(state.exp_avg.dtype).reshape(state.exp_avg.shape)
             state.step += 1
             rotated = state.rotate(matrix)
@@ -291,6 +320,7 @@ class SOAPEstimator(ParameterEstimator):
             "states": [
                 {
                     "step": s.step,
+                    "seen": s.seen,
                     **{
                         k: None if getattr(s, k) is None else getattr(s, k).clone() for k in _FIELDS
                     },
@@ -329,6 +359,8 @@ class SOAPEstimator(ParameterEstimator):
                 value = None if theirs is None else theirs.to(like).clone()
                 setattr(s, key, value)
             s.step = int(entry["step"])
+            # a state saved before the first step was skipped: every gradient was an Adam step
+            s.seen = int(entry.get("seen", entry["step"]))
 
 
 def _power_qr(state: _State, side: str, stat: Tensor, old: Tensor) -> Tensor:

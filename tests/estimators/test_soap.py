@@ -3,14 +3,15 @@
 Pinned: with no rotation (``max_factor_dim=0``) SOAP's step is ``torch.optim.Adam``'s /
 ``AdamW``'s to round-off (Adam's direction, then ``w ← w − lr·u``: the same operations but
 for where ``lr`` multiplies); with the basis forced to the identity the rotated path is the
-unrotated one bit for bit; the directions of a run with refreshes match a dense float64
-recurrence, where with ``basis_refresh="eigh"`` the second moment is carried to the new basis
-as the diagonal of its second-moment matrix ``Σ v_ij (q_i ⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker
-product of size ``mn``) and with ``"qr"`` (the default) the bases are the dense power
-iteration's and ``v`` is permuted by the sorted estimated eigenvalues; the first moment, kept
-rotated, is the rotated dense one; a carry between bases equal up to order and signs is the
-reference's permutation, exactly; a resumed run is the uninterrupted one bit for bit; bad
-arguments raise.
+unrotated one bit for bit (after the first step, which only builds the basis; the step after
+it is Adam's first in the basis, against a dense computation); the directions of a run with
+refreshes match a dense float64 recurrence, where with ``basis_refresh="eigh"`` the second
+moment is carried to the new basis as the diagonal of its second-moment matrix ``Σ v_ij (q_i
+⊗ r_j)(q_i ⊗ r_j)ᵀ`` (a Kronecker product of size ``mn``) and with ``"qr"`` (the default)
+the bases are the dense power iteration's and ``v`` is permuted by the sorted estimated
+eigenvalues; the first moment, kept rotated, is the rotated dense one; a carry between bases
+equal up to order and signs is the reference's permutation, exactly; a resumed run is the
+uninterrupted one bit for bit; bad arguments raise.
 
 Tolerances: a direction is a few products with orthogonal matrices of size ``n`` and an
 elementwise Adam quotient, so ``n`` = the matrix size times the steps of the recurrence,
@@ -70,8 +71,10 @@ def test_without_rotation_soap_is_adam(kwargs, reference):
 
 
 def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
+    """A run whose bases are forced to the identity is the unrotated run bit for bit, but for
+    the first step, which only builds the bases (every parameter here is rotated: no biases)."""
     torch.manual_seed(0)
-    model = mlp([5, 7, 3])
+    model = mlp([5, 7, 3], bias=False)
     twin = copy.deepcopy(model)
     plain = so.SOAP(twin.parameters(), max_factor_dim=0)
 
@@ -83,12 +86,46 @@ def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
     rotated = so.SOAP(model.parameters(), inverse_every=2, basis_refresh="eigh")
     batches = _batches(5)
     train_steps(model, rotated, batches)
-    train_steps(twin, plain, batches)
+    train_steps(twin, plain, batches[1:])
     assert all(
         s.left_basis is not None for s in rotated.estimator.states.values() if s.left is not None
     )
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_the_first_step_only_builds_the_basis_and_adam_starts_at_the_next():
+    """The refresh after the first statistics builds the basis from that one gradient, in
+    which ``G'`` is diagonal up to round-off: that step leaves the rotated weight where it was
+    (the bias takes Adam's step), and the next step is Adam's first in that basis, against a
+    dense float64 computation (a square, full-rank gradient: distinct eigenvalues, so the
+    direction does not depend on the eigenvectors' signs or order)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4).double()
+    opt = so.SOAP(layer, lr=1.0, soap_betas=(0.9, 0.95), inverse_every=10)
+    x = torch.randn(2, 8, 4, dtype=torch.float64)
+    before = [p.detach().clone() for p in layer.parameters()]
+    grads = []
+    for i in range(2):
+        opt.zero_grad()
+        layer(x[i]).pow(2).sum().backward()
+        grads.append(layer.weight.grad.detach().clone())
+        opt.step()
+        if i == 0:
+            assert torch.equal(layer.weight, before[0])
+            assert not torch.equal(layer.bias, before[1])
+            state = opt.estimator.states[layer.weight]
+            assert state.step == 0 and not state.exp_avg.any() and not state.exp_avg_sq.any()
+            assert state.left_basis is not None and state.right_basis is not None
+    g1, g2 = grads
+    beta2 = 0.95  # shampoo_beta defaults to soap_betas[1]
+    q_l = torch.linalg.eigh((1 - beta2) * g1 @ g1.T).eigenvectors
+    q_r = torch.linalg.eigh((1 - beta2) * g1.T @ g1).eigenvectors
+    rotated = q_l.T @ g2 @ q_r
+    # Adam's first step in the rotated space: m̂ / (√v̂ + ε) = G' / (|G'| + ε)
+    want = q_l @ (rotated / (rotated.abs() + 1e-8)) @ q_r.T
+    moved = before[0] - layer.weight.detach()
+    assert_close(moved, want, n=16, cond=float(rotated.abs().max() / rotated.abs().min()))
 
 
 def _kron_carry(v, old_l, old_r, new_l, new_r):
