@@ -218,10 +218,14 @@ def graft_directions(
         u = [directions[params[i]] for i in scaled]
         if coupled and new_moments is None:  # else the L2 term is in m̂ already
             u = list(torch._foreach_add(u, [params[i] for i in scaled], alpha=weight_decay))
-        # no host synchronisation: the ratios stay tensors; a zero direction stays zero
+        # no host synchronisation: the ratios stay tensors. A zero direction stays zero: its
+        # ratio ‖a‖/tiny may overflow to inf (Adam's momentum moves a parameter whose
+        # gradient, and so whose raw preconditioned direction, is zero), and inf·0 is NaN,
+        # so the ratios are capped at the largest finite value
         norms = torch._foreach_norm(u)
         torch._foreach_clamp_min_(norms, [torch.finfo(t.dtype).tiny for t in u])
         ratios = torch._foreach_div(torch._foreach_norm([steps[i] for i in scaled]), norms)
+        torch._foreach_clamp_max_(ratios, [torch.finfo(t.dtype).max for t in u])
         for i, d in zip(scaled, torch._foreach_mul(u, ratios), strict=True):
             out[params[i]] = d
     return out, left

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import secondorder as so
 from secondorder.estimators.base import NonFiniteStatistics
@@ -185,6 +186,32 @@ def test_the_adam_graft_preconditions_the_moment_and_a_skipped_step_keeps_it():
     assert opt.skipped_steps == 1
     for a, b in zip(skipped, with_moment, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("moment", [False, True])
+def test_a_head_without_gradient_but_with_adams_momentum_stays_finite(moment):
+    """Alternate two heads: the idle head's gradient is zero while Adam's first moment is
+    not. With the raw gradient preconditioned its direction is zero and its graft ratio
+    ‖a‖/‖u‖ overflows (it once made the step NaN and every later step was skipped); the head
+    stays where it was. With the moment preconditioned it keeps moving on its momentum."""
+    torch.manual_seed(0)
+    body, head_a, head_b = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 40)
+    model = nn.ModuleDict({"body": body, "a": head_a, "b": head_b})
+    opt = so.KFAC(model, graft_moment=moment, curvature_every=1, inverse_every=1)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(5):
+        x = torch.randn(32, 8, generator=gen)
+        head, classes = (head_b, 40) if i == 1 else (head_a, 4)
+        before = head_b.weight.detach().clone()
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(
+            head(torch.tanh(body(x))), torch.randint(0, classes, (32,), generator=gen)
+        ).backward()
+        opt.step()
+        if i >= 2:  # head b idle, with momentum from step 1
+            assert torch.equal(head_b.weight, before) != moment
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_graft_moment_must_be_a_bool():
