@@ -148,6 +148,12 @@ class OptimizerConfig:
         (0.9, 0.999), "the grafted method's β₁ (adam) and β₂ (adam, rmsprop)"
     )
     graft_eps: float = hyperparameter(1e-8, "the grafted method's ε")
+    graft_norm: str = hyperparameter(
+        "parameter",
+        'what takes the grafted method\'s step norm: ``"parameter"`` (each parameter, as '
+        'Distributed Shampoo) or ``"row"`` (each row of a weight: an output unit of a Linear, '
+        "an output channel of a convolution, a token of an embedding; 1-D parameters whole)",
+    )
     graft_moment: bool = hyperparameter(
         True,
         'with graft="adam": precondition Adam\'s bias-corrected first moment m̂ (Distributed '
@@ -282,10 +288,12 @@ class OptimizerConfig:
 
     def _check_graft(self) -> None:
         from .base_updates import check_betas
-        from .grafting import GRAFTS
+        from .grafting import GRAFT_NORMS, GRAFTS
 
         if not isinstance(self.graft_moment, bool):
             raise TypeError(f"graft_moment must be a bool, got {type(self.graft_moment).__name__}")
+        if self.graft_norm not in GRAFT_NORMS:
+            raise ValueError(f"graft_norm must be one of {GRAFT_NORMS}, got {self.graft_norm!r}")
         if self.graft == "auto":
             adaptive_step = self.adaptive_lr is True or self.adaptive_momentum is True
             self.graft = "adam" if self.base == "sgd" and not adaptive_step else None

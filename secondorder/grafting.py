@@ -31,7 +31,8 @@ grafted methods (``g`` the gradient, plus ``wd·w`` with coupled weight decay):
   learning-rate grid of ``benchmarks/lr_sensitivity.py`` this moved K-FAC's good learning
   rates down to Adam's and lowered its final losses (``benchmarks/RESULTS.md``).
 
-The norms are per parameter. The base update (``base="sgd"``: momentum, learning rate,
+The norms are per parameter (``graft_norm="row"``: per row of a weight, an output unit or
+channel, and per 1-D parameter). The base update (``base="sgd"``: momentum, learning rate,
 decoupled weight decay) then applies to ``d``; coupled weight decay enters ``u`` and ``g``
 before grafting. KL clipping, if set, acts before grafting (so grafting undoes its scale).
 The grafted method's state lives in the optimizer's per-parameter state (``graft_*`` keys):
@@ -52,10 +53,20 @@ from .base_updates import adam_update
 if TYPE_CHECKING:
     from .optimizer import CurvatureOptimizer
 
-__all__ = ["GRAFTS", "graft_directions", "graft_moments"]
+__all__ = ["GRAFTS", "GRAFT_NORMS", "graft_directions", "graft_moments"]
 
 #: the methods a preconditioned direction can take its step norm from
 GRAFTS = ("sgd", "adagrad", "rmsprop", "adam")
+#: the units that take the grafted step's norm (``graft_norm``)
+GRAFT_NORMS = ("parameter", "row")
+
+
+def _row_norms(t: Tensor) -> Tensor:
+    """The norm of each row of ``t`` (its leading index), shaped to broadcast against ``t``;
+    a 1-D (or 0-D) tensor's norm as a whole."""
+    if t.dim() < 2:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
 def _state(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
@@ -222,9 +233,15 @@ def graft_directions(
         # ratio ‖a‖/tiny may overflow to inf (Adam's momentum moves a parameter whose
         # gradient, and so whose raw preconditioned direction, is zero), and inf·0 is NaN,
         # so the ratios are capped at the largest finite value
-        norms = torch._foreach_norm(u)
+        grafted = [steps[i] for i in scaled]
+        if cfg.graft_norm == "row":
+            norms = [_row_norms(t) for t in u]
+            grafted_norms = [_row_norms(t) for t in grafted]
+        else:
+            norms = torch._foreach_norm(u)
+            grafted_norms = torch._foreach_norm(grafted)
         torch._foreach_clamp_min_(norms, [torch.finfo(t.dtype).tiny for t in u])
-        ratios = torch._foreach_div(torch._foreach_norm([steps[i] for i in scaled]), norms)
+        ratios = torch._foreach_div(grafted_norms, norms)
         torch._foreach_clamp_max_(ratios, [torch.finfo(t.dtype).max for t in u])
         for i, d in zip(scaled, torch._foreach_mul(u, ratios), strict=True):
             out[params[i]] = d

@@ -103,11 +103,24 @@ def _reference_moment(grads: list[torch.Tensor], beta1: float = 0.9) -> torch.Te
     return m / (1 - beta1 ** len(grads))
 
 
+def _unit_norms(t: torch.Tensor, unit: str) -> torch.Tensor:
+    """Norms per parameter or per row (a 1-D tensor whole), shaped to broadcast."""
+    if unit == "parameter" or t.dim() < 2:
+        return t.norm()
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
 @pytest.mark.parametrize(
-    ("graft", "moment"), [(g, True) for g in GRAFTS] + [("adam", False)], ids=str
+    ("graft", "moment", "unit"),
+    [(g, True, "parameter") for g in GRAFTS]
+    + [("adam", False, "parameter"), ("adam", True, "row"), ("rmsprop", True, "row")],
+    ids=str,
 )
-def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(graft, moment):
-    """lr 1, momentum 0, no decay: Δw = (‖a‖/‖u‖) u per parameter, with ``a`` the grafted
+def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
+    graft, moment, unit
+):
+    """lr 1, momentum 0, no decay: Δw = (‖a‖/‖u‖) u per parameter (or per row of a weight,
+    ``graft_norm="row"``), with ``a`` the grafted
     method's step (float64 reference over the same gradients) and ``u`` the K-FAC direction
     (asked of the estimator after the step, whose inverses did not change since) of the
     gradient, or with ``graft="adam"`` and ``graft_moment`` (the default) of Adam's
@@ -124,6 +137,7 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
         kl_clip=None,
         graft=graft,
         graft_moment=moment,
+        graft_norm=unit,
     )
     history: dict[torch.Tensor, list[torch.Tensor]] = {p: [] for p in model.parameters()}
     for batch in _batches(4):
@@ -144,10 +158,18 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
         for p, u in directions.items():
             moved = (before[p] - p.detach()).double()
             a = _reference_steps(graft, history[p])[-1]
-            want = u.double() * (a.norm() / u.double().norm())
-            # a handful of roundings per entry in float32, relative to the step's size
-            assert_close(moved, want, dtype=torch.float32, n=16, scale=float(want.abs().max()))
-            assert_close(moved.norm(), a.norm(), dtype=torch.float32, n=16 * moved.numel())
+            u64 = u.double()
+            want = u64 * (_unit_norms(a, unit) / _unit_norms(u64, unit))
+            # a handful of roundings per entry in float32, relative to the step's size or to
+            # the weights' (``moved`` is a difference of float32 weights)
+            size = max(float(want.abs().max()), float(before[p].abs().max()))
+            assert_close(moved, want, dtype=torch.float32, n=16, scale=size)
+            assert_close(
+                _unit_norms(moved, unit),
+                _unit_norms(a, unit),
+                dtype=torch.float32,
+                n=16 * moved.numel(),
+            )
 
 
 def test_the_adam_graft_preconditions_the_moment_and_a_skipped_step_keeps_it():
@@ -214,9 +236,11 @@ def test_a_head_without_gradient_but_with_adams_momentum_stays_finite(moment):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_graft_moment_must_be_a_bool():
+def test_graft_moment_must_be_a_bool_and_graft_norm_a_known_unit():
     with pytest.raises(TypeError, match="graft_moment must be a bool, got str"):
         so.KFAC(mlp([2, 2]), graft_moment="yes")
+    with pytest.raises(ValueError, match=r"graft_norm must be one of \('parameter', 'row'\)"):
+        so.KFAC(mlp([2, 2]), graft_norm="block")
 
 
 def test_graft_state_resumes_exactly():

@@ -128,9 +128,10 @@ class KFACConfig(OptimizerConfig):
     """Hyperparameters of K-FAC (:class:`KFAC` and :class:`KFACEstimator`), checked on
     construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
     K-FAC's defaults: factors every 10 steps, inverses every 100 (KFAC-Pytorch's and
-    KAISA's), and Adam grafting (``graft="auto"``) with Adam's learning rate scale, chosen
-    by measurement (``benchmarks/lr_sensitivity.py``: at the papers' settings — SGD momentum
-    0.9, KL clipping, no graft — K-FAC reached the targets at almost no learning rate; see
+    KAISA's), and Adam grafting (``graft="auto"``, per weight row, Adam's first moment
+    preconditioned) with Adam's learning rate scale, chosen by measurement
+    (``benchmarks/lr_sensitivity.py``: at the papers' settings — SGD momentum 0.9, KL
+    clipping, no graft — K-FAC reached the targets at almost no learning rate; see
     ``secondorder/docs/kfac.md``). ``graft=None`` is the papers' update, with SGD momentum
     0.9; the papers' full settings are ``configs/optimizers/kfac.yaml``."""
 
@@ -143,6 +144,12 @@ class KFACConfig(OptimizerConfig):
         "auto",
         'the step norm\'s source (see OptimizerConfig): ``"auto"`` is ``"adam"`` with '
         'base="sgd" unless adaptive_lr / adaptive_momentum is set; None: the papers\' update',
+    )
+    graft_norm: str = hyperparameter(
+        "row",
+        'what takes the grafted step\'s norm (see OptimizerConfig): ``"row"`` (each row of a '
+        "weight, each 1-D parameter), by measurement: on a character GPT with packed q/k/v "
+        'projections it trained at Adam\'s learning rates where ``"parameter"`` did not',
     )
     kl_clip: float | None = hyperparameter(
         None,
