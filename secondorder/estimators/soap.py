@@ -1,21 +1,28 @@
 """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024,
 https://arxiv.org/abs/2409.11321).
 
-Every parameter with two dimensions or more is a matrix ``G`` (``m x n``; a conv weight
-``(out, in, kh, kw)`` as ``(out, in·kh·kw)``, as :mod:`~secondorder.estimators.shampoo`).
-Its statistics are EMAs ``L ← β L + (1 − β) G Gᵀ``, ``R ← β R + (1 − β) Gᵀ G``
-(``shampoo_beta``, by default Adam's β₂), and every ``inverse_every`` steps the basis is
-refreshed from their eigenvectors, ``L = Q_L Λ Q_Lᵀ``, ``R = Q_R Λ' Q_Rᵀ``. Each step then
-runs Adam in the rotated space:
+Every parameter with two dimensions is a matrix ``G`` (``m x n``). Its statistics are EMAs
+``L ← β L + (1 − β) G Gᵀ``, ``R ← β R + (1 − β) Gᵀ G`` (``shampoo_beta``, by default Adam's
+β₂), and every ``inverse_every`` steps the basis is refreshed from their eigenvectors, ``L =
+Q_L Λ Q_Lᵀ``, ``R = Q_R Λ' Q_Rᵀ``. Each step then runs Adam in the rotated space:
 
     G' = Q_Lᵀ G Q_R
     m ← β₁ m + (1 − β₁) G',   v ← β₂ v + (1 − β₂) G'²     (Adam's moments, rotated space)
     u = Q_L [ (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε) ] Q_Rᵀ
 
 and ``u`` is handed to the base update, SGD with momentum 0: ``w ← w − lr·u``. A side
-longer than ``max_factor_dim`` keeps ``Q = I`` and no statistic (``max_factor_dim=0``: no
-rotation at all, the step is Adam's). Parameters with fewer than two dimensions get Adam's
-direction (no rotation).
+longer than ``max_factor_dim`` (or of size 1) keeps ``Q = I`` and no statistic
+(``max_factor_dim=0``: no rotation at all, the step is Adam's). Parameters with fewer than
+two dimensions get Adam's direction (no rotation).
+
+**Tensors** (a conv weight ``(out, in, kh, kw)``): by default (``merge_dims=False``, the
+reference's) every dimension ``d`` has its own statistic ``L_d ← β L_d + (1 − β) G_(d)
+G_(d)ᵀ`` over the mode-``d`` unfolding and its own basis, and the rotation acts along every
+dimension (``G' = G ×_1 Q_1ᵀ ×_2 … ×_k Q_kᵀ``, the Kronecker product of the bases on
+``vec(G)``); the matrix case above is ``k = 2``. A 64-channel 3 x 3 conv then has factors of
+64, 64, 3 and 3 instead of 64 and 576. ``merge_dims=True`` takes the weight as the matrix
+``(out, in·kh·kw)``, as :mod:`~secondorder.estimators.shampoo` (Distributed Shampoo's
+merging).
 
 **The refresh.** By default (``basis_refresh="qr"``, the reference's) the first basis comes
 from an eigendecomposition and every later one from one step of power iteration: the old
@@ -50,10 +57,9 @@ a decoupled weight decay still applies at that step.
 
 Differences from the reference: the statistics and the basis refresh come *before* the step
 (the framework's order; the reference updates them after its step); ε is added as
-``torch.optim.Adam`` adds it (``√(v/(1 − β₂ᵗ)) + ε``; the reference adds it to ``√v``); conv
-weights are one matrix (the reference rotates each tensor dimension); the first basis's
-columns come in ascending order of eigenvalue (the reference flips them to descending: Adam
-is the same in any order).
+``torch.optim.Adam`` adds it (``√(v/(1 − β₂ᵗ)) + ε``; the reference adds it to ``√v``); the
+first basis's columns come in ascending order of eigenvalue (the reference flips them to
+descending: Adam is the same in any order).
 """
 
 from __future__ import annotations
@@ -109,6 +115,13 @@ class SOAPConfig(OptimizerConfig):
         "a side (rows or columns of the matrix) longer than this is not rotated (Q = I, no "
         "statistic); 0: no rotation at all (Adam); None: no limit",
     )
+    merge_dims: bool = hyperparameter(
+        False,
+        "a parameter of three or more dimensions (a conv weight) as one matrix "
+        "``(shape[0], rest)`` (Distributed Shampoo's merging) instead of one statistic and "
+        "basis per dimension (the reference's default, ``merge_dims=False``: a "
+        "``(64, 64, 3, 3)`` weight has factors of 64, 64, 3 and 3, not 64 and 576)",
+    )
     inverse_every: Interval = hyperparameter(
         10, "refresh the basis at steps that are multiples of this (and after the first update)"
     )
@@ -145,6 +158,8 @@ class SOAPConfig(OptimizerConfig):
         if self.shampoo_beta is not None:
             self.shampoo_beta = check_beta("shampoo_beta", self.shampoo_beta, closed=True)
         _check_max_dim(self.max_factor_dim)
+        if not isinstance(self.merge_dims, bool):
+            raise TypeError(f"merge_dims must be a bool, got {type(self.merge_dims).__name__}")
         if self.basis_refresh not in BASIS_REFRESHES:
             raise ValueError(
                 f"basis_refresh must be one of {BASIS_REFRESHES}, got {self.basis_refresh!r}"
@@ -155,56 +170,85 @@ class SOAPConfig(OptimizerConfig):
 BASIS_REFRESHES = ("qr", "eigh")
 
 
+def _mode(x: Tensor, m: Tensor, d: int) -> Tensor:
+    """``Σ_i x[..., i, ...] m[i, a]`` along dimension ``d`` (for a matrix: ``mᵀ x`` along the
+    rows, ``x m`` along the columns)."""
+    if x.dim() == 2:
+        return m.T @ x if d == 0 else x @ m
+    return torch.tensordot(x, m, dims=([d], [0])).movedim(-1, d)
+
+
+def _unfold(x: Tensor, d: int) -> Tensor:
+    """The mode-``d`` unfolding of ``x``: ``(shape[d], rest)``."""
+    if x.dim() == 2:
+        return x if d == 0 else x.T
+    return x.movedim(d, 0).reshape(x.shape[d], -1)
+
+
 class _State:
-    """One parameter's SOAP state."""
+    """One parameter's SOAP state: the moments in the parameter's shape (a matrix, or with
+    ``merge_dims=False`` the tensor itself), one statistic and basis per dimension (None: a
+    dimension that is not rotated)."""
 
-    __slots__ = (
-        "exp_avg",
-        "exp_avg_sq",
-        "left",
-        "left_basis",
-        "right",
-        "right_basis",
-        "seen",
-        "step",
-    )
+    __slots__ = ("bases", "exp_avg", "exp_avg_sq", "seen", "stats", "step")
 
-    def __init__(self, p: Tensor, max_dim: int | None) -> None:
+    def __init__(self, p: Tensor, max_dim: int | None, merge_dims: bool = False) -> None:
         dtype = statistics_dtype(p)
-        shape = as_matrix(p).shape if p.dim() >= 2 else p.shape
+        if p.dim() < 2:
+            shape: tuple[int, ...] = tuple(p.shape)
+        elif p.dim() == 2 or merge_dims:
+            shape = tuple(as_matrix(p).shape)
+        else:
+            shape = tuple(p.shape)
         self.exp_avg = torch.zeros(shape, dtype=dtype, device=p.device)
         self.exp_avg_sq = torch.zeros(shape, dtype=dtype, device=p.device)
         self.step = 0  # Adam steps taken (its bias correction)
         self.seen = 0  # gradients preconditioned, the skipped first one included
-        self.left: Tensor | None = None
-        self.right: Tensor | None = None
-        self.left_basis: Tensor | None = None
-        self.right_basis: Tensor | None = None
+        self.stats: list[Tensor | None] = []
+        self.bases: list[Tensor | None] = []
         if p.dim() >= 2:
-            m, n = shape
-            if max_dim is None or m <= max_dim:
-                self.left = torch.zeros(m, m, dtype=dtype, device=p.device)
-            if max_dim is None or n <= max_dim:
-                self.right = torch.zeros(n, n, dtype=dtype, device=p.device)
+            for n in shape:
+                rotated = n > 1 and (max_dim is None or n <= max_dim)
+                self.stats.append(
+                    torch.zeros(n, n, dtype=dtype, device=p.device) if rotated else None
+                )
+                self.bases.append(None)
+
+    # the two sides of a matrix parameter, by name
+    @property
+    def left(self) -> Tensor | None:
+        return self.stats[0] if len(self.stats) == 2 else None
+
+    @property
+    def right(self) -> Tensor | None:
+        return self.stats[1] if len(self.stats) == 2 else None
+
+    @property
+    def left_basis(self) -> Tensor | None:
+        return self.bases[0] if len(self.bases) == 2 else None
+
+    @property
+    def right_basis(self) -> Tensor | None:
+        return self.bases[1] if len(self.bases) == 2 else None
+
+    @property
+    def rotated(self) -> bool:
+        """Whether some dimension has a statistic."""
+        return any(stat is not None for stat in self.stats)
 
     def rotate(self, x: Tensor) -> Tensor:
-        """``Q_Lᵀ x Q_R`` (the sides without a basis: identity)."""
-        if self.left_basis is not None:
-            x = self.left_basis.T @ x
-        if self.right_basis is not None:
-            x = x @ self.right_basis
+        """``x`` in the bases: ``Q_dᵀ`` along every dimension ``d`` with one."""
+        for d, q in enumerate(self.bases):
+            if q is not None:
+                x = _mode(x, q, d)
         return x
 
     def rotate_back(self, x: Tensor) -> Tensor:
-        """``Q_L x Q_Rᵀ``."""
-        if self.left_basis is not None:
-            x = self.left_basis @ x
-        if self.right_basis is not None:
-            x = x @ self.right_basis.T
+        """The inverse of :meth:`rotate`: ``Q_d`` along every dimension with a basis."""
+        for d, q in enumerate(self.bases):
+            if q is not None:
+                x = _mode(x, q.T, d)
         return x
-
-
-_FIELDS = ("exp_avg", "exp_avg_sq", "left", "right", "left_basis", "right_basis")
 
 
 class SOAPEstimator(ParameterEstimator):
@@ -224,7 +268,8 @@ class SOAPEstimator(ParameterEstimator):
     ) -> None:
         super().__init__(params, names)
         self.config = config if config is not None else SOAPConfig()
-        self.states = {p: _State(p, self.config.max_factor_dim) for p in self._params}
+        cfg = self.config
+        self.states = {p: _State(p, cfg.max_factor_dim, cfg.merge_dims) for p in self._params}
 
     @property
     def shampoo_beta(self) -> float:
@@ -235,54 +280,52 @@ class SOAPEstimator(ParameterEstimator):
         beta = self.shampoo_beta
         for p, state in self.states.items():
             g = stats.get(p)
-            if g is None or (state.left is None and state.right is None):
+            if g is None or not state.rotated:
                 continue
-            matrix = as_matrix(g.detach()).to(state.exp_avg.dtype)
-            if state.left is not None:
-                _ema_outer(state.left, matrix, matrix.T, beta)
-            if state.right is not None:
-                _ema_outer(state.right, matrix.T, matrix, beta)
+            x = g.detach().to(state.exp_avg.dtype).reshape(state.exp_avg.shape)
+            for d, stat in enumerate(state.stats):
+                if stat is not None:
+                    unfolded = _unfold(x, d)
+                    _ema_outer(stat, unfolded, unfolded.T, beta)
 
     def refresh(self, damping: float) -> None:
         qr = self.config.basis_refresh == "qr"
         sides = [
-            (state, side, stat)
+            (state, d, stat)
             for state in self.states.values()
-            for side, stat in (("left", state.left), ("right", state.right))
+            for d, stat in enumerate(state.stats)
             if stat is not None
         ]
-        # (state, side) -> the new basis; the reference's QR step where an old basis exists
-        new: dict[tuple[int, str], Tensor] = {}
+        # (state, dimension) -> the new basis; the reference's QR step where an old one exists
+        new: dict[tuple[int, int], Tensor] = {}
         eigh = []
-        for state, side, stat in sides:
-            old = getattr(state, f"{side}_basis")
+        for state, d, stat in sides:
+            old = state.bases[d]
             if qr and old is not None:
-                new[id(state), side] = _power_qr(state, side, stat, old)
+                new[id(state), d] = _power_qr(state, d, stat, old)
             else:
-                eigh.append((state, side, stat))
+                eigh.append((state, d, stat))
         for dtype in {stat.dtype for _, _, stat in eigh}:
             group = [e for e in eigh if e[2].dtype == dtype]
             decompositions = symmetric_eigh_many([stat for _, _, stat in group], dtype)
-            for (state, side, _), (_, vectors) in zip(group, decompositions, strict=True):
-                old = getattr(state, f"{side}_basis")
-                # (P ∘ P), P = Q_oldᵀ Q_new (no old basis: the identity)
+            for (state, d, _), (_, vectors) in zip(group, decompositions, strict=True):
+                old = state.bases[d]
+                # (P ∘ P), P = Q_oldᵀ Q_new (no old basis: the identity), along dimension d
                 carry = (vectors if old is None else old.T @ vectors).square()
-                v = state.exp_avg_sq
-                state.exp_avg_sq = carry.T @ v if side == "left" else v @ carry
-                new[id(state), side] = vectors
+                state.exp_avg_sq = _mode(state.exp_avg_sq, carry, d)
+                new[id(state), d] = vectors
         for state in self.states.values():
-            if state.left is None and state.right is None:
+            if not state.rotated:
                 continue
-            # the first moment lives in the rotated space: m' ← P_Lᵀ m' P_R
+            # the first moment lives in the rotated space: m' ← P_dᵀ m' along each dimension
             m = state.exp_avg
-            for side in ("left", "right"):
-                basis = new.get((id(state), side))
+            for d in range(len(state.bases)):
+                basis = new.get((id(state), d))
                 if basis is None:
                     continue
-                old = getattr(state, f"{side}_basis")
-                change = basis if old is None else old.T @ basis
-                m = change.T @ m if side == "left" else m @ change
-                setattr(state, f"{side}_basis", basis)
+                old = state.bases[d]
+                m = _mode(m, basis if old is None else old.T @ basis, d)
+                state.bases[d] = basis
             state.exp_avg = m
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
@@ -294,14 +337,14 @@ class SOAPEstimator(ParameterEstimator):
             if g is None:
                 continue
             state.seen += 1
-            if state.seen == 1 and (state.left_basis is not None or state.right_basis is not None):
+            if state.seen == 1 and any(q is not None for q in state.bases):
                 # The basis was just built from this one gradient: in it G' is diagonal up to
                 # round-off, and Adam's first step, G'/|G'|, would give every round-off entry
                 # the size of a signal one. Only the basis is made (the reference's first
                 # step makes only the preconditioner too); Adam starts at the next gradient.
                 out[p] = torch.zeros_like(g)
                 continue
-            matrix = g.detach().to(state.exp_avg.dtype).reshape(state.exp_avg.shape)
+            matrix = g.detach().to(state.exp_avg.dtype).reshape(state.exp_avg.shape)  # or tensor
             state.step += 1
             rotated = state.rotate(matrix)
             # both moments in the rotated space (the first one is linear in G: rotating it
@@ -316,60 +359,85 @@ class SOAPEstimator(ParameterEstimator):
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
         return {
             "states": [
                 {
                     "step": s.step,
                     "seen": s.seen,
-                    **{
-                        k: None if getattr(s, k) is None else getattr(s, k).clone() for k in _FIELDS
-                    },
+                    "exp_avg": s.exp_avg.clone(),
+                    "exp_avg_sq": s.exp_avg_sq.clone(),
+                    "stats": [copy(t) for t in s.stats],
+                    "bases": [copy(t) for t in s.bases],
                 }
                 for s in self.states.values()
             ]
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = list(state["states"])
+        saved = [_upgrade(dict(entry)) for entry in state["states"]]
         if len(saved) != len(self.states):
             raise ValueError(
                 f"SOAP state holds {len(saved)} parameters, this optimizer {len(self.states)}; "
                 "was it saved from a different model?"
             )
         for (p, s), entry in zip(self.states.items(), saved, strict=True):
-            for key in _FIELDS:
-                like = s.exp_avg if key.startswith("exp_avg") else getattr(s, key.split("_")[0])
-                theirs = entry[key]
-                needed = key in ("exp_avg", "exp_avg_sq", "left", "right") and like is not None
-                if (needed and theirs is None) or (
-                    theirs is not None
-                    and (like is None or tuple(theirs.shape) != tuple(like.shape))
-                ):
-                    have = "none" if like is None else tuple(like.shape)
-                    given = "none" if theirs is None else tuple(theirs.shape)
+            pairs = [("exp_avg", entry["exp_avg"], s.exp_avg)]
+            pairs.append(("exp_avg_sq", entry["exp_avg_sq"], s.exp_avg_sq))
+            stats, bases = list(entry["stats"]), list(entry["bases"])
+            if len(stats) != len(s.stats) or len(bases) != len(s.bases):
+                stats = bases = [None] * len(s.stats)  # reported below as a shape mismatch
+                pairs.append(("stats", entry["stats"], s.stats))
+            for d, (theirs, like) in enumerate(zip(stats, s.stats, strict=True)):
+                pairs.append((f"stats[{d}]", theirs, like))
+                if bases[d] is not None:
+                    pairs.append((f"bases[{d}]", bases[d], like))
+            for key, theirs, like in pairs:
+                if isinstance(like, list) or _shape(theirs) != _shape(like):
                     raise ValueError(
-                        f"SOAP state has {key} of shape {given} for parameter {self.names[p]} "
-                        f"of shape {tuple(p.shape)}, where this optimizer has {have}; was it "
-                        "saved from a different model or max_factor_dim?"
+                        f"SOAP state has {key} of shape {_shape(theirs)} for parameter "
+                        f"{self.names[p]} of shape {tuple(p.shape)}, where this optimizer has "
+                        f"{_shape(like)}; was it saved from a different model, max_factor_dim "
+                        "or merge_dims?"
                     )
         for s, entry in zip(self.states.values(), saved, strict=True):
             like = s.exp_avg
-            for key in _FIELDS:
-                theirs = entry[key]
-                value = None if theirs is None else theirs.to(like).clone()
-                setattr(s, key, value)
+            s.exp_avg = entry["exp_avg"].to(like).clone()
+            s.exp_avg_sq = entry["exp_avg_sq"].to(like).clone()
+            s.stats = [None if t is None else t.to(like).clone() for t in entry["stats"]]
+            s.bases = [None if t is None else t.to(like).clone() for t in entry["bases"]]
             s.step = int(entry["step"])
             # a state saved before the first step was skipped: every gradient was an Adam step
             s.seen = int(entry.get("seen", entry["step"]))
 
 
-def _power_qr(state: _State, side: str, stat: Tensor, old: Tensor) -> Tensor:
-    """The reference's refresh of one side: the columns of ``old`` sorted by the estimated
-    eigenvalues ``diag(oldᵀ L old)`` (descending), ``v`` permuted alike along that side, then
-    one power-iteration step, ``qr(L old_sorted)``."""
+def _shape(t: Any) -> Any:
+    if isinstance(t, list):
+        return f"{len(t)} dimensions"
+    return "none" if t is None else tuple(t.shape)
+
+
+def _upgrade(entry: dict[str, Any]) -> dict[str, Any]:
+    """A saved state of the earlier matrix-only format (``left``, ``right``, ``left_basis``,
+    ``right_basis``) in the per-dimension one (``stats``, ``bases``)."""
+    if "stats" in entry:
+        return entry
+    two = entry.get("left") is not None or entry.get("right") is not None
+    two = two or entry["exp_avg"].dim() == 2
+    entry["stats"] = [entry.get("left"), entry.get("right")] if two else []
+    entry["bases"] = [entry.get("left_basis"), entry.get("right_basis")] if two else []
+    return entry
+
+
+def _power_qr(state: _State, d: int, stat: Tensor, old: Tensor) -> Tensor:
+    """The reference's refresh of dimension ``d``: the columns of ``old`` sorted by the
+    estimated eigenvalues ``diag(oldᵀ L old)`` (descending), ``v`` permuted alike along that
+    dimension, then one power-iteration step, ``qr(L old_sorted)``."""
     power = stat @ old
     order = torch.argsort((old * power).sum(0), descending=True)
-    state.exp_avg_sq = state.exp_avg_sq.index_select(0 if side == "left" else 1, order)
+    state.exp_avg_sq = state.exp_avg_sq.index_select(d, order)
     return torch.linalg.qr(power[:, order]).Q
 
 

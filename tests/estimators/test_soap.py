@@ -148,7 +148,13 @@ def _power_qr(stat, old, v, dim):
 def test_directions_and_the_refresh_match_a_dense_recurrence(shape, refresh):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
-    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8, basis_refresh=refresh)
+    cfg = SOAPConfig(
+        soap_betas=(0.9, 0.95),
+        shampoo_beta=0.8,
+        soap_eps=1e-8,
+        basis_refresh=refresh,
+        merge_dims=True,  # the conv weight as one matrix; per dimension: the test below
+    )
     est = SOAPEstimator([p], cfg)
     state = est.states[p]
     m_rows = shape[0]
@@ -212,6 +218,78 @@ def test_directions_and_the_refresh_match_a_dense_recurrence(shape, refresh):
         assert_close(u.reshape(m_rows, -1), want, n=(m_rows + n_cols) * t)
 
 
+def _kron(*ms: torch.Tensor) -> torch.Tensor:
+    out = ms[0]
+    for m in ms[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
+def test_per_dimension_factors_match_a_dense_kronecker_recurrence(refresh):
+    """``merge_dims=False`` (the default): a 3-D parameter has one statistic per dimension,
+    ``L_d = EMA of G_(d) G_(d)ᵀ`` (einsum over the other two), and its rotation is the
+    Kronecker product of the bases acting on the row-major ``vec(G)``; v's carry at an eigh
+    refresh is ``(⊗_d (P_d∘P_d))ᵀ vec(v)``, at a QR refresh a permutation along each
+    dimension; the directions follow, in float64."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (3, 2, 4)
+    p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
+    cfg = SOAPConfig(soap_betas=(0.9, 0.95), shampoo_beta=0.8, soap_eps=1e-8, basis_refresh=refresh)
+    est = SOAPEstimator([p], cfg)
+    state = est.states[p]
+    assert [tuple(t.shape) for t in state.stats] == [(3, 3), (2, 2), (4, 4)]
+    beta1, beta2, beta = 0.9, 0.95, 0.8
+    contractions = ("ijk,ljk->il", "ijk,ilk->jl", "ijk,ijl->kl")
+    stats = [torch.zeros(n, n, dtype=torch.float64) for n in shape]
+    bases = [torch.eye(n, dtype=torch.float64) for n in shape]
+    m = torch.zeros(24, dtype=torch.float64)  # rotated, row-major vec
+    v = torch.zeros(24, dtype=torch.float64)
+    first = True
+    for t in range(1, 6):
+        g = torch.randn(shape, dtype=torch.float64, generator=gen)
+        est.update({p: g})
+        for d, eq in enumerate(contractions):
+            stats[d] = beta * stats[d] + (1 - beta) * torch.einsum(eq, g, g)
+            assert_close(state.stats[d], stats[d], n=8 * t)
+        if t in (2, 4):
+            est.refresh(0.0)
+            new = [q.clone() for q in state.bases]
+            if refresh == "qr" and not first:
+                v = v.reshape(shape)
+                for d in range(3):
+                    order = torch.argsort(
+                        torch.diagonal(bases[d].T @ stats[d] @ bases[d]), descending=True
+                    )
+                    want = torch.linalg.qr(stats[d] @ bases[d][:, order]).Q
+                    cond = float(torch.linalg.cond(stats[d]))
+                    assert_close(new[d], want, n=shape[d], cond=cond)
+                    v = v.index_select(d, order)
+                v = v.reshape(-1)
+            else:
+                for q, stat in zip(new, stats, strict=True):  # orthogonal, diagonalising
+                    rotated = q.T @ stat @ q
+                    assert_close(rotated, torch.diag(torch.diagonal(rotated)), n=q.shape[0],
+                                 scale=float(stat.abs().max()))  # fmt: skip
+                carry = _kron(*[(old.T @ q).square() for old, q in zip(bases, new, strict=True)])
+                v = carry.T @ v
+            change = _kron(*[old.T @ q for old, q in zip(bases, new, strict=True)])
+            m = change.T @ m
+            bases = new
+            first = False
+            assert_close(state.exp_avg_sq.reshape(-1), v, n=24 * t)
+        u = est.precondition({p: g}, 0.0)[p]  # at t = 1 no basis yet: identities
+        q = _kron(*bases)
+        rotated_g = q.T @ g.reshape(-1)
+        m = beta1 * m + (1 - beta1) * rotated_g
+        v = beta2 * v + (1 - beta2) * rotated_g**2
+        assert_close(state.exp_avg.reshape(-1), m, n=24 * t)
+        steps = state.step
+        inner = (m / (1 - beta1**steps)) / ((v / (1 - beta2**steps)).sqrt() + 1e-8)
+        assert u.shape == p.shape
+        assert_close(u.reshape(-1), q @ inner, n=24 * t)
+
+
 def test_a_carry_between_bases_equal_up_to_order_and_sign_is_a_permutation(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(4, 5, dtype=torch.float64, generator=gen))
@@ -219,7 +297,7 @@ def test_a_carry_between_bases_equal_up_to_order_and_sign_is_a_permutation(monke
     state = est.states[p]
     ql = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen)).Q
     qr = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=gen)).Q
-    state.left_basis, state.right_basis = ql, qr
+    state.bases[:] = [ql, qr]
     v = torch.rand(4, 5, dtype=torch.float64, generator=gen)
     state.exp_avg_sq = v.clone()
     perm_l, perm_r = torch.tensor([2, 0, 3, 1]), torch.tensor([4, 1, 0, 3, 2])
@@ -235,10 +313,11 @@ def test_a_carry_between_bases_equal_up_to_order_and_sign_is_a_permutation(monke
     assert_close(state.exp_avg_sq, v[perm_l][:, perm_r], n=5)
 
 
-def test_resume_is_exact():
+@pytest.mark.parametrize("merge", [False, True])
+def test_resume_is_exact(merge):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
-    kwargs = {"lr": 1e-2, "inverse_every": 3, "weight_decay": 0.01}
+    kwargs = {"lr": 1e-2, "inverse_every": 3, "weight_decay": 0.01, "merge_dims": merge}
     gen = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(5, 2, 6, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen))
@@ -246,6 +325,43 @@ def test_resume_is_exact():
     ]
     # saved after step 4: a refresh at step 3 carried v; the next comes at 6
     assert_resume_is_exact(lambda m: so.SOAP(m.parameters(), **kwargs), model, batches, 4)
+
+
+def _trained_soap(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
+    opt = so.SOAP(model.parameters(), inverse_every=2, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(5, 2, 6, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen)
+        train_steps(model, opt, [(x, y)])
+    return model, opt
+
+
+def test_a_state_of_the_matrix_only_format_loads_and_another_layout_is_refused():
+    """States saved before the per-dimension factors (keys ``left``/``right``/``…_basis``)
+    load into ``merge_dims=True``, where they mean the same; a merged state is refused by a
+    per-dimension optimizer with a message naming ``merge_dims``."""
+    _, merged = _trained_soap(merge_dims=True)
+    state = merged.state_dict()
+    old = copy.deepcopy(state)
+    for entry in old["curvature"]["estimator"]["states"]:
+        stats, bases = entry.pop("stats"), entry.pop("bases")
+        del entry["seen"]
+        if stats:
+            entry["left"], entry["right"] = stats
+            entry["left_basis"], entry["right_basis"] = bases
+    _, fresh = _trained_soap(merge_dims=True)
+    fresh.load_state_dict(old)
+    for a, b in zip(fresh.estimator.states.values(), merged.estimator.states.values(), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.stats, b.stats, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(a.bases, b.bases, strict=True))
+        assert a.seen == a.step == b.step  # the old format had no skipped first step
+    _, per_dim = _trained_soap()
+    with pytest.raises(
+        ValueError, match=r"exp_avg of shape \(3, 18\) for parameter param\[0\].*merge_dims"
+    ):
+        per_dim.load_state_dict(state)
 
 
 @pytest.mark.parametrize(
@@ -264,6 +380,8 @@ def test_resume_is_exact():
 def test_bad_arguments_name_the_argument(name, value):
     with pytest.raises(ValueError, match=name.replace("[", r"\[")):
         so.SOAP(mlp([3, 2]).parameters(), **{name: value})
+    with pytest.raises(TypeError, match="merge_dims must be a bool, got str"):
+        so.SOAP(mlp([3, 2]).parameters(), merge_dims="no")
 
 
 @pytest.mark.parametrize("name", ["graft", "momentum", "kl_clip", "damping", "precondition"])
