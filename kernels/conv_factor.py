@@ -17,8 +17,14 @@ weight's column order (channel, then kernel row, then kernel column) and the hom
   a load mask, the bias column as a constant 1), accumulating in float32. Off-diagonal
   tiles are mirrored: the result is exactly symmetric and nothing of size
   ``rows x columns`` ever exists;
-* :func:`conv2d_factor_update` -- dispatch: Triton for CUDA tensors, else the reference
-  (``SECONDORDER_REFERENCE_KERNELS=1`` forces the reference).
+* :func:`conv2d_factor_update_correlation` -- pure torch, for stride 1 and dilation 1 (the
+  3 x 3 convolutions of a ResNet): every block from the channels' cross-correlation at the
+  two kernel offsets' difference (one convolution of the input with itself gives all of
+  them), corrected at the input's boundary rows and columns; ``(2k − 1)²`` instead of
+  ``k⁴`` products of the input's size per channel pair, exact to round-off;
+* :func:`conv2d_factor_update` -- dispatch: Triton for CUDA tensors, else the correlation
+  path where it applies, else the reference (``SECONDORDER_REFERENCE_KERNELS=1`` forces
+  the reference).
 
 Contract: ``a`` is ``(groups, D, D)``, float32 or float64, symmetric, with
 ``D = C/groups · k_h · k_w (+ 1 with bias)``; ``x`` is ``(B, C, H, W)`` of any float dtype
@@ -29,6 +35,8 @@ the old ``a`` is never read (NaN garbage is fine).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +166,125 @@ def conv2d_factor_update_reference(
         rows = conv2d_patch_rows(x[start : start + step].to(a.dtype), k, s, p, d, groups, bias)
         first = start == 0
         a.baddbmm_(rows.transpose(1, 2), rows, beta=beta if first else 1.0, alpha=alpha)
+    return a
+
+
+def _correlations(x: Tensor, max_shift: Pair) -> Tensor:
+    """``F[c, c', di, dj] = Σ_{b, u, v} x[b, c, u, v] x[b, c', u + di, v + dj]`` (zero outside
+    the input) for ``|di| ≤ max_shift[0]``, ``|dj| ≤ max_shift[1]``, indexed from
+    ``-max_shift``: one convolution of the input with itself (batch as channels)."""
+    xt = x.transpose(0, 1)  # (C, B, H, W)
+    out = F.conv2d(xt, xt, padding=max_shift)  # out[c, c', oy, ox] = F(oy - s_h, ...)[c', c]
+    return out.transpose(0, 1)
+
+
+def _line_correlations(x: Tensor, max_shift: int) -> Tensor:
+    """The 1-D version along the last dimension: ``x`` ``(B, C, L)`` -> ``(C, C, 2s + 1)``."""
+    xt = x.transpose(0, 1)  # (C, B, L)
+    return F.conv1d(xt, xt, padding=max_shift).transpose(0, 1)
+
+
+def _window(o: int, size: int, out: int, pad: int, diff: int) -> tuple[int, int]:
+    """The input positions (along one dimension) that kernel offset ``o`` reads for the
+    ``out`` output positions, whose partner shifted by ``diff`` is inside the input too."""
+    return max(o - pad, 0, -diff), min(o - pad + out, size, size - diff)
+
+
+def _outside(o: int, size: int, out: int, pad: int, diff: int) -> list[int]:
+    """The positions of the full range of difference ``diff`` outside :func:`_window`."""
+    lo, hi = _window(o, size, out, pad, diff)
+    full = range(max(0, -diff), min(size, size - diff))
+    return list(full) if hi <= lo else [r for r in full if not lo <= r < hi]
+
+
+def _correlation_blocks(new: Tensor, x: Tensor, k: Pair, p: Pair, out: Pair, bias: bool) -> None:
+    """One group's ``Σ_rows ã ãᵀ`` into ``new`` (``(D, D)``, zeros) from ``x`` ``(B, C, H,
+    W)`` (:func:`conv2d_factor_update_correlation`)."""
+    (kh, kw), (ph, pw), (ho, wo) = k, p, out
+    batch, cg, height, width = x.shape
+    patch = cg * kh * kw
+    corr = _correlations(x, (kh - 1, kw - 1))
+    rows: dict[tuple[int, int], Tensor] = {}  # (row r, di) -> over columns, (C, C, 2k_w − 1)
+    cols: dict[tuple[int, int], Tensor] = {}  # (column v, dj) -> over rows, (C, C, 2k_h − 1)
+    offsets = [(i, j) for i in range(kh) for j in range(kw)]
+    blocks = new[:patch, :patch].view(cg, kh * kw, cg, kh * kw)
+    for n1, (i, j) in enumerate(offsets):
+        for n2 in range(n1, len(offsets)):
+            di, dj = offsets[n2][0] - i, offsets[n2][1] - j
+            block = corr[:, :, di + kh - 1, dj + kw - 1].clone()
+            out_rows = _outside(i, height, ho, ph, di)
+            out_cols = _outside(j, width, wo, pw, dj)
+            for r in out_rows:  # row r against row r + di, over the columns
+                if (r, di) not in rows:
+                    both = torch.cat([x[:, :, r], x[:, :, r + di]], dim=1)  # (B, 2C, W)
+                    rows[r, di] = _line_correlations(both, kw - 1)[:cg, cg:]
+                block -= rows[r, di][:, :, dj + kw - 1]
+            for v in out_cols:  # column v against column v + dj, over the rows
+                if (v, dj) not in cols:
+                    both = torch.cat([x[:, :, :, v], x[:, :, :, v + dj]], dim=1)  # (B, 2C, H)
+                    cols[v, dj] = _line_correlations(both, kh - 1)[:cg, cg:]
+                block -= cols[v, dj][:, :, di + kh - 1]
+            for r in out_rows:  # the corners, subtracted twice
+                for v in out_cols:
+                    block += x[:, :, r, v].T @ x[:, :, r + di, v + dj]
+            blocks[:, n1, :, n2] = block
+            if n2 != n1:
+                blocks[:, n2, :, n1] = block.T
+    if bias:
+        sums = [
+            x[
+                :, :, slice(*_window(i, height, ho, ph, 0)), slice(*_window(j, width, wo, pw, 0))
+            ].sum(dim=(0, 2, 3))
+            for i, j in offsets
+        ]
+        column = torch.stack(sums, dim=-1).reshape(patch)  # channel-major, as the weight
+        new[:patch, -1] = column
+        new[-1, :patch] = column
+        new[-1, -1] = batch * ho * wo
+
+
+def conv2d_factor_update_correlation(
+    a: Tensor,
+    x: Tensor,
+    *,
+    kernel_size: int | Pair,
+    padding: int | Pair = 0,
+    groups: int = 1,
+    bias: bool = False,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``a <- beta a + alpha Σ_rows ã ãᵀ`` for a convolution with stride 1 and dilation 1,
+    from the channels' cross-correlations instead of the patches (in place; returns ``a``).
+
+    The block of kernel offsets ``o = (i, j)``, ``o' = (i', j')`` is
+    ``Σ x[:, u, v] x[:, u + di, v + dj]ᵀ`` (``di = i' − i``, ``dj = j' − j``) over the input
+    positions that offset ``o`` reads for some output position and whose partner lies in
+    the input. It depends on the offsets through their difference, but for that window:
+    every block is the full correlation at its difference (all ``(2k_h − 1)(2k_w − 1)`` of
+    them from one convolution of the input with itself), minus the input rows and columns
+    the window leaves out (the boundary rows and columns within the padding's reach: 1-D
+    correlations along them), plus the corners counted twice. The same sums as the patches'
+    in another order, so exact to round-off; about ``(2k − 1)²`` instead of ``k⁴`` products
+    of the input's size per channel pair (25 instead of 81 for 3 x 3). The bias column is
+    each offset's window sum, its corner the row count. Contract as in the module docstring
+    (``padding`` is zero padding).
+    """
+    k, _, p, _ = _check(a, x, kernel_size, 1, padding, 1, groups, bias)
+    (kh, kw), (ph, pw) = k, p
+    ho = conv_output_size(x.shape[2], kh, 1, ph, 1)
+    wo = conv_output_size(x.shape[3], kw, 1, pw, 1)
+    cg = x.shape[1] // groups
+    xd = x.to(a.dtype)
+    new = a.new_zeros(groups, a.shape[-1], a.shape[-1])
+    for g in range(groups):
+        _correlation_blocks(
+            new[g], xd[:, g * cg : (g + 1) * cg], (kh, kw), (ph, pw), (ho, wo), bias
+        )
+    if beta == 0:
+        a.copy_(new.mul_(alpha))
+    else:
+        a.mul_(beta).add_(new, alpha=alpha)
     return a
 
 
@@ -343,8 +470,10 @@ def conv2d_factor_update(
 ) -> Tensor:
     """``a <- beta a + alpha Σ_rows ã ãᵀ`` over the patches of ``x``, in place.
 
-    The Triton kernel when :func:`~._triton.use_triton` holds for ``x`` and ``a`` is float32,
-    the chunked torch reference otherwise; both honour the module docstring's contract.
+    The Triton kernel when :func:`~._triton.use_triton` holds for ``x`` and ``a`` is float32;
+    otherwise, for stride 1, dilation 1 and a kernel larger than 1 x 1,
+    :func:`conv2d_factor_update_correlation` (unless ``SECONDORDER_REFERENCE_KERNELS=1``), and
+    the chunked torch reference for the rest; all honour the module docstring's contract.
     """
     kw = {
         "kernel_size": kernel_size, "stride": stride, "padding": padding,
@@ -352,4 +481,13 @@ def conv2d_factor_update(
     }  # fmt: skip
     if use_triton(x) and a.dtype == torch.float32:
         return conv2d_factor_update_triton(a, x, **kw)
+    k, s, _, d = _check(a, x, kernel_size, stride, padding, dilation, groups, bias)
+    if (
+        s == (1, 1)
+        and d == (1, 1)
+        and k != (1, 1)
+        and os.environ.get("SECONDORDER_REFERENCE_KERNELS", "0") != "1"
+    ):
+        del kw["stride"], kw["dilation"]
+        return conv2d_factor_update_correlation(a, x, **kw)
     return conv2d_factor_update_reference(a, x, **kw)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from secondorder.kernels import HAS_TRITON
 from secondorder.kernels.conv_factor import (
     conv2d_factor_update,
+    conv2d_factor_update_correlation,
     conv2d_factor_update_reference,
 )
 from secondorder.layers.conv import Conv1dHelper, Conv2dHelper, Conv3dHelper
@@ -103,11 +104,51 @@ def test_triton_kernel_on_gpu_matches_float64(dtype):
     assert_close(a.cpu(), want, dtype=torch.float32, n=rows)
 
 
-def test_dispatch_uses_the_reference_on_cpu():
+def test_dispatch_on_cpu_takes_the_correlation_path_for_stride_1_else_the_reference(monkeypatch):
     x = torch.randn(2, 3, 5, 5)
     a = torch.zeros(1, 28, 28)
+    want = conv2d_factor_update_correlation(a.clone(), x, kernel_size=3, bias=True)
+    assert torch.equal(conv2d_factor_update(a.clone(), x, kernel_size=3, bias=True), want)
+    strided = conv2d_factor_update_reference(a.clone(), x, kernel_size=3, stride=2, bias=True)
+    got = conv2d_factor_update(a.clone(), x, kernel_size=3, stride=2, bias=True)
+    assert torch.equal(got, strided)
+    monkeypatch.setenv("SECONDORDER_REFERENCE_KERNELS", "1")
     want = conv2d_factor_update_reference(a.clone(), x, kernel_size=3, bias=True)
-    assert torch.equal(conv2d_factor_update(a, x, kernel_size=3, bias=True), want)
+    assert torch.equal(conv2d_factor_update(a.clone(), x, kernel_size=3, bias=True), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    per_group=st.integers(1, 3),
+    size=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    bias=st.booleans(),
+    beta=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_the_correlation_path_equals_the_patches(
+    batch, groups, per_group, size, kernel, padding, bias, beta
+):
+    """Stride 1, dilation 1: the blocks from the channels' correlations at each offset
+    difference, corrected at the boundary rows and columns, are the patches' sums (float64,
+    every kernel, padding and input size where at least one output position exists)."""
+    h, w = size
+    kh, kw = kernel
+    ph, pw = padding
+    assume(h + 2 * ph >= kh and w + 2 * pw >= kw)
+    channels = groups * per_group
+    x = torch.randn(batch, channels, h, w, dtype=torch.float64)
+    dim = per_group * kh * kw + int(bias)
+    a0 = torch.randn(groups, dim, dim, dtype=torch.float64)
+    a0 = a0 + a0.transpose(1, 2)
+    kw_args = {"kernel_size": kernel, "padding": padding, "groups": groups, "bias": bias}
+    want = conv2d_factor_update_reference(a0.clone(), x, beta=beta, alpha=2.0, **kw_args)
+    got = conv2d_factor_update_correlation(a0.clone(), x, beta=beta, alpha=2.0, **kw_args)
+    # sums of |x x'| over the rows in another order, bounded by the patches' |ã|ᵀ|ã|
+    bound = conv2d_factor_update_reference(a0.abs(), x.abs(), beta=beta, alpha=2.0, **kw_args)
+    assert_close(got, want, n=batch * (h + 2 * ph) * (w + 2 * pw), scale=float(bound.max()))
 
 
 @pytest.mark.parametrize(
