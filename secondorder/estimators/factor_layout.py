@@ -127,6 +127,14 @@ class FactorLayout:
         )
         return out
 
+    def diagonal_blocks(self, full: Tensor) -> Tensor:
+        """The diagonal blocks of a whole factor ``(groups, n, n)``, in the stored shape
+        ``(groups, k, b, b)`` (padding coordinates zero): what :meth:`block_rows`' rows
+        would accumulate."""
+        padded = self.pad(self.pad(full, dim=-1), dim=-2)
+        groups, k, b = full.shape[0], self.blocks, self.block_size
+        return padded.view(groups, k, b, k, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+
     def block_rows(self, rows: Tensor) -> Tensor:
         """Rows ``(groups, R, n)`` as ``(groups·k, R, b)``: each block's columns, the
         batch a blocked factor's statistics are accumulated from."""

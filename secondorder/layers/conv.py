@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..kernels import symmetric_factor_update
-from ..kernels.conv_factor import CHUNK_ELEMENTS, conv2d_factor_update
+from ..kernels.conv_factor import (
+    CHUNK_ELEMENTS,
+    conv2d_factor_update,
+    conv2d_factor_update_correlation,
+)
 from .base import KroneckerHelper
 
 _POSITION_MODES = ("expand", "reduce")
@@ -134,10 +139,10 @@ class _ConvNdHelper(KroneckerHelper):
         if self.reduces:  # a row per example: the mean patches are small
             super().a_factor_update(inputs, a, beta=beta)
             return
-        m = self.module
-        x = self._batched(inputs)
-        if self.spatial_dims == 3 or self.zero_bias_column:
-            per_example = math.prod(x.shape[2:]) * self.a_dim * m.groups
+        form = self._conv2d_form(inputs)
+        if form is None:
+            x = self._batched(inputs)
+            per_example = math.prod(x.shape[2:]) * self.a_dim * self.module.groups
             step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
             for start in range(0, x.shape[0], step):
                 rows = self.a_rows(x[start : start + step])
@@ -145,6 +150,18 @@ class _ConvNdHelper(KroneckerHelper):
             if x.shape[0] == 0:  # no rows: only the decay
                 a.copy_(a * beta if beta else torch.zeros_like(a))
             return
+        x, args = form
+        conv2d_factor_update(a, x, **args, beta=beta)
+
+    def _conv2d_form(self, inputs: Tensor) -> tuple[Tensor, dict[str, Any]] | None:
+        """The input and the keywords of
+        :func:`~secondorder.kernels.conv_factor.conv2d_factor_update` for this layer (a
+        Conv1d as a ``1 x k`` Conv2d; non-zero or asymmetric padding applied to the input),
+        or None for a Conv3d or a tied module's zero bias column (the patches' path)."""
+        m = self.module
+        x = self._batched(inputs)
+        if self.spatial_dims == 3 or self.zero_bias_column:
+            return None
         pad = list(m._reversed_padding_repeated_twice)  # (last dim left, right, ...)
         if m.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
             padding = tuple(pad[::-2])  # implicit: masked loads, no padded copy
@@ -157,10 +174,34 @@ class _ConvNdHelper(KroneckerHelper):
             x = x.unsqueeze(2)
             kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
             padding = (0, *padding)
-        conv2d_factor_update(
-            a, x, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
-            groups=m.groups, bias=self.has_bias, beta=beta,
-        )  # fmt: skip
+        args = {
+            "kernel_size": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding),
+            "dilation": tuple(dilation), "groups": m.groups, "bias": self.has_bias,
+        }  # fmt: skip
+        return x, args
+
+    def a_full_if_cheaper(self, inputs: Tensor, alternative: float) -> Tensor | None:
+        """The whole ``Σ_rows ã ãᵀ`` ``(groups, a_dim, a_dim)`` from the channels'
+        correlations (:func:`~secondorder.kernels.conv_factor.conv2d_factor_update_correlation`)
+        when they apply (stride 1, dilation 1, a kernel larger than 1 x 1, a CPU tensor, rows
+        per position) and their multiply-adds, about ``(2k_h − 1)(2k_w − 1) · (C/groups)² ·
+        groups · B·H·W``, are fewer than ``alternative`` (a blocked factor's from the patches);
+        None otherwise. A blocked ``A`` then keeps the diagonal blocks of it."""
+        form = None if self.reduces or inputs.is_cuda else self._conv2d_form(inputs)
+        if form is None:
+            return None
+        x, args = form
+        (kh, kw), groups = args["kernel_size"], args["groups"]
+        if args["stride"] != (1, 1) or args["dilation"] != (1, 1) or (kh, kw) == (1, 1):
+            return None
+        cg = x.shape[1] // groups
+        cost = (2 * kh - 1) * (2 * kw - 1) * cg * cg * groups * x[:, :1].numel()
+        if cost >= alternative:
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        a = x.new_zeros((groups, self.a_dim, self.a_dim), dtype=dtype)
+        del args["stride"], args["dilation"]
+        return conv2d_factor_update_correlation(a, x, beta=0.0, **args)
 
     def _padded(self, inputs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The batched input (in ``dtype``), with the layer's padding applied."""

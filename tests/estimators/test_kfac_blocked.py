@@ -434,3 +434,41 @@ def test_progress_option_forces_or_silences(capsys, monkeypatch):
     assert len(_refresh_twice(capsys, progress=True)[1]) == 5
     monkeypatch.setattr(kfac_module, "PROGRESS_MIN_COST", 1.0)
     assert _refresh_twice(capsys, progress=False) == [[], []]
+
+
+@pytest.mark.parametrize(
+    ("conv", "size", "max_dim", "correlation"),
+    [
+        (nn.Conv2d(6, 4, 3, padding=1), 12, 32, True),  # whole A by correlations: cheaper
+        (nn.Conv2d(6, 4, 3, padding=1, groups=2), 12, 16, True),
+        (nn.Conv2d(6, 4, 3, stride=2, padding=1), 12, 32, False),  # stride 2: the patches
+        (nn.Conv2d(6, 4, 3, padding=1), 3, 16, False),  # small blocks: cheaper from patches
+    ],
+    ids=["conv", "groups", "stride2", "small"],
+)
+def test_a_blocked_conv_factor_keeps_the_diagonal_blocks_whichever_path(
+    conv, size, max_dim, correlation, monkeypatch
+):
+    """A blocked ``A`` of a stride-1 convolution comes from the whole factor by correlations
+    (its diagonal blocks, padding coordinates zero) when that costs fewer multiply-adds than
+    the blocks from the patches; either way it is the blocks of the patch rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv.double(), nn.Flatten(), nn.LazyLinear(3).double())
+    x = torch.randn(4, 6, size, size, dtype=torch.float64)
+    model(x)
+    seen = []
+    opt = KFAC(model, curvature_every=1, max_factor_dim=max_dim, graft=None, **FLOAT64)
+    helper = opt.estimator.layers[0]
+    real = helper.a_full_if_cheaper
+    monkeypatch.setattr(helper, "a_full_if_cheaper", lambda *a: seen.append(r := real(*a)) or r)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    layout = opt.estimator.layouts["0"][0]
+    assert layout.kind == "blocks"
+    assert len(seen) == 1 and (seen[0] is not None) == correlation
+    rows = layout.block_rows(helper.a_rows(x))
+    want = (rows.transpose(1, 2) @ rows / helper.a_rows(x).shape[1]).reshape(
+        opt.estimator.factors("0")[0].shape
+    )
+    bound = rows.abs().transpose(1, 2) @ rows.abs() / helper.a_rows(x).shape[1]
+    assert_close(opt.estimator.factors("0")[0], want, n=rows.shape[1], scale=float(bound.max()))
