@@ -367,14 +367,12 @@ class KFACEstimator(CurvatureEstimator):
             _side_update(a_layout, a, layer.a_rows(inputs), beta)
             return
         rows = layer.rows_count(inputs[:1])
-        full = getattr(layer, "a_full_if_cheaper", None)
-        if full is not None:  # a convolution whose whole A costs less than the blocks
-            sizes = a_layout.block_sizes()
-            blocked = rows * inputs.shape[0] * layer.groups * sum(b * b for b in sizes)
-            whole = full(inputs, blocked)
-            if whole is not None:
-                _add_into(a, a_layout.diagonal_blocks(whole.to(a.dtype)), beta)
-                return
+        sizes = a_layout.block_sizes()
+        blocked = rows * inputs.shape[0] * layer.groups * sum(b * b for b in sizes)
+        whole = layer.a_full_if_cheaper(inputs, blocked)  # a convolution's correlations
+        if whole is not None:
+            _add_into(a, a_layout.diagonal_blocks(whole.to(a.dtype)), beta)
+            return
         per_example = max(1, rows * layer.a_dim * layer.groups)
         step = max(1, CHUNK_ELEMENTS // per_example)
         for start in range(0, inputs.shape[0], step):

@@ -170,6 +170,13 @@ class KroneckerHelper(LayerHelper):
         helpers to add :meth:`a_diag_sum`."""
         symmetric_factor_update(a, self.a_rows(inputs), beta=beta, alpha=1.0)
 
+    def a_full_if_cheaper(self, inputs: Tensor, alternative: float) -> Tensor | None:
+        """The whole ``Σ_rows ã ãᵀ`` ``(groups, a_dim, a_dim)`` when the helper has a way to
+        compute it in fewer multiply-adds than ``alternative`` (what the diagonal blocks of
+        a blocked ``A`` would cost from the rows), else None (the default: build the rows).
+        Convolutions override it (their channels' correlations)."""
+        return None
+
     def a_square_sum(self, inputs: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, int]:
         """``(Σ_rows ã², rows)``: the diagonal of ``A``'s sum, ``(groups, a_dim)``, in
         ``dtype`` (default: the rows' own), and the number of rows. The default squares
