@@ -122,6 +122,15 @@ def _grafted_step(
     return list(out)
 
 
+def _with_coupled_decay(
+    opt: CurvatureOptimizer, params: list[Tensor], g: list[Tensor], weight_decay: float
+) -> list[Tensor]:
+    """``g`` plus ``weight_decay · p`` when the weight decay is coupled (L2), else ``g``."""
+    if weight_decay != 0 and not opt.decoupled_weight_decay and params:
+        return list(torch._foreach_add(g, params, alpha=weight_decay))
+    return g
+
+
 def graft_moments(
     opt: CurvatureOptimizer, grads: Mapping[Tensor, Tensor], *, l2_applied: bool
 ) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
@@ -140,10 +149,8 @@ def graft_moments(
         params = [p for p in group["params"] if p in grads]
         if not params:
             continue
-        g = [grads[p] for p in params]
         decay = 0.0 if l2_applied else group["weight_decay"]
-        if decay != 0 and not opt.decoupled_weight_decay:  # as graft_directions adds it
-            g = list(torch._foreach_add(g, params, alpha=decay))
+        g = _with_coupled_decay(opt, params, [grads[p] for p in params], decay)
         states = [opt.state[p] for p in params]
         old = [
             st["graft_exp_avg"] if "graft_exp_avg" in st else torch.zeros_like(p)
@@ -217,18 +224,16 @@ def graft_directions(
     out: dict[Tensor, Tensor] = {}
     if not params:
         return out, left
-    g = [grads[p] for p in params]
-    if coupled:
-        g = list(torch._foreach_add(g, params, alpha=weight_decay))
-    new_moments = None if moments is None or graft != "adam" else [moments[p] for p in params]
+    g = _with_coupled_decay(opt, params, [grads[p] for p in params], weight_decay)
+    new_moments = None if moments is None else [moments[p] for p in params]
     steps = _grafted_step(graft, [opt.state[p] for p in params], g, betas, eps, new_moments)
     scaled = [i for i, p in enumerate(params) if p in preconditioned]
     for i, p in enumerate(params):
         out[p] = steps[i]
     if scaled:
         u = [directions[params[i]] for i in scaled]
-        if coupled and new_moments is None:  # else the L2 term is in m̂ already
-            u = list(torch._foreach_add(u, [params[i] for i in scaled], alpha=weight_decay))
+        if new_moments is None:  # else the L2 term is in m̂ already
+            u = _with_coupled_decay(opt, [params[i] for i in scaled], u, weight_decay)
         # no host synchronisation: the ratios stay tensors. A zero direction stays zero: its
         # ratio ‖a‖/tiny may overflow to inf (Adam's momentum moves a parameter whose
         # gradient, and so whose raw preconditioned direction, is zero), and inf·0 is NaN,

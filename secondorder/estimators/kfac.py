@@ -366,14 +366,14 @@ class KFACEstimator(CurvatureEstimator):
         if inputs.dim() <= layer.unbatched_dims or inputs.shape[0] <= 1:
             _side_update(a_layout, a, layer.a_rows(inputs), beta)
             return
-        rows = layer.rows_count(inputs[:1])
+        rows_per_example = layer.rows_count(inputs[:1])
         sizes = a_layout.block_sizes()
-        blocked = rows * inputs.shape[0] * layer.groups * sum(b * b for b in sizes)
+        blocked = rows_per_example * inputs.shape[0] * layer.groups * sum(b * b for b in sizes)
         whole = layer.a_full_if_cheaper(inputs, blocked)  # a convolution's correlations
         if whole is not None:
             _add_into(a, a_layout.diagonal_blocks(whole.to(a.dtype)), beta)
             return
-        per_example = max(1, rows * layer.a_dim * layer.groups)
+        per_example = max(1, rows_per_example * layer.a_dim * layer.groups)
         step = max(1, CHUNK_ELEMENTS // per_example)
         for start in range(0, inputs.shape[0], step):
             rows = layer.a_rows(inputs[start : start + step])

@@ -214,23 +214,6 @@ class _State:
                 )
                 self.bases.append(None)
 
-    # the two sides of a matrix parameter, by name
-    @property
-    def left(self) -> Tensor | None:
-        return self.stats[0] if len(self.stats) == 2 else None
-
-    @property
-    def right(self) -> Tensor | None:
-        return self.stats[1] if len(self.stats) == 2 else None
-
-    @property
-    def left_basis(self) -> Tensor | None:
-        return self.bases[0] if len(self.bases) == 2 else None
-
-    @property
-    def right_basis(self) -> Tensor | None:
-        return self.bases[1] if len(self.bases) == 2 else None
-
     @property
     def rotated(self) -> bool:
         """Whether some dimension has a statistic."""

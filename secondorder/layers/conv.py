@@ -110,13 +110,9 @@ class _ConvNdHelper(KroneckerHelper):
             return self.append_ones(self._mean_patches(inputs))
         m = self.module
         n = self.spatial_dims
-        x = self._batched(inputs)
         # Pad explicitly so that string paddings ('same', possibly asymmetric) and
         # non-zero padding modes give exactly the patches the forward pass multiplied.
-        pad = m._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, pad, mode=mode)
+        x = self._padded(inputs)
         # A strided view (no copy) per spatial dimension: unfold appends the window
         # (dilated extent, sub-sampled by the dilation) after the output positions.
         for d, (k, s, dil) in enumerate(zip(m.kernel_size, m.stride, m.dilation, strict=True)):
@@ -159,15 +155,14 @@ class _ConvNdHelper(KroneckerHelper):
         Conv1d as a ``1 x k`` Conv2d; non-zero or asymmetric padding applied to the input),
         or None for a Conv3d or a tied module's zero bias column (the patches' path)."""
         m = self.module
-        x = self._batched(inputs)
         if self.spatial_dims == 3 or self.zero_bias_column:
             return None
         pad = list(m._reversed_padding_repeated_twice)  # (last dim left, right, ...)
         if m.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
+            x = self._batched(inputs)
             padding = tuple(pad[::-2])  # implicit: masked loads, no padded copy
         else:
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, pad, mode=mode)
+            x = self._padded(inputs)
             padding = (0,) * self.spatial_dims
         kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
         if self.spatial_dims == 1:  # a 1 x k convolution over a height of 1

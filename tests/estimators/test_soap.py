@@ -88,7 +88,7 @@ def test_identity_basis_is_the_unrotated_path_bit_for_bit(monkeypatch):
     train_steps(model, rotated, batches)
     train_steps(twin, plain, batches[1:])
     assert all(
-        s.left_basis is not None for s in rotated.estimator.states.values() if s.left is not None
+        s.bases[0] is not None for s in rotated.estimator.states.values() if s.stats[0] is not None
     )
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -116,7 +116,7 @@ def test_the_first_step_only_builds_the_basis_and_adam_starts_at_the_next():
             assert not torch.equal(layer.bias, before[1])
             state = opt.estimator.states[layer.weight]
             assert state.step == 0 and not state.exp_avg.any() and not state.exp_avg_sq.any()
-            assert state.left_basis is not None and state.right_basis is not None
+            assert state.bases[0] is not None and state.bases[1] is not None
     g1, g2 = grads
     beta2 = 0.95  # shampoo_beta defaults to soap_betas[1]
     q_l = torch.linalg.eigh((1 - beta2) * g1 @ g1.T).eigenvectors
@@ -176,11 +176,11 @@ def test_directions_and_the_refresh_match_a_dense_recurrence(shape, refresh):
         est.update({p: g})
         left = beta * left + (1 - beta) * gm @ gm.T
         right = beta * right + (1 - beta) * gm.T @ gm
-        assert_close(state.left, left, n=t)
-        assert_close(state.right, right, n=t)
+        assert_close(state.stats[0], left, n=t)
+        assert_close(state.stats[1], right, n=t)
         if t in (2, 4, 6):  # refreshes (the optimizer's first comes after the first update)
             est.refresh(0.0)
-            new_l, new_r = state.left_basis, state.right_basis
+            new_l, new_r = state.bases
             if refresh == "qr" and not first:
                 # one power-iteration step from the old basis, v permuted
                 want_l, v = _power_qr(left, ql, v, 0)
