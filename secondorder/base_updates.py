@@ -165,23 +165,58 @@ def adahessian_update(
     they broadcast against the parameter. ``decoupled=False`` adds ``wd w`` to the gradient
     instead (L2).
     """
-    for i, param in enumerate(params):
-        exp_avg, exp_hessian_sq, step_t = exp_avgs[i], exp_hessian_sqs[i], steps[i]
-        hessian, grad = hessians[i], grads[i]
+    directions = adahessian_steps(
+        grads,
+        hessians,
+        exp_avgs,
+        exp_hessian_sqs,
+        steps,
+        params=params,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        hessian_power=hessian_power,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+    )
+    for param, direction in zip(params, directions, strict=True):
+        if weight_decay != 0 and decoupled:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(direction, alpha=-lr)
+
+
+def adahessian_steps(
+    grads: list[Tensor],
+    hessians: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    params: list[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    hessian_power: float,
+    weight_decay: float,
+    decoupled: bool = True,
+) -> list[Tensor]:
+    """AdaHessian's moments (updated in place, see :func:`adahessian_update`) and its
+    steps ``m̂ / (v̂^{k/2} + ε)``, returned, not applied: the parameters are not written
+    (coupled decay, ``decoupled=False``, adds ``wd·w`` to the gradient)."""
+    out = []
+    for param, grad, hessian, exp_avg, exp_hessian_sq, step_t in zip(
+        params, grads, hessians, exp_avgs, exp_hessian_sqs, steps, strict=True
+    ):
         step_t += 1
         if weight_decay != 0 and not decoupled:
             grad = grad.add(param, alpha=weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_hessian_sq.mul_(beta2).addcmul_(hessian, hessian, value=1 - beta2)
         step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = exp_hessian_sq / bias_correction2
+        denom = exp_hessian_sq / (1 - beta2**step)
         denom = denom.sqrt_() if hessian_power == 1 else denom.pow_(hessian_power / 2)
-        denom.add_(eps)
-        if weight_decay != 0 and decoupled:
-            param.mul_(1 - lr * weight_decay)
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        out.append(exp_avg.div(denom.add_(eps)).div_(1 - beta1**step))
+    return out
 
 
 # ---- the diagonal curvature of the "momentum" base ---------------------------------------
@@ -232,6 +267,9 @@ class BaseUpdate(ABC):
 
     #: the ``base`` value that selects it
     name: ClassVar[str]
+    #: whether :meth:`step` applies the config's ``graft`` itself (the bases that read the
+    #: curvature: their step is not a direction the optimizer could graft beforehand)
+    grafts_itself: ClassVar[bool] = False
 
     @abstractmethod
     def defaults(self, config: OptimizerConfig) -> dict[str, Any]:
@@ -382,6 +420,7 @@ class MomentumBase(BaseUpdate):
     each step copies whichever changed since the last step to the other."""
 
     name = "momentum"
+    grafts_itself = True
 
     def defaults(self, config: OptimizerConfig) -> dict[str, Any]:
         beta = config.beta  # type: ignore[attr-defined]
@@ -444,6 +483,9 @@ class MomentumBase(BaseUpdate):
             seen[id(group)] = group["beta"]
 
     def step(self, opt, group, directions, *, weight_decay, curvature):
+        if opt.config.graft is not None:
+            self._grafted_step(opt, group, directions, weight_decay, curvature)
+            return
         lr, beta = group["lr"], self.synced_beta(opt, group)
         damping = opt.current_damping()
         for p in group["params"]:
@@ -483,6 +525,42 @@ class MomentumBase(BaseUpdate):
             layout.write(p, w)
             layout.write(exp_avg, m)
 
+    def _grafted_step(self, opt, group, directions, weight_decay, curvature):
+        """With ``graft``: the moment of every parameter is updated as without it, and the
+        step ``u = m̂ / (D + λ)`` of each one with a curvature takes the grafted method's
+        norm (:func:`secondorder.grafting.apply_grafted_base`); the others take the grafted
+        method's own step (``graft="adam"``: Adam's)."""
+        from .grafting import apply_grafted_base
+
+        beta = self.synced_beta(opt, group)
+        damping = opt.current_damping()
+        coupled = weight_decay != 0 and not opt.decoupled_weight_decay
+        steps: dict[Tensor, Tensor] = {}
+        for p in group["params"]:
+            grad = directions.get(p)
+            if grad is None:
+                continue
+            state = opt.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avg = state["exp_avg"]
+            exp_avg.lerp_(grad.add(p, alpha=weight_decay) if coupled else grad, 1 - beta)
+            diagonal = None if curvature is None else curvature.moment_curvature(p)
+            if diagonal is None:
+                continue
+            layout = diagonal.layout
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            m = layout.copy(exp_avg).to(dtype)
+            fisher = diagonal.first.to(dtype).unsqueeze(-1) * diagonal.second.to(dtype).unsqueeze(
+                -2
+            )
+            u = m.div_(fisher.add_(damping)).div_(1.0 - beta ** state["step"].item())
+            steps[p] = torch.empty_like(p)
+            layout.write(steps[p], u)
+        apply_grafted_base(opt, group, directions, steps, weight_decay=weight_decay)
+
 
 class HessianAdamBase(BaseUpdate):
     r"""Adam whose second moment averages the square of the estimator's
@@ -501,6 +579,7 @@ class HessianAdamBase(BaseUpdate):
     that with ``precondition=False`` this is ``torch.optim.Adam`` / ``AdamW``."""
 
     name = "adahessian"
+    grafts_itself = True
 
     def defaults(self, config: OptimizerConfig) -> dict[str, Any]:
         return {
@@ -551,6 +630,28 @@ class HessianAdamBase(BaseUpdate):
             "decoupled": opt.decoupled_weight_decay,
         }
         state = opt.state
+        if opt.config.graft is not None:
+            from .grafting import apply_grafted_base
+
+            common.pop("lr")
+            steps = adahessian_steps(
+                [directions[p] for p in hessian],
+                [state[p]["hessian_diag"] for p in hessian],
+                [state[p]["exp_avg"] for p in hessian],
+                [state[p]["exp_hessian_diag_sq"] for p in hessian],
+                [state[p]["step"] for p in hessian],
+                params=hessian,
+                hessian_power=group["hessian_power"],
+                **common,
+            )
+            apply_grafted_base(
+                opt,
+                group,
+                directions,
+                dict(zip(hessian, steps, strict=True)),
+                weight_decay=weight_decay,
+            )
+            return
         if hessian:
             adahessian_update(
                 hessian,

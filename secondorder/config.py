@@ -137,12 +137,13 @@ class OptimizerConfig:
     kl_clip: float | None = hyperparameter(None, "KL clipping constant κ > 0; None disables")
     graft: str | None = hyperparameter(
         None,
-        'take each parameter\'s step norm from a first-order method: ``"sgd"``, '
-        '``"adagrad"``, ``"rmsprop"`` or ``"adam"`` (then ``lr`` is that method\'s, and '
-        '``momentum`` defaults to 0); base="sgd" only; ``"auto"``: ``"adam"`` with '
-        'base="sgd", None with another base or with adaptive_lr / adaptive_momentum (which '
-        "choose the step size themselves); excludes kl_clip (grafting sets every step's "
-        "norm, so clipping would have no effect); see :mod:`secondorder.grafting`",
+        "take each parameter's step norm from a first-order method: 'sgd', 'adagrad', "
+        "'rmsprop' or 'adam' (then lr is that method's, and momentum defaults to 0); any "
+        "base but 'adam' (with the bases 'momentum' and 'adahessian' the base's own step "
+        "takes the norm); 'auto': 'adam' with base='sgd', None with another base or with "
+        "adaptive_lr / adaptive_momentum (which choose the step size themselves); excludes "
+        "kl_clip (grafting sets every step's norm, so clipping would have no effect); "
+        "see :mod:`secondorder.grafting`",
     )
     graft_betas: tuple[float, float] = hyperparameter(
         (0.9, 0.999), "the grafted method's β₁ (adam) and β₂ (adam, rmsprop)"
@@ -307,10 +308,10 @@ class OptimizerConfig:
                 "sets each parameter's step norm after clipping. Pass kl_clip=None, or "
                 "graft=None for the papers' clipped update"
             )
-        if self.base != "sgd":
+        if self.base == "adam":
             raise ValueError(
-                f"graft applies to base='sgd' (the grafted method brings its own moments), "
-                f"got base={self.base!r}"
+                "graft applies to base='sgd', 'momentum' or 'adahessian', not to base='adam' "
+                "(Adam's step sets its own size: pick one of the two)"
             )
         check_betas(self.graft_betas)
         self.graft_betas = tuple(self.graft_betas)

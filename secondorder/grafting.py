@@ -37,6 +37,12 @@ decoupled weight decay) then applies to ``d``; coupled weight decay enters ``u``
 before grafting. KL clipping, if set, acts before grafting (so grafting undoes its scale).
 The grafted method's state lives in the optimizer's per-parameter state (``graft_*`` keys):
 it is in ``state_dict`` and resumes exactly.
+
+The bases that read the curvature themselves (AdaFisher's ``"momentum"``, AdaHessian's
+``"adahessian"``) have no direction to graft before they run: they update their own moments,
+form their step ``u`` (``m̂ / (D + λ)``, ``m̂ / ((√v̂)^k + ε)``, the coupled decay inside) and
+hand it to :func:`apply_grafted_base`, which grafts it as above and applies ``w ← w − lr·d``.
+Any base but ``"adam"`` takes a graft.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from .base_updates import adam_update
 if TYPE_CHECKING:
     from .optimizer import CurvatureOptimizer
 
-__all__ = ["GRAFTS", "GRAFT_NORMS", "graft_directions", "graft_moments"]
+__all__ = ["GRAFTS", "GRAFT_NORMS", "apply_grafted_base", "graft_directions", "graft_moments"]
 
 #: the methods a preconditioned direction can take its step norm from
 GRAFTS = ("sgd", "adagrad", "rmsprop", "adam")
@@ -173,6 +179,7 @@ def graft_directions(
     *,
     weight_decay: float,
     moments: Mapping[Tensor, Tensor] | None = None,
+    l2_in_directions: bool = False,
 ) -> tuple[dict[Tensor, Tensor], float]:
     """The grafted directions of ``group``'s parameters, and the weight decay left to the
     base update.
@@ -184,6 +191,8 @@ def graft_directions(
     ``moments``: Adam's new first moments from :func:`graft_moments`, when the directions
     are the preconditioned ``m̂``: they are stored for the preconditioned parameters (and
     the coupled weight decay, already in ``m̂``, is not added to the directions again).
+    ``l2_in_directions``: the directions hold the coupled weight decay already (a base
+    update's own step, :func:`apply_grafted_base`).
     Every stage is one multi-tensor operation over the group's parameters; the norm ratios
     stay on the device.
     """
@@ -232,7 +241,7 @@ def graft_directions(
         out[p] = steps[i]
     if scaled:
         u = [directions[params[i]] for i in scaled]
-        if new_moments is None:  # else the L2 term is in m̂ already
+        if new_moments is None and not l2_in_directions:  # else the L2 term is in u already
             u = _with_coupled_decay(opt, [params[i] for i in scaled], u, weight_decay)
         # no host synchronisation: the ratios stay tensors. A zero direction stays zero: its
         # ratio ‖a‖/tiny may overflow to inf (Adam's momentum moves a parameter whose
@@ -251,3 +260,38 @@ def graft_directions(
         for i, d in zip(scaled, torch._foreach_mul(u, ratios), strict=True):
             out[params[i]] = d
     return out, left
+
+
+def apply_grafted_base(
+    opt: CurvatureOptimizer,
+    group: dict[str, Any],
+    grads: Mapping[Tensor, Tensor],
+    steps: Mapping[Tensor, Tensor],
+    *,
+    weight_decay: float,
+) -> None:
+    """Graft the steps of a base update that reads the curvature itself (AdaFisher's
+    ``"momentum"``, AdaHessian's ``"adahessian"``) and apply them.
+
+    ``steps`` are the base's own steps ``u`` (before the learning rate, coupled weight
+    decay inside) of the parameters it has a curvature for; the others of ``group`` with a
+    gradient in ``grads`` take the grafted method's step (``graft="adam"``: Adam's own
+    update). Each ``u`` takes the norm of the grafted method's step (per parameter or per
+    row, ``graft_norm``), then ``w ← w (1 − lr·wd) − lr·d`` (the decay: decoupled only).
+    """
+    out, left = graft_directions(
+        opt,
+        group,
+        grads,
+        {**grads, **steps},
+        steps,
+        weight_decay=weight_decay,
+        l2_in_directions=True,
+    )
+    if not out:
+        return
+    params = list(out)
+    lr = group["lr"]
+    if left != 0:
+        torch._foreach_mul_(params, 1 - lr * left)
+    torch._foreach_add_(params, [out[p] for p in params], alpha=-lr)

@@ -689,7 +689,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group_directions = directions
             weight_decay = 0.0 if l2_first else group["weight_decay"]
-            if self.config.graft is not None:
+            if self.config.graft is not None and not self.base_update.grafts_itself:
                 group_directions, weight_decay = graft_directions(
                     self,
                     group,

@@ -261,10 +261,10 @@ def test_momentum_defaults_to_zero_under_the_adam_graft_only():
     ("cls", "kwargs", "match"),
     [
         (so.KFAC, {"graft": "lion"}, "graft must be None, .auto. or one of"),
-        (so.KFAC, {"graft": "adam", "base": "adam"}, "graft applies to base='sgd'"),
+        (so.KFAC, {"graft": "adam", "base": "adam"}, "graft applies to base='sgd', 'momentum'"),
         (so.KFAC, {"graft": "adam", "graft_betas": (1.0, 0.9)}, r"betas\[0\] must be in"),
         (so.KFAC, {"graft": "adam", "graft_eps": -1.0}, "graft_eps must be"),
-        (so.AdaFisher, {"graft": "adam"}, "graft applies to base='sgd'"),
+        (so.MFAC, {"graft": "adam"}, "not to base='adam'"),
     ],
 )
 def test_bad_graft_arguments_name_the_argument(cls, kwargs, match):
@@ -304,3 +304,95 @@ def test_kl_clip_with_a_graft_is_refused_as_a_no_op(graft):
     with pytest.raises(ValueError, match=r"kl_clip \(0.01\) has no effect with graft="):
         so.KFAC(mlp([5, 3]), graft=graft, kl_clip=1e-2)
     assert so.KFAC(mlp([5, 3]), graft=None, kl_clip=1e-2).config.kl_clip == 1e-2
+
+
+# ---- the bases that read the curvature themselves (AdaFisher, AdaHessian) -------------------
+def _curvature_base_steps(cls, batches, **kwargs):
+    """Train ``cls`` (lr 1, no decay) and record, per step, each parameter's change, its
+    gradient and what the base's own step is made of: AdaFisher's ``D`` (the estimator's
+    ``moment_curvature``, as a tensor of the parameter's shape, None where it gives none),
+    AdaHessian's ``hessian_diag``."""
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    opt = cls(model, lr=1.0, **kwargs)
+    record = []
+    for x, y in batches:
+        before = {p: p.detach().clone() for p in model.parameters()}
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward(create_graph=cls is so.AdaHessian)
+        grads = {p: p.grad.detach().clone() for p in model.parameters()}
+        opt.step()
+        curv = {}
+        for p in model.parameters():
+            if cls is so.AdaHessian:
+                curv[p] = opt.state[p]["hessian_diag"].detach().clone()
+                continue
+            diag = opt.estimator.moment_curvature(p)
+            if diag is None:
+                curv[p] = None
+                continue
+            full = (diag.first.unsqueeze(-1) * diag.second.unsqueeze(-2)).double()
+            curv[p] = torch.empty_like(p, dtype=torch.float64)
+            diag.layout.write(curv[p], full)
+        moved = {p: (before[p] - p.detach()).double() for p in model.parameters()}
+        record.append((moved, grads, curv))
+    return model, opt, record
+
+
+@pytest.mark.parametrize("unit", ["parameter", "row"])
+@pytest.mark.parametrize("cls", [so.AdaFisher, so.AdaHessian], ids=lambda c: c.__name__)
+def test_a_curvature_base_grafts_its_own_step(cls, unit):
+    """AdaFisher's ``u = m̂ / (D + λ)`` and AdaHessian's ``u = m̂ / (√v̂ + ε)`` (float64
+    references from the recorded gradients and curvatures) take the norm of Adam's step per
+    parameter or per row: ``Δw = (‖a‖/‖u‖) u`` at lr 1."""
+    kwargs = {"graft": "adam", "graft_norm": unit}
+    if cls is so.AdaFisher:
+        kwargs.update(damping=3e-3, curvature_every=1)
+    model, opt, record = _curvature_base_steps(cls, _batches(4), **kwargs)
+    beta1, beta2 = (0.9, 0.999)
+    for p in model.parameters():
+        grads = [r[1][p] for r in record]
+        m = v = torch.zeros_like(p, dtype=torch.float64)
+        for t, (moved, g, curv) in enumerate(record, start=1):
+            m = beta1 * m + (1 - beta1) * g[p].double()
+            m_hat = m / (1 - beta1**t)
+            a = _reference_steps("adam", grads[:t])[-1]
+            if cls is so.AdaHessian:
+                v = beta2 * v + (1 - beta2) * curv[p].double() ** 2
+                u = m_hat / ((v / (1 - beta2**t)).sqrt() + opt.param_groups[0]["eps"])
+            elif curv[p] is None:
+                u = None
+            else:
+                u = m_hat / (curv[p] + opt.current_damping())
+            want = a if u is None else u * (_unit_norms(a, unit) / _unit_norms(u, unit))
+            size = max(float(want.abs().max()), float(p.detach().abs().max()))
+            assert_close(moved[p], want, dtype=torch.float32, n=16, scale=size)
+    covered = [p for p in model.parameters() if record[-1][2][p] is not None]
+    assert covered  # the curvature gave directions: the test is not Adam's alone
+
+
+@pytest.mark.parametrize(
+    "cls", [so.AdaFisher, so.AdaFisherW, so.AdaHessian], ids=lambda c: c.__name__
+)
+def test_a_curvature_base_with_the_adam_graft_and_the_curvature_off_is_adam(cls):
+    torch.manual_seed(0)
+    model = mlp([5, 7, 3])
+    twin = copy.deepcopy(model)
+    opt = cls(model, lr=3e-3, graft="adam", precondition=False, weight_decay=0.1)
+    ref_cls = torch.optim.AdamW if cls is not so.AdaFisher else torch.optim.Adam
+    ref = ref_cls(twin.parameters(), lr=3e-3, weight_decay=0.1)
+    for batch in _batches(5):
+        train_steps(model, opt, [batch])
+        train_steps(twin, ref, [batch])
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_grafted_adafisher_resumes_exactly():
+    """(AdaHessian's: tests/estimators/test_adahessian.py, which needs its double backward.)"""
+    torch.manual_seed(0)
+    kwargs = {"lr": 1e-2, "graft": "adam", "curvature_every": 2}
+    saved = assert_resume_is_exact(
+        lambda m: so.AdaFisher(m, **kwargs), mlp([5, 7, 3]), _batches(6), 3
+    )
+    assert any(k.startswith("graft_") for st in saved["state"].values() for k in st)

@@ -90,7 +90,11 @@ def test_summary_json(tiny_run: Path) -> None:
     n = sum(p.numel() for p in TASKS["digits-cnn"].build_model(0).parameters())
     tol = tolerance(torch.float64, n=n)
     assert len(landscape["alphas"]) == 5 and 0 < sum(landscape["explained"]) <= 1 + tol
-    assert landscape["loss_min"] <= landscape["loss_at_center"] <= landscape["loss_max"] * 1.5
+    # the grid spans every trajectory (their starts at the initial weights included) but need
+    # not pass through the centre (its range is padded unevenly): the trained centre lies
+    # below the grid's worst point, not necessarily above its best
+    assert landscape["loss_min"] <= landscape["loss_max"]
+    assert landscape["loss_at_center"] < landscape["loss_max"]
     # the centre is kfac's last record: its offset is 0, its coordinates 0 (up to the
     # round-off of the projection, relative to the coordinates of the start)
     kfac = landscape["trajectories"]["kfac"]

@@ -254,7 +254,7 @@ def test_adafisher_off_after_statistics_takes_the_one_plus_damping_update() -> N
     bias-corrected momentum over F̃ = 1 + λ, not the learnt diagonals."""
     model, _ = _pair()
     lr, damping, beta = 0.05, 1e-3, 0.9
-    opt = AdaFisher(model, lr=lr, damping=damping, beta=beta, curvature_every=1,
+    opt = AdaFisher(model, lr=lr, damping=damping, beta=beta, curvature_every=1, graft=None,
                     use_curvature=[(0, 2)])  # fmt: skip
     batches = _batches(3)
     for batch in batches[:2]:

@@ -81,7 +81,7 @@ def test_raw_diagonals_are_the_diagonals_of_the_kfac_factors(kind, bias, groups,
     twin = copy.deepcopy(model)
     x = torch.randint(0, 7, shape) if kind == "embedding" else torch.randn(shape).double()
     y = torch.randint(0, 3, (batch,))
-    opt = AdaFisher(model, curvature_every=1, factor_dtype=torch.float64)
+    opt = AdaFisher(model, curvature_every=1, graft=None, factor_dtype=torch.float64)
     kfac = KFAC(twin, lr=0.0, curvature_every=1, factor_dtype=torch.float64, kl_clip=None)
     for net, o in ((model, opt), (twin, kfac)):
         F.cross_entropy(net(x), y).backward()
@@ -220,6 +220,7 @@ def test_two_steps_equal_the_formula_written_out(optimizer, gamma, weight_decay)
         curvature_every=1,
         weight_decay=weight_decay,
         factor_dtype=torch.float64,
+        graft=None,  # the paper's update (grafted: tests/test_grafting.py)
         **hp,
     )
     assert opt.uncovered_parameters == ["1.weight"]
@@ -302,7 +303,8 @@ def test_covered_layers_go_through_the_fused_kernel_dispatch(monkeypatch):
 
     monkeypatch.setattr(base_updates_module, "adafisher_update", spy)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    opt = AdaFisher(model, curvature_every=1)
+    # the paper's update (the grafted one needs each row's norm before it writes anything)
+    opt = AdaFisher(model, curvature_every=1, graft=None)
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
     opt.step()
     assert calls == [(1, 3, 4), (1, 3, 1), (1, 2, 3), (1, 2, 1)]  # weight blocks, bias columns
@@ -342,7 +344,7 @@ def _changed_after_one_step(opt, model, loss):
 def test_embedding_linear_layernorm_linear_every_parameter_changes():
     torch.manual_seed(0)
     model = _TokenNet().double()  # float64: lr·g/F̃ is far below float32's resolution of w
-    opt = AdaFisher(model)  # the paper's defaults
+    opt = AdaFisher(model, graft=None)  # the paper's update
     assert opt.uncovered_parameters == []
     assert [layer.name for layer in opt.estimator.layers] == ["emb", "proj", "norm", "head"]
     # every token seen, so that every embedding row has a gradient
@@ -356,7 +358,9 @@ def test_unsupported_layer_first_every_parameter_is_updated_and_the_rest_precond
     torch.manual_seed(0)
     model = nn.Sequential(_Scale(4), nn.PReLU(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     with pytest.warns(UserWarning, match=r"no curvature estimate for 2 parameter\(s\)"):
-        opt = AdaFisher(model, lr=0.1, damping=1e-3, curvature_every=1, factor_dtype=torch.float64)
+        opt = AdaFisher(
+            model, lr=0.1, damping=1e-3, curvature_every=1, graft=None, factor_dtype=torch.float64
+        )
     assert opt.uncovered_parameters == ["0.scale", "1.weight"]
     grads, before = {}, {}
     loss = F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,)))
@@ -384,7 +388,7 @@ def test_unsupported_layer_first_every_parameter_is_updated_and_the_rest_precond
 def test_precondition_false_updates_every_parameter_with_unit_fisher():
     torch.manual_seed(0)
     model = mlp([4, 3, 2])
-    opt = AdaFisher(model, lr=0.1, damping=1e-3, precondition=False)
+    opt = AdaFisher(model, lr=0.1, damping=1e-3, precondition=False, graft=None)
     assert opt.estimator is None and opt.capture is None
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
     want = {n: p.detach() - 0.1 * p.grad / (1 + 1e-3) for n, p in model.named_parameters()}
@@ -410,7 +414,7 @@ def test_channels_last_convolution_matches_the_contiguous_one():
     x, y = torch.randn(5, 3, 5, 5), torch.randint(0, 3, (5,))
     results, cond = [], 1.0
     for net in (model, twin):
-        opt = AdaFisher(net, lr=0.1, curvature_every=1)
+        opt = AdaFisher(net, lr=0.1, curvature_every=1, graft=None)
         for _ in range(2):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
@@ -434,7 +438,7 @@ def test_bfloat16_model_follows_its_float32_twin():
     start = [p.detach().clone() for p in twin.parameters()]
     x, y = torch.randn(6, 4).bfloat16(), torch.randint(0, 3, (6,))
     for net in (model, twin):
-        opt = AdaFisher(net, lr=0.05, curvature_every=1)
+        opt = AdaFisher(net, lr=0.05, curvature_every=1, graft=None)
         F.cross_entropy(net(x.to(net[0].weight.dtype)).float(), y).backward()
         opt.step()
     assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in twin.parameters())
@@ -468,6 +472,7 @@ def test_adafisherw_decouples_the_decay_and_adafisher_adds_it_to_the_gradient():
             net,
             lr=lr,
             damping=damping,
+            graft=None,
             weight_decay=wd,
             curvature_every=1,
             factor_dtype=torch.float64,
@@ -494,7 +499,10 @@ def test_without_weight_decay_adafisher_and_adafisherw_agree_bit_for_bit():
     torch.manual_seed(0)
     model = mlp([4, 3, 2])
     nets = [copy.deepcopy(model), copy.deepcopy(model)]
-    opts = [AdaFisher(nets[0], curvature_every=1), AdaFisherW(nets[1], curvature_every=1)]
+    opts = [
+        AdaFisher(nets[0], curvature_every=1, graft=None),
+        AdaFisherW(nets[1], curvature_every=1, graft=None),
+    ]
     for _ in range(3):
         x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
         for net, opt in zip(nets, opts, strict=True):
@@ -620,10 +628,14 @@ def test_adafisher_trains_digits_faster_than_adam_at_its_learning_rate(one_threa
     lr = 0.03 (the best of {0.01, 0.02, 0.03, 0.05}) beat Adam at its default lr = 1e-3 by an
     order of magnitude. (Adam tuned to lr = 0.03 still does better: about 0.06 vs 0.13.)"""
     adam = train_digits(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
-    adafisher = train_digits(lambda m: AdaFisher(m, lr=0.03, damping=1e-3, curvature_every=1))
+    adafisher = train_digits(
+        lambda m: AdaFisher(m, lr=0.03, damping=1e-3, curvature_every=1, graft=None)
+    )
     # the reference code's average (0.08 D + 0.008 D̂) at the paper's lr = 1e-3 and λ = 1e-3
     reference = train_digits(
-        lambda m: AdaFisher(m, lr=1e-3, damping=1e-3, curvature_every=10, gamma=(0.08, 0.008))
+        lambda m: AdaFisher(
+            m, lr=1e-3, damping=1e-3, curvature_every=10, gamma=(0.08, 0.008), graft=None
+        )
     )
     print(
         f"digits train loss, 4 epochs: Adam(1e-3) {adam:.4f}  AdaFisher {adafisher:.4f}  "
@@ -635,22 +647,25 @@ def test_adafisher_trains_digits_faster_than_adam_at_its_learning_rate(one_threa
 
 # ---- the library's defaults (issue 18) and the paper's preset ---------------------------------
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
-def test_defaults_refresh_the_diagonals_every_step_with_damping_3e_3(cls):
-    """Since issue 18 the defaults are T_cov = 1, λ = 3e-3 and lr 0.03 (the paper's: 100,
-    1e-3 and 1e-3, kept in configs/optimizers/adafisher*.yaml); γ and β stay the paper's.
-    With them the first step already updates the diagonals, and F̃ = S Hᵀ + 3e-3."""
+def test_defaults_refresh_every_step_and_graft_adam_per_row_with_damping_0_03(cls):
+    """Since issue 18 the defaults are T_cov = 1, λ = 0.03, lr 0.03 and Adam's step norm per
+    weight row (the paper's: 100, 1e-3, 1e-3 and no graft, kept in
+    configs/optimizers/adafisher*.yaml); γ and β stay the paper's. With them the first step
+    already updates the diagonals, and F̃ = S Hᵀ + 0.03."""
     torch.manual_seed(0)
     model = mlp([4, 3, 2])
     opt = cls(model)
-    assert (opt.config.curvature_every, opt.config.damping, opt.config.gamma) == (1, 3e-3, 0.8)
+    assert (opt.config.curvature_every, opt.config.damping, opt.config.gamma) == (1, 0.03, 0.8)
+    assert (opt.config.graft, opt.config.graft_norm) == ("adam", "row")
     assert (opt.param_groups[0]["lr"], opt.param_groups[0]["beta"]) == (0.03, 0.9)
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,))).backward()
     opt.step()
     first, second = opt.estimator.diagonals("0")
     assert not torch.equal(first, torch.ones_like(first))
     fisher = opt.estimator.fisher("0", opt.config.damping)
-    want = first.unsqueeze(-1) * second.unsqueeze(-2) + 3e-3
+    want = first.unsqueeze(-1) * second.unsqueeze(-2) + 0.03
     assert torch.equal(fisher, want)
+    assert "graft_exp_avg_sq" in opt.state[model[0].weight]
 
 
 @pytest.mark.parametrize("name", ["adafisher", "adafisherw"])
@@ -660,4 +675,4 @@ def test_presets_keep_the_papers_settings(name):
     root = Path(__file__).resolve().parents[2] / "configs" / "optimizers"
     hparams = load_preset(root / f"{name}.yaml").hparams
     assert hparams["damping"] == 1e-3 and hparams["curvature_every"] == 100
-    assert hparams["gamma"] == 0.8 and hparams["lr"] == 1e-3
+    assert hparams["gamma"] == 0.8 and hparams["lr"] == 1e-3 and hparams["graft"] is None

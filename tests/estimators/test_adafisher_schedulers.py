@@ -96,7 +96,7 @@ def test_adafisher_follows_a_cycling_beta_step_by_step(cls):
     m ← βm + (1−β)g and w ← w − lr·κw (AdaFisherW), w ← w − lr·m/(1−βᵗ)/(1 + λ)."""
     model = _model(torch.float64)
     damping, wd = 1e-3, 0.1
-    opt = cls(model, lr=0.01, damping=damping, weight_decay=wd, precondition=False)
+    opt = cls(model, lr=0.01, damping=damping, weight_decay=wd, precondition=False, graft=None)
     sched = OneCycleLR(opt, max_lr=0.05, total_steps=6, base_momentum=0.6, max_momentum=0.95)
     params = list(model.parameters())
     want = [p.detach().clone() for p in params]
