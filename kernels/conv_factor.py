@@ -173,15 +173,21 @@ def _correlations(x: Tensor, max_shift: Pair) -> Tensor:
     """``F[c, c', di, dj] = Σ_{b, u, v} x[b, c, u, v] x[b, c', u + di, v + dj]`` (zero outside
     the input) for ``|di| ≤ max_shift[0]``, ``|dj| ≤ max_shift[1]``, indexed from
     ``-max_shift``: one convolution of the input with itself (batch as channels)."""
-    xt = x.transpose(0, 1)  # (C, B, H, W)
+    xt = x.transpose(0, 1).contiguous()  # (C, B, H, W), one copy for input and weight
     out = F.conv2d(xt, xt, padding=max_shift)  # out[c, c', oy, ox] = F(oy - s_h, ...)[c', c]
     return out.transpose(0, 1)
 
 
-def _line_correlations(x: Tensor, max_shift: int) -> Tensor:
-    """The 1-D version along the last dimension: ``x`` ``(B, C, L)`` -> ``(C, C, 2s + 1)``."""
-    xt = x.transpose(0, 1)  # (C, B, L)
-    return F.conv1d(xt, xt, padding=max_shift).transpose(0, 1)
+def _line_correlations(x: Tensor, y: Tensor, max_shift: int) -> Tensor:
+    """The 1-D version along the last dimension, of two lines: ``x``, ``y`` ``(B, C, L)`` ->
+    ``G[c, c', s] = Σ_{b, u} x[b, c, u] y[b, c', u + s]`` ``(C, C, 2s + 1)``: one product of
+    ``x`` with the ``2s + 1`` shifted windows of ``y`` (a ``conv1d`` with the batch as its
+    channels and a line as its kernel is several times slower on the CPU)."""
+    batch, channels, length = x.shape
+    windows = F.pad(y, (max_shift, max_shift)).unfold(2, 2 * max_shift + 1, 1)  # (B, C, L, S)
+    left = x.permute(1, 0, 2).reshape(channels, batch * length)
+    right = windows.permute(0, 2, 1, 3).reshape(batch * length, -1)  # (B·L, C·S)
+    return (left @ right).view(channels, channels, 2 * max_shift + 1)
 
 
 def _window(o: int, size: int, out: int, pad: int, diff: int) -> tuple[int, int]:
@@ -203,38 +209,40 @@ def _correlation_blocks(new: Tensor, x: Tensor, k: Pair, p: Pair, out: Pair, bia
     (kh, kw), (ph, pw), (ho, wo) = k, p, out
     batch, cg, height, width = x.shape
     patch = cg * kh * kw
-    corr = _correlations(x, (kh - 1, kw - 1))
+    # (2k_h − 1, 2k_w − 1, C, C): each difference's block contiguous
+    corr = _correlations(x, (kh - 1, kw - 1)).permute(2, 3, 0, 1).contiguous()
     rows: dict[tuple[int, int], Tensor] = {}  # (row r, di) -> over columns, (C, C, 2k_w − 1)
     cols: dict[tuple[int, int], Tensor] = {}  # (column v, dj) -> over rows, (C, C, 2k_h − 1)
     offsets = [(i, j) for i in range(kh) for j in range(kw)]
-    blocks = new[:patch, :patch].view(cg, kh * kw, cg, kh * kw)
+    # (offset, offset', C, C), written into the factor's (channel, offset) order at the end
+    blocks = x.new_empty(kh * kw, kh * kw, cg, cg)
     for n1, (i, j) in enumerate(offsets):
         for n2 in range(n1, len(offsets)):
             di, dj = offsets[n2][0] - i, offsets[n2][1] - j
-            block = corr[:, :, di + kh - 1, dj + kw - 1].clone()
+            block = corr[di + kh - 1, dj + kw - 1].clone()
             out_rows = _outside(i, height, ho, ph, di)
             out_cols = _outside(j, width, wo, pw, dj)
             for r in out_rows:  # row r against row r + di, over the columns
                 if (r, di) not in rows:
-                    both = torch.cat([x[:, :, r], x[:, :, r + di]], dim=1)  # (B, 2C, W)
-                    rows[r, di] = _line_correlations(both, kw - 1)[:cg, cg:]
+                    rows[r, di] = _line_correlations(x[:, :, r], x[:, :, r + di], kw - 1)
                 block -= rows[r, di][:, :, dj + kw - 1]
             for v in out_cols:  # column v against column v + dj, over the rows
                 if (v, dj) not in cols:
-                    both = torch.cat([x[:, :, :, v], x[:, :, :, v + dj]], dim=1)  # (B, 2C, H)
-                    cols[v, dj] = _line_correlations(both, kh - 1)[:cg, cg:]
+                    cols[v, dj] = _line_correlations(x[:, :, :, v], x[:, :, :, v + dj], kh - 1)
                 block -= cols[v, dj][:, :, di + kh - 1]
             for r in out_rows:  # the corners, subtracted twice
                 for v in out_cols:
                     block += x[:, :, r, v].T @ x[:, :, r + di, v + dj]
-            blocks[:, n1, :, n2] = block
+            blocks[n1, n2] = block
             if n2 != n1:
-                blocks[:, n2, :, n1] = block.T
+                blocks[n2, n1] = block.T
+    new[:patch, :patch] = blocks.permute(2, 0, 3, 1).reshape(patch, patch)
     if bias:
+        plane = x.sum(dim=0)  # (C, H, W): the windows' sums from it, not from the batch
         sums = [
-            x[
-                :, :, slice(*_window(i, height, ho, ph, 0)), slice(*_window(j, width, wo, pw, 0))
-            ].sum(dim=(0, 2, 3))
+            plane[
+                :, slice(*_window(i, height, ho, ph, 0)), slice(*_window(j, width, wo, pw, 0))
+            ].sum(dim=(1, 2))
             for i, j in offsets
         ]
         column = torch.stack(sums, dim=-1).reshape(patch)  # channel-major, as the weight
