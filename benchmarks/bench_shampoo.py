@@ -24,7 +24,8 @@ preconditioner's statistics and roots included) against AdamW's.
 
 Methods: ``adamw``; ``shampoo`` / ``soap`` (``secondorder.Shampoo`` / ``secondorder.SOAP``,
 ``inverse_every=10``, their other defaults); ``shampoo-t128`` (Shampoo with
-``max_factor_dim=128``: tiles of at most 128 x 128); ``soap-merged`` (SOAP with
+``max_factor_dim=128``: tiles of at most 128 x 128); ``shampoo-split`` (Shampoo with
+``merge_dims=False``: one factor per dimension of a conv weight); ``soap-merged`` (SOAP with
 ``merge_dims=True``: a conv weight as one matrix); and, if ``pytorch_optimizer`` is installed,
 ``po-shampoo`` (its ``Shampoo``, ``preconditioning_compute_steps=10``), ``po-scalable``
 (``ScalableShampoo``, ``preconditioning_compute_steps=10``, ``start_preconditioning_step=1``)
@@ -33,7 +34,8 @@ and ``po-soap`` (``SOAP``, ``precondition_frequency=10``).
 Usage::
 
     python benchmarks/bench_shampoo.py [resnet20] [gpt] [--rounds 2] [--window 10]
-        [--opt adamw,shampoo,soap,soap-merged,shampoo-t128,po-shampoo,po-scalable,po-soap]
+        [--opt adamw,shampoo,soap,shampoo-split,soap-merged,shampoo-t128,po-shampoo,po-scalable,
+               po-soap]
         [--clock cpu]
 """
 
@@ -81,6 +83,10 @@ def _factories() -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
         "soap": lambda m: SOAP(m.parameters(), lr=3e-3, inverse_every=10),
         # a conv weight as one matrix (out, in·k·k), as before per-dimension factors
         "soap-merged": lambda m: SOAP(m.parameters(), lr=3e-3, inverse_every=10, merge_dims=True),
+        # one factor per dimension of a conv weight (64, 64, 3, 3), as the SOAP default
+        "shampoo-split": lambda m: Shampoo(
+            m.parameters(), lr=1e-3, inverse_every=10, merge_dims=False
+        ),
         # tiles of at most 128 rows and columns: cheaper statistics, roots and refresh
         "shampoo-t128": lambda m: Shampoo(
             m.parameters(), lr=1e-3, inverse_every=10, max_factor_dim=128

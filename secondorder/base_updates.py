@@ -492,11 +492,7 @@ class MomentumBase(BaseUpdate):
             grad = directions.get(p)
             if grad is None:
                 continue
-            state = opt.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
+            state = self._counted_state(opt, p)
             kwargs = {
                 "lr": lr,
                 "beta": beta,
@@ -525,6 +521,17 @@ class MomentumBase(BaseUpdate):
             layout.write(p, w)
             layout.write(exp_avg, m)
 
+    @staticmethod
+    def _counted_state(opt: CurvatureOptimizer, p: Tensor) -> dict[str, Any]:
+        """``p``'s state (``step``, ``exp_avg``), created at its first step, with the step
+        count advanced."""
+        state = opt.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        return state
+
     def _grafted_step(self, opt, group, directions, weight_decay, curvature):
         """With ``graft``: the moment of every parameter is updated as without it, and the
         step ``u = m̂ / (D + λ)`` of each one with a curvature takes the grafted method's
@@ -540,11 +547,7 @@ class MomentumBase(BaseUpdate):
             grad = directions.get(p)
             if grad is None:
                 continue
-            state = opt.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
+            state = self._counted_state(opt, p)
             exp_avg = state["exp_avg"]
             exp_avg.lerp_(grad.add(p, alpha=weight_decay) if coupled else grad, 1 - beta)
             diagonal = None if curvature is None else curvature.moment_curvature(p)

@@ -81,6 +81,16 @@ def _state(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
     return state[key]
 
 
+def _fusable(tensors: list[Tensor]) -> bool:
+    """Whether torch's fused Adam kernel can compute the Adam graft's steps: CPU tensors
+    (on a GPU the multi-tensor operations are already few kernels, and the fused kernel
+    wants the step counters on the device), float32 or float64, contiguous."""
+    return hasattr(torch, "_fused_adam_") and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+        for t in tensors
+    )
+
+
 def _grafted_step(
     graft: str,
     states: list[dict[str, Any]],
@@ -93,7 +103,8 @@ def _grafted_step(
     states: multi-tensor operations over all of them, no device synchronisation (Adam's
     step counters live on the host, as ``torch.optim.Adam``'s do). ``exp_avgs``: Adam's
     first moments after this step, already computed (:func:`graft_moments`), stored
-    instead of updating the old ones."""
+    instead of updating the old ones (on the CPU, where torch's fused Adam kernel computes
+    the steps, it updates the old ones in place with the same lerp instead)."""
     if graft == "sgd":
         return list(grads)
     beta1, beta2 = betas
@@ -111,6 +122,30 @@ def _grafted_step(
     exp_avg_sqs = [_state(st, "graft_exp_avg_sq", g) for st, g in zip(states, grads, strict=True)]
     counters = [st.setdefault("graft_step", torch.tensor(0.0)) for st in states]
     torch._foreach_add_(counters, 1.0)
+    if _fusable(grads):
+        # one fused kernel per tensor instead of a dozen operations: Adam's update of a zero
+        # "parameter" at lr −1 is the step m̂ / (√v̂ + ε) (the moment, if given, is
+        # recomputed in place from the old one, the same lerp)
+        olds = [_state(st, "graft_exp_avg", g) for st, g in zip(states, grads, strict=True)]
+        out = [torch.zeros_like(g) for g in grads]
+        for dtype in {g.dtype for g in grads}:
+            idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
+            torch._fused_adam_(
+                [out[i] for i in idx],
+                [grads[i] for i in idx],
+                [olds[i] for i in idx],
+                [exp_avg_sqs[i] for i in idx],
+                [],
+                [counters[i] for i in idx],
+                lr=-1.0,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
+        return out
     steps = to_host(counters)  # host tensors (as torch.optim.Adam keeps them): no device sync
     if exp_avgs is None:
         exp_avgs = [_state(st, "graft_exp_avg", g) for st, g in zip(states, grads, strict=True)]

@@ -25,6 +25,7 @@ the base update on the raw gradient.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Mapping
@@ -119,8 +120,16 @@ class ShampooConfig(OptimizerConfig):
     )
     max_factor_dim: int | None = hyperparameter(
         1024,
-        "split each matrix into tiles of at most this many rows and columns, each with its "
-        "own L and R (None: one tile)",
+        "split each matrix (or tensor, merge_dims=False) into tiles of at most this many "
+        "entries along every dimension, each with its own statistics (None: one tile)",
+    )
+    merge_dims: bool = hyperparameter(
+        True,
+        "a parameter of three or more dimensions (a conv weight) as one matrix "
+        "``(shape[0], rest)`` (Distributed Shampoo's merging, the default) or, False, one "
+        "statistic per tensor dimension, each to the root ``2e/k`` for an order-``k`` tensor "
+        "(the paper's ``-1/(2k)``): a ``(64, 64, 3, 3)`` weight has factors of 64, 64, 3 and 3 "
+        "instead of 64 and 576",
     )
 
     def __post_init__(self) -> None:
@@ -128,6 +137,14 @@ class ShampooConfig(OptimizerConfig):
         self.beta2 = check_beta("beta2", self.beta2, closed=True)
         self.exponent = check_exponents("exponent", self.exponent)
         check_max_factor_dim(self.max_factor_dim)
+        if not isinstance(self.merge_dims, bool):
+            raise TypeError(f"merge_dims must be a bool, got {type(self.merge_dims).__name__}")
+        if not self.merge_dims and self.exponent[0] != self.exponent[1]:
+            raise ValueError(
+                f"exponent={self.exponent!r} is a pair (left, right), which only a matrix has: "
+                "with merge_dims=False every dimension of a tensor takes the same root; give one "
+                "number, or merge_dims=True"
+            )
 
 
 def split_sizes(dim: int, block: int | None) -> list[int]:
@@ -147,74 +164,117 @@ def statistics_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
+def factor_shape(p: Tensor, merge_dims: bool) -> tuple[int, ...]:
+    """The shape whose dimensions get the statistics: ``p``'s matrix ``(shape[0], rest)``,
+    or with ``merge_dims=False`` a tensor of three or more dimensions as it is."""
+    return tuple(p.shape) if p.dim() > 2 and not merge_dims else tuple(as_matrix(p).shape)
+
+
+def dimension_exponents(exponents: tuple[float, float], order: int) -> tuple[float, ...]:
+    """The root along each dimension of a tile of ``order`` dimensions: ``(e_L, e_R)`` for a
+    matrix; ``2e/order`` for each of a tensor's (the paper's ``−1/(2k)`` at ``e = −1/4``)."""
+    if order == 2:
+        return exponents
+    return (2 * exponents[0] / order,) * order
+
+
 class _Tile:
-    """One tile of a parameter's matrix: its row and column ranges, and views of its
-    statistics and roots in its :class:`_Group`'s stacked tensors."""
+    """One tile of a parameter (of its matrix, or with ``merge_dims=False`` of the tensor):
+    its ranges per dimension, and views of its statistics and roots in its
+    :class:`_Group`'s stacked tensors (None along a dimension that is not preconditioned)."""
 
-    __slots__ = ("cols", "left", "left_root", "right", "right_root", "rows", "whole")
+    __slots__ = ("index", "roots", "stats", "whole")
 
-    def __init__(self, rows: slice, cols: slice, whole: bool) -> None:
-        self.rows, self.cols, self.whole = rows, cols, whole
-        self.left: Tensor | None = None
-        self.right: Tensor | None = None
-        self.left_root: Tensor | None = None
-        self.right_root: Tensor | None = None
+    def __init__(self, index: tuple[slice, ...], whole: bool) -> None:
+        self.index, self.whole = index, whole
+        self.stats: list[Tensor | None] = []
+        self.roots: list[Tensor | None] = []
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.index)
 
 
-def tiles_of(p: Tensor, max_dim: int | None) -> list[_Tile]:
-    """The tiles of ``p``'s matrix, row-major (statistics not allocated yet)."""
-    m, n = as_matrix(p).shape
-    rows, cols = split_sizes(m, max_dim), split_sizes(n, max_dim)
-    tiles = []
-    r0 = 0
-    for r in rows:
-        c0 = 0
-        for c in cols:
-            tiles.append(_Tile(slice(r0, r0 + r), slice(c0, c0 + c), len(rows) == len(cols) == 1))
-            c0 += c
-        r0 += r
-    return tiles
+def tiles_of(p: Tensor, max_dim: int | None, merge_dims: bool = True) -> list[_Tile]:
+    """The tiles of ``p`` (its :func:`factor_shape`), row-major (statistics not
+    allocated yet)."""
+    ranges = []
+    for n in factor_shape(p, merge_dims):
+        starts = [0]
+        for size in split_sizes(n, max_dim):
+            starts.append(starts[-1] + size)
+        ranges.append([slice(a, b) for a, b in itertools.pairwise(starts)])
+    whole = all(len(r) == 1 for r in ranges)
+    return [_Tile(index, whole) for index in itertools.product(*ranges)]
+
+
+def _unfold(blocks: Tensor, d: int) -> Tensor:
+    """The mode-``d`` unfoldings of stacked tiles ``(k, n_0, n_1, ...)``: ``(k, n_d, rest)``
+    (a view for the first and the last dimension, a copy for the others)."""
+    k, n = blocks.shape[0], blocks.shape[d + 1]
+    if d == 0:
+        return blocks.reshape(k, n, -1)
+    if d == blocks.dim() - 2:
+        return blocks.reshape(k, -1, n).mT
+    return blocks.movedim(d + 1, 1).reshape(k, n, -1)
+
+
+def _apply_roots(blocks: Tensor, roots: list[Tensor | None]) -> Tensor:
+    """Stacked tiles ``(k, n_0, ..., n_m)`` times the symmetric ``roots[d]`` ``(k, n_d,
+    n_d)`` along every dimension ``d`` that has one. Each product contracts the leading
+    dimension and appends the result as the last (``Xᵀ R`` on the ``(k, n_0, rest)`` view:
+    ``(k, rest, n_0)``), so after all of them the dimensions are back in order and no
+    dimension was ever moved by a copy; a dimension without a root is only rotated."""
+    k = blocks.shape[0]
+    shape = list(blocks.shape[1:])
+    for root in roots:
+        n = shape[0]
+        flat = blocks.reshape(k, n, -1).mT  # (k, rest, n_d), a view
+        blocks = torch.bmm(flat, root) if root is not None else flat.contiguous()
+        shape = [*shape[1:], n]
+        blocks = blocks.view(k, *shape)
+    return blocks
 
 
 class _Group:
-    """The tiles of one shape ``(r, c)``, dtype and device, across parameters: their
-    statistics stacked, ``(k, r, r)`` and ``(k, c, c)`` (the tiles hold views), so that an
-    update, a refresh and a preconditioning are one batched product (``baddbmm``, ``bmm``)
-    or decomposition for all of them instead of a Python loop over tiles."""
+    """The tiles of one shape, dtype and device, across parameters: their statistics
+    stacked, ``(k, n_d, n_d)`` per dimension ``d`` (the tiles hold views), so that an update,
+    a refresh and a preconditioning are one batched product (``baddbmm``, ``bmm``) or
+    decomposition for all of them instead of a Python loop over tiles."""
 
-    __slots__ = ("left", "left_root", "members", "right", "right_root")
+    __slots__ = ("exponents", "members", "roots", "stats")
 
     def __init__(
         self,
         members: list[tuple[Tensor, _Tile]],
-        exponents: tuple[float, float],
+        exponents: tuple[float, ...],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.members = members
+        self.members, self.exponents = members, exponents
         k = len(members)
-        tile = members[0][1]
-        r, c = tile.rows.stop - tile.rows.start, tile.cols.stop - tile.cols.start
-        self.left = torch.zeros(k, r, r, dtype=dtype, device=device) if exponents[0] else None
-        self.right = torch.zeros(k, c, c, dtype=dtype, device=device) if exponents[1] else None
-        self.left_root: Tensor | None = None
-        self.right_root: Tensor | None = None
+        shape = members[0][1].shape
+        self.stats = [
+            torch.zeros(k, n, n, dtype=dtype, device=device) if e else None
+            for n, e in zip(shape, exponents, strict=True)
+        ]
+        self.roots: list[Tensor | None] = [None] * len(shape)
         for i, (_, t) in enumerate(members):
-            t.left = None if self.left is None else self.left[i]
-            t.right = None if self.right is None else self.right[i]
+            t.stats = [None if s is None else s[i] for s in self.stats]
+            t.roots = [None] * len(shape)
 
-    def blocks(self, matrices: Mapping[Tensor, Tensor]) -> Tensor:
-        """The members' blocks of ``matrices`` (per parameter), stacked ``(k, r, c)``."""
+    def blocks(self, tensors: Mapping[Tensor, Tensor]) -> Tensor:
+        """The members' tiles of ``tensors`` (per parameter), stacked ``(k, *shape)``."""
         if len(self.members) == 1:
             p, t = self.members[0]
-            return matrices[p][t.rows, t.cols].unsqueeze(0)
-        return torch.stack([matrices[p][t.rows, t.cols] for p, t in self.members])
+            return tensors[p][t.index].unsqueeze(0)
+        return torch.stack([tensors[p][t.index] for p, t in self.members])
 
-    def set_roots(self, side: str, roots: Tensor | None) -> None:
-        """The stacked roots of ``side``, and each tile's view of them."""
-        setattr(self, f"{side}_root", roots)
+    def set_roots(self, d: int, roots: Tensor | None) -> None:
+        """The stacked roots along dimension ``d``, and each tile's view of them."""
+        self.roots[d] = roots
         for i, (_, t) in enumerate(self.members):
-            setattr(t, f"{side}_root", None if roots is None else roots[i])
+            t.roots[d] = None if roots is None else roots[i]
 
 
 def matrix_power(values: Tensor, vectors: Tensor, damping: float, exponent: float) -> Tensor:
@@ -223,7 +283,7 @@ def matrix_power(values: Tensor, vectors: Tensor, damping: float, exponent: floa
 
 
 class ShampooEstimator(ParameterEstimator):
-    """Shampoo's statistics ``L``, ``R`` per tile and their inverse roots.
+    """Shampoo's statistics per tile and dimension, and their inverse roots.
 
     Args:
         params (list[nn.Parameter]): the parameters (those with >= 2 dims are
@@ -239,113 +299,107 @@ class ShampooEstimator(ParameterEstimator):
     ) -> None:
         super().__init__(params, names)
         self.config = config if config is not None else ShampooConfig()
-        self.exponents = check_exponents("exponent", self.config.exponent)
+        cfg = self.config
+        self.exponents = check_exponents("exponent", cfg.exponent)
+        self.shapes = {p: factor_shape(p, cfg.merge_dims) for p in self._params if p.dim() >= 2}
         self.tiles: dict[Tensor, list[_Tile]] = {
-            p: tiles_of(p, self.config.max_factor_dim) for p in self._params if p.dim() >= 2
+            p: tiles_of(p, cfg.max_factor_dim, cfg.merge_dims) for p in self.shapes
         }
         by_shape: dict[tuple, list[tuple[Tensor, _Tile]]] = {}
         for p, tiles in self.tiles.items():
             for t in tiles:
-                key = (t.rows.stop - t.rows.start, t.cols.stop - t.cols.start,
-                       statistics_dtype(p), p.device)  # fmt: skip
-                by_shape.setdefault(key, []).append((p, t))
+                by_shape.setdefault((t.shape, statistics_dtype(p), p.device), []).append((p, t))
         self.groups = [
-            _Group(members, self.exponents, key[2], key[3]) for key, members in by_shape.items()
+            _Group(members, dimension_exponents(self.exponents, len(key[0])), key[1], key[2])
+            for key, members in by_shape.items()
         ]
         self.refreshed = False
 
     def describe_layers(self) -> list[dict[str, Any]]:
         rows = []
         for p, tiles in self.tiles.items():
-            left = [t.left.shape[0] for t in tiles if t.left is not None]
-            right = [t.right.shape[0] for t in tiles if t.right is not None]
-            stats = [s for t in tiles for s in (t.left, t.right) if s is not None]
+            sizes = [sorted({t.shape[d] for t in tiles if t.stats[d] is not None})
+                     for d in range(len(self.shapes[p]))]  # fmt: skip
+            stats = [s for t in tiles for s in t.stats if s is not None]
             nbytes = sum(s.numel() * s.element_size() for s in stats)
+            factors = " x ".join(str(n) if n else "-" for n in sizes)
             rows.append({
                 "name": self.names[p], "type": f"Parameter {tuple(p.shape)}",
-                "a": f"{len(tiles)} tiles L {sorted(set(left))}" if left else "-",
-                "g": f"R {sorted(set(right))}" if right else "-",
+                "a": f"{len(tiles)} tile{'s' if len(tiles) > 1 else ''}",
+                "g": f"factors {factors}",
                 "factor_bytes": nbytes, "state_bytes": 2 * nbytes,
             })  # fmt: skip
         return rows
 
-    def _matrices(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
-        """The gradients of the preconditioned parameters as matrices, statistics dtype."""
+    def _tensors(self, grads: Mapping[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """The gradients of the preconditioned parameters in their factor shapes (a matrix,
+        or the tensor itself), statistics dtype."""
         return {
-            p: as_matrix(grads[p].detach()).to(statistics_dtype(p))
-            for p in self.tiles
+            p: grads[p].detach().reshape(shape).to(statistics_dtype(p))
+            for p, shape in self.shapes.items()
             if grads.get(p) is not None
         }
 
     def update(self, stats: Mapping[Tensor, Tensor]) -> None:
         beta = self.config.beta2
         alpha = 1.0 if beta == 1.0 else 1 - beta
-        matrices = self._matrices(stats)
+        tensors = self._tensors(stats)
         for group in self.groups:
-            if all(p in matrices for p, _ in group.members):
-                blocks = group.blocks(matrices)
-                if group.left is not None:
-                    group.left.baddbmm_(blocks, blocks.mT, beta=beta, alpha=alpha)
-                if group.right is not None:
-                    group.right.baddbmm_(blocks.mT, blocks, beta=beta, alpha=alpha)
-                continue
-            for p, t in group.members:  # some parameters have no gradient at this step
-                if p not in matrices:
-                    continue
-                block = matrices[p][t.rows, t.cols]
-                if t.left is not None:
-                    t.left.addmm_(block, block.T, beta=beta, alpha=alpha)
-                if t.right is not None:
-                    t.right.addmm_(block.T, block, beta=beta, alpha=alpha)
+            if all(p in tensors for p, _ in group.members):
+                parts = [(group.blocks(tensors), group.stats)]
+            else:  # some parameters have no gradient at this step: tile by tile
+                parts = [
+                    (tensors[p][t.index].unsqueeze(0), [None if s is None else s[i : i + 1]
+                                                        for s in group.stats])
+                    for i, (p, t) in enumerate(group.members)
+                    if p in tensors
+                ]  # fmt: skip
+            for blocks, stats_d in parts:
+                for d, stat in enumerate(stats_d):
+                    if stat is not None:
+                        unfolded = _unfold(blocks, d)
+                        stat.baddbmm_(unfolded, unfolded.mT, beta=beta, alpha=alpha)
 
     def refresh(self, damping: float) -> None:
         entries = [
-            (group, side, stat)
+            (group, d, stat)
             for group in self.groups
-            for side, stat in (("left", group.left), ("right", group.right))
+            for d, stat in enumerate(group.stats)
             if stat is not None
         ]
         for dtype in {stat.dtype for _, _, stat in entries}:
             chosen = [e for e in entries if e[2].dtype == dtype]
             decompositions = symmetric_eigh_many([stat for _, _, stat in chosen], dtype)
-            for (group, side, _), (values, vectors) in zip(chosen, decompositions, strict=True):
-                exponent = self.exponents[0 if side == "left" else 1]
-                group.set_roots(side, matrix_power(values, vectors, damping, exponent))
+            for (group, d, _), (values, vectors) in zip(chosen, decompositions, strict=True):
+                group.set_roots(d, matrix_power(values, vectors, damping, group.exponents[d]))
         self.refreshed = True
 
     def precondition(self, grads: Mapping[Tensor, Tensor], damping: float) -> dict[Tensor, Tensor]:
         if not self.refreshed:
             return {}
-        matrices = self._matrices(grads)
+        tensors = self._tensors(grads)
         directions: dict[Tensor, Tensor] = {}
         for group in self.groups:
-            present = [i for i, (p, _) in enumerate(group.members) if p in matrices]
+            present = [i for i, (p, _) in enumerate(group.members) if p in tensors]
             if not present:
                 continue
             if len(present) == len(group.members):
-                blocks = group.blocks(matrices)
-                if group.left_root is not None:
-                    blocks = torch.bmm(group.left_root, blocks)
-                if group.right_root is not None:
-                    blocks = torch.bmm(blocks, group.right_root)
+                blocks = _apply_roots(group.blocks(tensors), group.roots)
             else:  # some parameters have no gradient at this step
                 blocks = {}
                 for i in present:
                     p, t = group.members[i]
-                    block = matrices[p][t.rows, t.cols]
-                    if t.left_root is not None:
-                        block = t.left_root @ block
-                    if t.right_root is not None:
-                        block = block @ t.right_root
-                    blocks[i] = block
+                    block = tensors[p][t.index].unsqueeze(0)
+                    roots = [None if r is None else r.unsqueeze(0) for r in t.roots]
+                    blocks[i] = _apply_roots(block, roots)[0]
             for i in present:
                 p, t = group.members[i]
                 if t.whole:
                     directions[p] = blocks[i]
                     continue
                 if p not in directions:
-                    directions[p] = torch.empty_like(matrices[p])
-                directions[p][t.rows, t.cols] = blocks[i]
+                    directions[p] = torch.empty_like(tensors[p])
+                directions[p][t.index] = blocks[i]
         return {p: d.reshape(grads[p].shape).to(grads[p].dtype) for p, d in directions.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -354,7 +408,10 @@ class ShampooEstimator(ParameterEstimator):
 
         return {
             "params": [
-                [{k: copy(getattr(tile, k)) for k in _TILE_TENSORS} for tile in tiles]
+                [
+                    {"stats": [copy(s) for s in tile.stats], "roots": [copy(r) for r in tile.roots]}
+                    for tile in tiles
+                ]
                 for tiles in self.tiles.values()
             ],
             "refreshed": self.refreshed,
@@ -367,54 +424,71 @@ class ShampooEstimator(ParameterEstimator):
                 f"Shampoo state has statistics for {len(saved)} parameters with >= 2 dims, "
                 f"this optimizer {len(self.tiles)}; was it saved from a different model?"
             )
+        saved = [[_upgrade(dict(values)) for values in entry] for entry in saved]
         for (p, tiles), entry in zip(self.tiles.items(), saved, strict=True):
             if len(entry) != len(tiles):
                 raise ValueError(
                     f"Shampoo state has {len(entry)} tiles for parameter {self.names[p]}, "
-                    f"this optimizer {len(tiles)}; was it saved from a different model or "
-                    "max_factor_dim?"
+                    f"this optimizer {len(tiles)}; was it saved from a different model, "
+                    "max_factor_dim or merge_dims?"
                 )
             for tile, values in zip(tiles, entry, strict=True):
-                for key in _TILE_TENSORS:
-                    mine, theirs = getattr(tile, key.removesuffix("_root")), values[key]
-                    missing = key in ("left", "right") and (mine is None) != (theirs is None)
-                    if missing or (
-                        theirs is not None and (mine is None or mine.shape != theirs.shape)
-                    ):
-                        have = "none" if mine is None else tuple(mine.shape)
-                        given = "none" if theirs is None else tuple(theirs.shape)
-                        raise ValueError(
-                            f"Shampoo state has {key} of shape {given} for "
-                            f"parameter {self.names[p]} of shape {tuple(p.shape)}, where this "
-                            f"optimizer has {have}; was it saved from a different model, "
-                            "max_factor_dim or exponent?"
-                        )
-        roots: dict[tuple[int, str], Tensor | None] = {}
+                mine = [(f"stats[{d}]", s) for d, s in enumerate(tile.stats)]
+                theirs = [(f"stats[{d}]", s) for d, s in enumerate(values["stats"])]
+                if len(values["roots"]) != len(values["stats"]) or len(mine) != len(theirs):
+                    self._mismatch(p, "statistics", len(theirs), len(mine))
+                for d, ((key, a), (_, b)) in enumerate(zip(mine, theirs, strict=True)):
+                    root = values["roots"][d]
+                    if (a is None) != (b is None) or (
+                        a is not None and (a.shape != b.shape
+                                           or (root is not None and root.shape != a.shape))
+                    ):  # fmt: skip
+                        self._mismatch(p, key, _shape(b), _shape(a))
         for tiles, entry in zip(self.tiles.values(), saved, strict=True):
             for tile, values in zip(tiles, entry, strict=True):
-                for key in _TILE_TENSORS:
-                    like = getattr(tile, key.removesuffix("_root"))
-                    theirs = values[key]
-                    if like is None:
-                        continue
-                    if key in ("left", "right"):
-                        like.copy_(theirs)  # a view of the group's stack
-                    else:
-                        roots[id(tile), key] = None if theirs is None else theirs.to(like)
-        for group in self.groups:
-            for side in ("left", "right"):
-                key = f"{side}_root"
-                if getattr(group, side) is None:
-                    continue
-                values = [roots[id(t), key] for _, t in group.members]
-                if any(v is None for v in values):
-                    group.set_roots(side, None)
-                else:
-                    group.set_roots(side, torch.stack(values))
+                for mine, theirs in zip(tile.stats, values["stats"], strict=True):
+                    if mine is not None:
+                        mine.copy_(theirs)  # a view of the group's stack
+        self._load_roots(saved)
         self.refreshed = bool(state["refreshed"])
 
+    def _mismatch(self, p: Tensor, key: str, given: Any, have: Any) -> None:
+        raise ValueError(
+            f"Shampoo state has {key} of shape {given} for parameter {self.names[p]} of shape "
+            f"{tuple(p.shape)}, where this optimizer has {have}; was it saved from a "
+            "different model, max_factor_dim, merge_dims or exponent?"
+        )
 
-_TILE_TENSORS = ("left", "right", "left_root", "right_root")
+    def _load_roots(self, saved: list[list[dict[str, Any]]]) -> None:
+        roots = {
+            id(tile): values["roots"]
+            for tiles, entry in zip(self.tiles.values(), saved, strict=True)
+            for tile, values in zip(tiles, entry, strict=True)
+        }
+        for group in self.groups:
+            for d, stat in enumerate(group.stats):
+                if stat is None:
+                    continue
+                values = [roots[id(t)][d] for _, t in group.members]
+                if any(v is None for v in values):
+                    group.set_roots(d, None)
+                else:
+                    group.set_roots(d, torch.stack(values).to(stat))
+
+
+def _shape(t: Any) -> Any:
+    return "none" if t is None else tuple(t.shape)
+
+
+def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A tile's saved state of the earlier matrix-only format (``left``, ``right``,
+    ``left_root``, ``right_root``) in the per-dimension one (``stats``, ``roots``)."""
+    if "stats" in values:
+        return values
+    return {
+        "stats": [values.get("left"), values.get("right")],
+        "roots": [values.get("left_root"), values.get("right_root")],
+    }
 
 
 class Shampoo(CurvatureOptimizer):

@@ -14,6 +14,7 @@ eigenvector error is amplified by the conditioning of the damped statistic: ``co
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -206,10 +207,12 @@ def test_one_dimensional_parameters_take_adams_step():
             assert not torch.equal(p, q)
 
 
-def test_resume_is_exact():
+@pytest.mark.parametrize("merge", [True, False])
+def test_resume_is_exact(merge):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
-    kwargs = {"lr": 1e-2, "inverse_every": 3, "beta2": 0.9, "max_factor_dim": 20}
+    kwargs = {"lr": 1e-2, "inverse_every": 3, "beta2": 0.9, "max_factor_dim": 20,
+              "merge_dims": merge}  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(5, 2, 6, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen))
@@ -269,3 +272,109 @@ def test_the_adam_graft_gives_adams_norm_and_shampoos_direction():
         u, size, cond = _reference([g], g, damping, 1.0, (-0.25, -0.25), 1024)
         want = u * (adam.norm() / u.norm())
         assert_close(w - p.detach(), want, n=size, cond=cond)
+
+
+# ---- one statistic per tensor dimension (merge_dims=False) ----------------------------------
+def _mode_product(x: torch.Tensor, m: torch.Tensor, d: int) -> torch.Tensor:
+    """``m`` (symmetric) applied along dimension ``d`` of ``x``."""
+    return torch.tensordot(x, m, dims=([d], [0])).movedim(-1, d)
+
+
+@pytest.mark.parametrize("block", [None, 2], ids=["one-tile", "blocked"])
+@pytest.mark.parametrize(("beta2", "exponent"), [(1.0, -0.25), (0.9, -0.5)])
+def test_per_dimension_direction_equals_the_dense_tensor_roots(block, beta2, exponent):
+    """A ``(4, 3, 3, 2)`` weight with ``merge_dims=False``: every tile's direction is
+    ``G ×_1 L_1^{e'} ×_2 … ×_4 L_4^{e'}``, ``L_d`` the sum (EMA) of the mode-``d``
+    unfoldings' ``G_(d) G_(d)ᵀ`` and ``e' = 2e/4`` (the paper's ``-1/8`` at ``e = -1/4``),
+    against dense float64 roots; a matrix is unchanged (``L G R``)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, 3, 3, 2)
+    p = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
+    q = nn.Parameter(torch.randn(5, 3, dtype=torch.float64, generator=gen))
+    damping = 1e-3
+    cfg = ShampooConfig(beta2=beta2, exponent=exponent, max_factor_dim=block, merge_dims=False)
+    est = ShampooEstimator([p, q], cfg)
+    grads = [
+        {p: torch.randn(shape, dtype=torch.float64, generator=gen),
+         q: torch.randn(5, 3, dtype=torch.float64, generator=gen)}
+        for _ in range(4)
+    ]  # fmt: skip
+    for g in grads:
+        est.update(g)
+    est.refresh(damping)
+    final = {p: torch.randn(shape, dtype=torch.float64, generator=gen),
+             q: torch.randn(5, 3, dtype=torch.float64, generator=gen)}  # fmt: skip
+    out = est.precondition(final, damping)
+    ranges = [_ranges(n, block) for n in shape]
+    want = torch.zeros(shape, dtype=torch.float64)
+    size, cond = 1, 1.0
+    for index in itertools.product(*ranges):
+        u = final[p][index]
+        for d in range(4):
+            n = u.shape[d]
+            stat = torch.zeros(n, n, dtype=torch.float64)
+            for g in grads:
+                unfolded = g[p][index].movedim(d, 0).reshape(n, -1)
+                stat = (1.0 if beta2 == 1 else beta2) * stat + (
+                    1.0 if beta2 == 1 else 1 - beta2
+                ) * unfolded @ unfolded.T
+            u = _mode_product(u, _dense_root(stat, damping, exponent / 2), d)
+            size, cond = max(size, n), max(cond, _cond(stat, damping))
+        want[index] = u
+    assert_close(out[p], want, n=size, cond=cond)
+    matrix, size, cond = _reference(
+        [g[q] for g in grads], final[q], damping, beta2, (exponent, exponent), block
+    )
+    assert_close(out[q], matrix, n=size, cond=cond)
+    assert len(est.tiles[p]) == (1 if block is None else 2 * 2 * 2 * 1)
+
+
+def test_per_dimension_factors_are_the_tensor_dimensions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
+    opt = so.Shampoo(model.parameters(), merge_dims=False)
+    sizes = [s.shape[-1] for t in opt.estimator.tiles[model[0].weight] for s in t.stats]
+    assert sizes == [3, 2, 3, 3]  # merged: 3 and 18
+    merged = so.Shampoo(model.parameters())
+    assert [s.shape[-1] for s in merged.estimator.tiles[model[0].weight][0].stats] == [3, 18]
+
+
+def test_a_state_of_the_left_right_format_loads_and_another_layout_is_refused():
+    """A state saved before the per-dimension format (``left``, ``right``, ``left_root``,
+    ``right_root`` per tile) loads and gives the same directions; one saved with
+    ``merge_dims=False`` does not load into a merged optimizer (its message names it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4))
+    opt = so.Shampoo(model.parameters(), inverse_every=1)
+    batches = [(torch.randn(5, 2, 6, 6), torch.randint(0, 4, (5,))) for _ in range(3)]
+    train_steps(model, opt, batches)
+    state = opt.estimator.state_dict()
+    old = {
+        "params": [
+            [
+                {"left": t["stats"][0], "right": t["stats"][1],
+                 "left_root": t["roots"][0], "right_root": t["roots"][1]}
+                for t in tiles
+            ]
+            for tiles in state["params"]
+        ],
+        "refreshed": state["refreshed"],
+    }  # fmt: skip
+    again = so.Shampoo(model.parameters(), inverse_every=1)
+    again.estimator.load_state_dict(old)
+    grads = {p: torch.randn_like(p) for p in model.parameters()}
+    want = opt.estimator.precondition(grads, 1e-12)
+    got = again.estimator.precondition(grads, 1e-12)
+    assert set(got) == set(want)
+    for p in want:
+        assert torch.equal(got[p], want[p])
+    split = so.Shampoo(model.parameters(), merge_dims=False)
+    with pytest.raises(ValueError, match="merge_dims"):
+        again.estimator.load_state_dict(split.estimator.state_dict())
+
+
+def test_merge_dims_is_checked():
+    with pytest.raises(TypeError, match="merge_dims must be a bool"):
+        so.Shampoo(mlp([3, 2]).parameters(), merge_dims="no")
+    with pytest.raises(ValueError, match=r"exponent=.*merge_dims=False"):
+        so.Shampoo(mlp([3, 2]).parameters(), merge_dims=False, exponent=(-0.5, 0.0))

@@ -135,7 +135,7 @@ OTHER_SHAPES = {
     "adafisher": _DIAGONAL,
     "adafisherw": _DIAGONAL,
     "adahessian": r"'exp_avg' of shape \(10, 32\) for parameter 3.weight of shape \(12, 32\)",
-    "shampoo": r"left of shape \(10, 10\) for parameter 3.weight of shape \(12, 32\)",
+    "shampoo": r"stats\[0\] of shape \(10, 10\) for parameter 3.weight of shape \(12, 32\)",
     "soap": r"exp_avg of shape \(10, 32\) for parameter 3.weight of shape \(12, 32\)",
 }
 
