@@ -28,6 +28,9 @@ QUICK_PATHS=(
     tests/estimators/test_batched_refresh.py
     tests/estimators/test_kfac.py
     tests/estimators/test_mfac.py
+    tests/estimators/test_shampoo.py
+    tests/estimators/test_soap.py
+    tests/test_grafting.py
     tests/kernels
     tests/layers
     tests/distributed/test_communicator.py
