@@ -178,6 +178,23 @@ def _mode(x: Tensor, m: Tensor, d: int) -> Tensor:
     return torch.tensordot(x, m, dims=([d], [0])).movedim(-1, d)
 
 
+def _along_every_dimension(x: Tensor, matrices: list[Tensor | None]) -> Tensor:
+    """``x ×_1 M_1 … ×_k M_k`` (``Σ_i x[..., i, ...] M_d[i, a]`` along each dimension ``d``
+    with a matrix; the identity where None). Each product contracts the leading dimension
+    and appends the result as the last one (``(n_0, rest)ᵀ M``: ``(rest, n_0)``), so that after
+    one product per dimension the order is back and no dimension was moved by a copy."""
+    if x.dim() == 2 and all(m is not None for m in matrices):
+        return matrices[0].T @ x @ matrices[1]
+    shape = list(x.shape)
+    for m in matrices:
+        n = shape[0]
+        flat = x.reshape(n, -1).T  # (rest, n_d), a view
+        x = flat @ m if m is not None else flat.contiguous()
+        shape = [*shape[1:], n]
+        x = x.view(shape)
+    return x
+
+
 def _unfold(x: Tensor, d: int) -> Tensor:
     """The mode-``d`` unfolding of ``x``: ``(shape[d], rest)``."""
     if x.dim() == 2:
@@ -221,17 +238,11 @@ class _State:
 
     def rotate(self, x: Tensor) -> Tensor:
         """``x`` in the bases: ``Q_dᵀ`` along every dimension ``d`` with one."""
-        for d, q in enumerate(self.bases):
-            if q is not None:
-                x = _mode(x, q, d)
-        return x
+        return _along_every_dimension(x, self.bases)
 
     def rotate_back(self, x: Tensor) -> Tensor:
         """The inverse of :meth:`rotate`: ``Q_d`` along every dimension with a basis."""
-        for d, q in enumerate(self.bases):
-            if q is not None:
-                x = _mode(x, q.T, d)
-        return x
+        return _along_every_dimension(x, [None if q is None else q.T for q in self.bases])
 
 
 class SOAPEstimator(ParameterEstimator):
