@@ -396,3 +396,26 @@ def test_a_grafted_adafisher_resumes_exactly():
         lambda m: so.AdaFisher(m, **kwargs), mlp([5, 7, 3]), _batches(6), 3
     )
     assert any(k.startswith("graft_") for st in saved["state"].values() for k in st)
+
+
+def test_the_fused_and_the_multi_tensor_adam_graft_agree(monkeypatch):
+    """On the CPU the Adam graft's steps come from torch's fused Adam kernel; elsewhere (a
+    GPU, half precision) from multi-tensor operations. Both paths, three steps each, give
+    the same steps and moments to float32 round-off."""
+    from secondorder import grafting
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (7,), (3, 7)]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(grafting, "_fusable", lambda tensors, fused=fused: fused)
+        states = [{} for _ in shapes]
+        for g in grads:
+            steps = grafting._grafted_step("adam", states, g, (0.9, 0.999), 1e-8)
+        runs[fused] = (steps, states)
+    for a, st_a, b, st_b in zip(*runs[True], *runs[False], strict=True):
+        assert_close(a, b, dtype=torch.float32, n=16, scale=float(b.abs().max()))
+        for key in ("graft_exp_avg", "graft_exp_avg_sq"):
+            assert_close(st_a[key], st_b[key], dtype=torch.float32, n=8)
+        assert float(st_a["graft_step"]) == float(st_b["graft_step"]) == 3.0
