@@ -54,6 +54,7 @@ __all__ = [
     "HessianAdamBase",
     "MomentumBase",
     "SGDBase",
+    "adahessian_steps",
     "adahessian_update",
     "adam_update",
     "sgd_update",
@@ -259,6 +260,12 @@ class DiagonalCurvature:
     layout: Layout
     first: Tensor
     second: Tensor
+
+    def damped(self, damping: float, dtype: torch.dtype) -> Tensor:
+        """``F̃ = first ⊗ second + λ`` materialised in the layout, in ``dtype``."""
+        return (self.first.to(dtype).unsqueeze(-1) * self.second.to(dtype).unsqueeze(-2)).add_(
+            damping
+        )
 
 
 # ---- the base updates ----------------------------------------------------------------------
@@ -556,10 +563,7 @@ class MomentumBase(BaseUpdate):
             layout = diagonal.layout
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             m = layout.copy(exp_avg).to(dtype)
-            fisher = diagonal.first.to(dtype).unsqueeze(-1) * diagonal.second.to(dtype).unsqueeze(
-                -2
-            )
-            u = m.div_(fisher.add_(damping)).div_(1.0 - beta ** state["step"].item())
+            u = m.div_(diagonal.damped(damping, dtype)).div_(1.0 - beta ** state["step"].item())
             steps[p] = torch.empty_like(p)
             layout.write(steps[p], u)
         apply_grafted_base(opt, group, directions, steps, weight_decay=weight_decay)

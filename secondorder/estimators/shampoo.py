@@ -219,18 +219,22 @@ def _unfold(blocks: Tensor, d: int) -> Tensor:
     return blocks.movedim(d + 1, 1).reshape(k, n, -1)
 
 
-def _apply_roots(blocks: Tensor, roots: list[Tensor | None]) -> Tensor:
-    """Stacked tiles ``(k, n_0, ..., n_m)`` times the symmetric ``roots[d]`` ``(k, n_d,
-    n_d)`` along every dimension ``d`` that has one. Each product contracts the leading
-    dimension and appends the result as the last (``Xᵀ R`` on the ``(k, n_0, rest)`` view:
-    ``(k, rest, n_0)``), so after all of them the dimensions are back in order and no
-    dimension was ever moved by a copy; a dimension without a root is only rotated."""
+def mode_products(blocks: Tensor, matrices: list[Tensor | None]) -> Tensor:
+    """Stacked tensors ``(k, n_0, ..., n_m)`` times ``matrices[d]`` ``(k, n_d, n_d)`` along
+    every dimension ``d`` that has one: ``Σ_i x[..., i, ...] M_d[i, a]`` (for a symmetric
+    root ``R``: ``R`` applied along ``d``; for a basis ``Q``: ``Qᵀ``). Each product contracts
+    the leading dimension and appends the result as the last (``Xᵀ M`` on the ``(k, n_0,
+    rest)`` view: ``(k, rest, n_0)``), so after one product per dimension the dimensions are
+    back in order and none was moved by a copy; a dimension without a matrix is only
+    rotated, and with no matrix at all ``blocks`` is returned as it is."""
+    if all(m is None for m in matrices):
+        return blocks
     k = blocks.shape[0]
     shape = list(blocks.shape[1:])
-    for root in roots:
+    for m in matrices:
         n = shape[0]
         flat = blocks.reshape(k, n, -1).mT  # (k, rest, n_d), a view
-        blocks = torch.bmm(flat, root) if root is not None else flat.contiguous()
+        blocks = torch.bmm(flat, m) if m is not None else flat.contiguous()
         shape = [*shape[1:], n]
         blocks = blocks.view(k, *shape)
     return blocks
@@ -384,14 +388,14 @@ class ShampooEstimator(ParameterEstimator):
             if not present:
                 continue
             if len(present) == len(group.members):
-                blocks = _apply_roots(group.blocks(tensors), group.roots)
+                blocks = mode_products(group.blocks(tensors), group.roots)
             else:  # some parameters have no gradient at this step
                 blocks = {}
                 for i in present:
                     p, t = group.members[i]
                     block = tensors[p][t.index].unsqueeze(0)
                     roots = [None if r is None else r.unsqueeze(0) for r in t.roots]
-                    blocks[i] = _apply_roots(block, roots)[0]
+                    blocks[i] = mode_products(block, roots)[0]
             for i in present:
                 p, t = group.members[i]
                 if t.whole:

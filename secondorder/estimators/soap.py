@@ -76,7 +76,7 @@ from ..config import OptimizerConfig, fixed, hyperparameter
 from ..linalg import symmetric_eigh_many
 from ..optimizer import CurvatureOptimizer
 from .base import ParameterEstimator
-from .shampoo import as_matrix, check_beta, statistics_dtype
+from .shampoo import as_matrix, check_beta, mode_products, statistics_dtype
 
 
 def _check_max_dim(value: Any) -> None:
@@ -178,21 +178,11 @@ def _mode(x: Tensor, m: Tensor, d: int) -> Tensor:
     return torch.tensordot(x, m, dims=([d], [0])).movedim(-1, d)
 
 
-def _along_every_dimension(x: Tensor, matrices: list[Tensor | None]) -> Tensor:
-    """``x ×_1 M_1 … ×_k M_k`` (``Σ_i x[..., i, ...] M_d[i, a]`` along each dimension ``d``
-    with a matrix; the identity where None). Each product contracts the leading dimension
-    and appends the result as the last one (``(n_0, rest)ᵀ M``: ``(rest, n_0)``), so that after
-    one product per dimension the order is back and no dimension was moved by a copy."""
-    if x.dim() == 2 and all(m is not None for m in matrices):
-        return matrices[0].T @ x @ matrices[1]
-    shape = list(x.shape)
-    for m in matrices:
-        n = shape[0]
-        flat = x.reshape(n, -1).T  # (rest, n_d), a view
-        x = flat @ m if m is not None else flat.contiguous()
-        shape = [*shape[1:], n]
-        x = x.view(shape)
-    return x
+def _products(x: Tensor, matrices: list[Tensor | None]) -> Tensor:
+    """``Σ_i x[..., i, ...] M_d[i, a]`` along every dimension ``d`` with a matrix: Shampoo's
+    :func:`~secondorder.estimators.shampoo.mode_products` on ``x`` alone."""
+    batched = [None if m is None else m.unsqueeze(0) for m in matrices]
+    return mode_products(x.unsqueeze(0), batched)[0]
 
 
 def _unfold(x: Tensor, d: int) -> Tensor:
@@ -238,11 +228,11 @@ class _State:
 
     def rotate(self, x: Tensor) -> Tensor:
         """``x`` in the bases: ``Q_dᵀ`` along every dimension ``d`` with one."""
-        return _along_every_dimension(x, self.bases)
+        return _products(x, self.bases)
 
     def rotate_back(self, x: Tensor) -> Tensor:
         """The inverse of :meth:`rotate`: ``Q_d`` along every dimension with a basis."""
-        return _along_every_dimension(x, [None if q is None else q.T for q in self.bases])
+        return _products(x, [None if q is None else q.T for q in self.bases])
 
 
 class SOAPEstimator(ParameterEstimator):
