@@ -63,6 +63,8 @@ method's schedule:
   (``--steps`` shorter than ``inverse_every``, e.g. ResNet-18 on a CPU), one refresh is
   timed separately after the last step, on the statistics of the run (``refresh_timing``
   ``separate`` in the CSV). The per-refresh cost and the interval are printed and written.
+  The steady state is timed: ``inverse_warmup`` (the K-FAC family's extra refreshes before
+  the first ``inverse_every`` steps) is off unless ``--set`` turns it on.
 
 Other processes on the machine inflate the timings: the header prints the load average
 before and after, and ``--rounds R`` runs the methods R times in turn (sgd, adam, ...,
@@ -234,6 +236,9 @@ def resolve_hparams(
         hparams[key] = curvature_every
     if inverse_every is not None and "inverse_every" in spec.hyperparameter_names():
         hparams["inverse_every"] = inverse_every
+    if "inverse_warmup" in spec.hyperparameter_names():
+        # the steady state: the warm-up's extra refreshes come once, before inverse_every
+        hparams["inverse_warmup"] = False
     hparams.update(overrides or {})
     return hparams
 

@@ -134,6 +134,14 @@ class OptimizerConfig:
     inverse_every: Interval = hyperparameter(
         1, "refresh the inverses at steps that are multiples of this (and after the first update)"
     )
+    inverse_warmup: bool = hyperparameter(
+        False,
+        "also refresh at steps c, 2c, 4c, 8c, ... below ``inverse_every`` (c = "
+        "``curvature_every``) where the curvature was updated: the first factors change "
+        "fastest, and a run shorter than ``inverse_every`` would otherwise keep the inverses "
+        "of its first batch throughout; log₂(inverse_every / curvature_every) refreshes more "
+        "in all",
+    )
     kl_clip: float | None = hyperparameter(None, "KL clipping constant κ > 0; None disables")
     graft: str | None = hyperparameter(
         None,
@@ -275,7 +283,7 @@ class OptimizerConfig:
         if self.nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {self.nonfinite!r}")
         self._check_fisher_type()
-        for name in ("precondition", "record_in_eval"):
+        for name in ("precondition", "record_in_eval", "inverse_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.distributed is not None and not isinstance(self.distributed, bool):

@@ -319,6 +319,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.damping = config.damping
         self.curvature_every = config.curvature_every
         self.inverse_every = config.inverse_every
+        self.inverse_warmup = config.inverse_warmup
         self.kl_clip = config.kl_clip
         self.nonfinite = config.nonfinite
         self.fisher_type = config.fisher_type
@@ -569,8 +570,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self.estimator.wants_statistics(
             step,
             curvature_due=due,
-            refresh_due=is_due("inverse_every", self.inverse_every, step),
+            refresh_due=is_due("inverse_every", self.inverse_every, step)
+            or self._warmup_refresh_due(step),
         )
+
+    def _warmup_refresh_due(self, step: int) -> bool:
+        """With ``inverse_warmup``: whether ``step`` (one that just updated the curvature) is
+        ``c``, ``2c``, ``4c``, ``8c``, ... for ``c = curvature_every`` and comes before
+        ``inverse_every``, so that the inverses follow the young factors (refreshes at steps
+        0, 10, 20, 40, 80, then 100, 200, ... with factors every 10 and inverses every 100).
+        It depends on the step alone, so a resumed run refreshes where the uninterrupted one
+        does."""
+        if not self.inverse_warmup or step == 0:
+            return False
+        every = self.inverse_every(step) if callable(self.inverse_every) else self.inverse_every
+        c = self.curvature_every(step) if callable(self.curvature_every) else self.curvature_every
+        if step >= every or step % c:
+            return False
+        multiple = step // c
+        return multiple & (multiple - 1) == 0
 
     def current_damping(self) -> float:
         """The damping the next step will use."""
@@ -891,7 +909,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # first recorded pass may be late: a model in eval mode at first, say).
         if (
             is_due("inverse_every", self.inverse_every, k)
-            or (updated and self._refreshes == 0)
+            or (updated and (self._refreshes == 0 or self._warmup_refresh_due(k)))
             or resumed
         ):
             est.refresh(damping)

@@ -33,15 +33,18 @@ def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize(
     ("kwargs", "reference"),
     [
-        ({}, lambda p: torch.optim.Adam(p, lr=3e-3)),
-        ({"weight_decay": 0.1}, lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.1)),
+        ({}, lambda p, b: torch.optim.Adam(p, lr=3e-3, betas=b)),
         (
-            {"weight_decay": 0.1, "decoupled_weight_decay": True},
-            lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1),
+            {"weight_decay": 0.1},
+            lambda p, b: torch.optim.Adam(p, lr=3e-3, betas=b, weight_decay=0.1),
         ),
         (
-            {"graft_betas": (0.8, 0.99), "graft_eps": 1e-6},
-            lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.8, 0.99), eps=1e-6),
+            {"weight_decay": 0.1, "decoupled_weight_decay": True},
+            lambda p, b: torch.optim.AdamW(p, lr=3e-3, betas=b, weight_decay=0.1),
+        ),
+        (
+            {"graft_betas": (0.7, 0.99), "graft_eps": 1e-6},
+            lambda p, b: torch.optim.Adam(p, lr=3e-3, betas=(0.7, 0.99), eps=1e-6),
         ),
     ],
 )
@@ -52,7 +55,8 @@ def test_adam_graft_with_the_curvature_off_is_adam_bit_for_bit(cls, kwargs, refe
     twin = copy.deepcopy(model)
     base = {"base": "sgd"} if cls is so.MFAC else {}  # graft needs it; M-FAC's default is adam
     opt = cls(model, lr=3e-3, graft="adam", precondition=False, **base, **kwargs)
-    ref = reference(twin.parameters())
+    # the method's own default betas (the K-FAC family's β₁ is 0.8, M-FAC's Adam's 0.9)
+    ref = reference(twin.parameters(), opt.config.graft_betas)
     for batch in _batches(6):
         train_steps(model, opt, [batch])
         train_steps(twin, ref, [batch])
@@ -65,7 +69,7 @@ def test_adam_graft_is_adam_at_steps_where_use_curvature_is_off():
     model = mlp([5, 7, 3])
     twin = copy.deepcopy(model)
     opt = so.KFAC(model, lr=3e-3, graft="adam", use_curvature=[(100, None)])
-    ref = torch.optim.Adam(twin.parameters(), lr=3e-3)
+    ref = torch.optim.Adam(twin.parameters(), lr=3e-3, betas=(0.8, 0.999))  # K-FAC's graft
     for batch in _batches(4):
         train_steps(model, opt, [batch])
         train_steps(twin, ref, [batch])
@@ -150,14 +154,15 @@ def test_the_grafted_step_has_the_grafted_norm_and_the_preconditioned_direction(
             history[p].append(g)
         opt.step()
         if graft == "adam" and moment:
-            targets = {p: _reference_moment(history[p]).float() for p in grads}
+            beta1 = opt.config.graft_betas[0]
+            targets = {p: _reference_moment(history[p], beta1).float() for p in grads}
         else:
             targets = grads
         directions = opt.estimator.precondition(targets, opt.current_damping())
         assert set(directions) == set(grads)  # every parameter is covered
         for p, u in directions.items():
             moved = (before[p] - p.detach()).double()
-            a = _reference_steps(graft, history[p])[-1]
+            a = _reference_steps(graft, history[p], betas=opt.config.graft_betas)[-1]
             u64 = u.double()
             want = u64 * (_unit_norms(a, unit) / _unit_norms(u64, unit))
             # a handful of roundings per entry in float32, relative to the step's size or to
@@ -264,7 +269,7 @@ def test_momentum_defaults_to_zero_under_the_adam_graft_only():
         (so.KFAC, {"graft": "adam", "base": "adam"}, "graft applies to base='sgd', 'momentum'"),
         (so.KFAC, {"graft": "adam", "graft_betas": (1.0, 0.9)}, r"betas\[0\] must be in"),
         (so.KFAC, {"graft": "adam", "graft_eps": -1.0}, "graft_eps must be"),
-        (so.MFAC, {"graft": "adam"}, "not to base='adam'"),
+        (so.MFAC, {"graft": "adam", "base": "adam"}, "not to base='adam'"),
     ],
 )
 def test_bad_graft_arguments_name_the_argument(cls, kwargs, match):

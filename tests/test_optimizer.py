@@ -440,6 +440,71 @@ def test_first_statistics_arriving_late_are_used_at_once():
     assert opt.state_dict()["curvature"]["refreshes"] == 1
 
 
+def _refresh_steps(opt, model, batches):
+    """The steps at which ``opt``'s estimator refreshed, training on ``batches``."""
+    steps, refresh = [], opt.estimator.refresh
+
+    def spy(damping):
+        steps.append(opt._step)
+        return refresh(damping)
+
+    opt.estimator.refresh = spy
+    _train(model, opt, batches)
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("every", "warmup", "expected"),
+    [
+        ((10, 100), True, [0, 10, 20, 40, 80, 100, 200]),
+        ((10, 100), False, [0, 100, 200]),
+        ((1, 10), True, [0, 1, 2, 4, 8, 10, 20]),
+        ((3, 40), True, [0, 3, 6, 12, 24, 40]),
+    ],
+)
+def test_inverse_warmup_refreshes_at_the_power_of_two_multiples(every, warmup, expected):
+    """``inverse_warmup`` adds refreshes at steps c, 2c, 4c, ... (c = ``curvature_every``)
+    before step ``inverse_every``, and none after it."""
+    curvature_every, inverse_every = every
+    model = mlp([6, 5, 3])
+    opt = KFAC(
+        model,
+        curvature_every=curvature_every,
+        inverse_every=inverse_every,
+        inverse_warmup=warmup,
+    )
+    n = expected[-1] + 1
+    seen = _refresh_steps(opt, model, _batches(n))
+    assert seen == expected
+
+
+def test_inverse_warmup_resumes_where_it_stopped():
+    """The warm-up depends on the step alone: a run resumed at step 15 refreshes at 20, 40
+    and 80 as the uninterrupted run does."""
+    torch.manual_seed(0)
+    model = mlp([6, 5, 3])
+    opt = KFAC(model, curvature_every=10, inverse_every=100)
+    batches = _batches(101)
+    _train(model, opt, batches[:15])
+    state, weights = opt.state_dict(), copy.deepcopy(model.state_dict())
+    resumed_model = mlp([6, 5, 3])
+    resumed_model.load_state_dict(weights)
+    resumed = KFAC(resumed_model, curvature_every=10, inverse_every=100)
+    resumed.load_state_dict(state)
+    assert _refresh_steps(resumed, resumed_model, batches[15:]) == [20, 40, 80, 100]
+
+
+def test_inverse_warmup_is_checked_and_fixed_where_refreshes_are():
+    model = mlp([6, 5, 3])
+    with pytest.raises(TypeError, match="inverse_warmup must be a bool"):
+        KFAC(model, inverse_warmup=1)
+    from secondorder import MFAC, AdaFisher
+
+    for cls in (MFAC, AdaFisher):  # refresh every step: the option would do nothing
+        with pytest.raises(TypeError, match="inverse_warmup"):
+            cls(mlp([6, 5, 3]), inverse_warmup=True)
+
+
 def test_construction_warning_points_at_the_callers_line():
     model = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
     with pytest.warns(UserWarning, match="no curvature estimate") as record:

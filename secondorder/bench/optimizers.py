@@ -211,6 +211,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "ngrads": 32,
                 "window_memory": None,
                 "damping": 0.05,
+                "graft": None,  # tuned without a graft (the library default grafts Adam)
             },
         ),
         OptimizerSpec(

@@ -156,6 +156,7 @@ class AdaFisherConfig(OptimizerConfig):
     eps: float | None = fixed(None)
     kl_clip: float | None = fixed(None)
     inverse_every: Interval = fixed(1)
+    inverse_warmup: bool = fixed(False)
     decoupled_weight_decay: bool = fixed(False)
     #: ``(γ₁, γ₂)``, derived from ``gamma``
     ema_weights: tuple[float, float] = field(init=False)

@@ -321,6 +321,7 @@ class AdaHessianConfig(OptimizerConfig):
     # the estimator keeps its own schedule (hessian_every) and is asked at every step
     curvature_every: Interval = fixed(1)
     inverse_every: Interval = fixed(1)
+    inverse_warmup: bool = fixed(False)
     kl_clip: float | None = fixed(None)
     skip_layers: Iterable[Any] | None = fixed(None)
     layer_options: Mapping[str, Any] | None = fixed(None)

@@ -140,10 +140,24 @@ class KFACConfig(OptimizerConfig):
     lr: float = hyperparameter(1e-2, "learning rate (with a graft, the grafted method's)")
     curvature_every: Interval = hyperparameter(10, "factor update interval, in steps")
     inverse_every: Interval = hyperparameter(100, "inverse (eigenbasis) refresh interval")
+    inverse_warmup: bool = hyperparameter(
+        True,
+        "also refresh at steps c, 2c, 4c, ... below ``inverse_every`` (c = "
+        "``curvature_every``: steps 10, 20, 40 and 80 at the defaults): otherwise the first "
+        "100 steps use the inverses of the first batch's factors; chosen by measurement "
+        "(``benchmarks/lr_sensitivity.py``)",
+    )
     graft: str | None = hyperparameter(
         "auto",
         'the step norm\'s source (see OptimizerConfig): ``"auto"`` is ``"adam"`` with '
         'base="sgd" unless adaptive_lr / adaptive_momentum is set; None: the papers\' update',
+    )
+    graft_betas: tuple[float, float] = hyperparameter(
+        (0.8, 0.999),
+        "the grafted Adam's β₁ and β₂: β₁ 0.8 (Adam's 0.9 averages about 10 gradients, 0.8 "
+        "about 5, so the preconditioned moment follows the gradient sooner); by measurement "
+        "(``benchmarks/lr_sensitivity.py``: with 0.9 K-FAC missed the autoencoder's target at "
+        "Adam's learning rates and ended above Adam's loss on the character GPT)",
     )
     graft_norm: str = hyperparameter(
         "row",

@@ -55,9 +55,12 @@ _log = logging.getLogger(__name__)
 class MFACConfig(OptimizerConfig):
     """Hyperparameters of M-FAC (:class:`MFAC` and :class:`MFACEstimator`), checked on
     construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
-    M-FAC's defaults: Adam-MFAC (``base="adam"``), lr 1e-2, damping 0.1, chosen for robustness
-    over the learning rate (issue 18); the paper's SGD-MFAC is ``base="sgd", lr=1e-3,
-    damping=1e-5`` (``configs/optimizers/mfac.yaml``). There is no
+    M-FAC's defaults: SGD-MFAC grafted on Adam (``graft="auto"``: each weight row's step
+    takes the norm of Adam's, with β₁ 0.8, Adam's first moment preconditioned), lr 1e-2,
+    damping 0.1, chosen for robustness over the learning rate (issue 18; Adam-MFAC,
+    ``base="adam"``, the previous default, had fewer good learning rates on digits-cnn and
+    higher final losses); the paper's SGD-MFAC is ``graft=None, lr=1e-3, damping=1e-5``
+    (``configs/optimizers/mfac.yaml``). There is no
     ``inverse_every``: the ``k x k`` coefficients are refactored whenever the window or the
     damping changed.
 
@@ -76,30 +79,47 @@ class MFACConfig(OptimizerConfig):
 
     lr: float = hyperparameter(
         1e-2,
-        "learning rate (Adam's scale with the default ``base``; the paper's SGD-MFAC: 1e-3)",
+        'learning rate (Adam\'s scale with the default graft or ``base="adam"``; the '
+        "paper's SGD-MFAC: 1e-3)",
     )
     base: str = hyperparameter(
-        "adam",
-        '``"adam"`` (Adam-MFAC: Adam-style moments of the preconditioned direction, the '
-        'default) or ``"sgd"`` (SGD-MFAC, the paper\'s optimizer; ``momentum`` and ``graft`` '
-        "need it). Adam-MFAC's step has Adam's size whatever the damping and gradient scale, "
-        "so its good learning rates are Adam's: the paper's SGD-MFAC (damping 1e-5) reached "
-        "the target train loss of the bench tasks at 0 to 1 of the lrs 0.3 ... 0.001 where "
-        "Adam reached it at 1 to 4 (benchmarks/RESULTS.md, issue 18)",
+        "sgd",
+        '``"sgd"`` (SGD-MFAC, the paper\'s optimizer; with the default graft its step has '
+        'the norm of Adam\'s) or ``"adam"`` (Adam-MFAC: Adam-style moments of the '
+        "preconditioned direction, no graft). Either way Adam's learning rates carry over: "
+        "the paper's ungrafted SGD-MFAC (damping 1e-5) reached the target train loss of the "
+        "bench tasks at 0 to 1 of the lrs 0.3 ... 0.001 where Adam reached it at 1 to 4 "
+        "(benchmarks/RESULTS.md, issue 18)",
+    )
+    graft: str | None = hyperparameter(
+        "auto",
+        'the step norm\'s source (see OptimizerConfig): ``"auto"`` is ``"adam"`` with '
+        'base="sgd" and None with base="adam"; None: the paper\'s update',
+    )
+    graft_betas: tuple[float, float] = hyperparameter(
+        (0.8, 0.999),
+        "the grafted Adam's β₁ and β₂ (β₁ 0.8 as in the K-FAC family: with 0.9 the grafted "
+        "M-FAC ended above Adam's final loss at Adam's best lr on four of six bench tasks, "
+        "with 0.8 on one)",
+    )
+    graft_norm: str = hyperparameter(
+        "row",
+        'what takes the grafted step\'s norm: ``"row"`` (each row of a weight, each 1-D '
+        'parameter; the K-FAC family\'s default) or ``"parameter"``',
     )
     damping: Schedule = hyperparameter(
         0.1,
         "λ > 0 of ``F = λI + GᵀG/m``, or a function of the step. 0.1 (the paper's: 1e-5): "
         "the mean gradient is the empirical Fisher's top direction, so a tiny λ (F⁻¹ close to "
         "the window's pseudo-inverse) all but removes it from the step; 0.1 keeps it while "
-        'still damping the noisiest directions. With ``base="adam"`` it had at least Adam\'s '
-        "number of good lrs on five of the six bench tasks (1e-2: four, with lower final "
-        "losses; 1e-5 to 10 tried, at 1 and 10 Adam-MFAC is all but Adam)",
+        "still damping the noisiest directions (1e-5 to 10 tried with base='adam': 1e-2 and "
+        "0.1 had the most good lrs; at 1 and 10 Adam-MFAC is all but Adam)",
     )
     curvature_every: Interval = hyperparameter(
         1, "push the gradient into the window at steps that are multiples of this"
     )
     inverse_every: Interval = fixed(1)
+    inverse_warmup: bool = fixed(False)
     ngrads: int | None = hyperparameter(
         None,
         "window size m, any positive int; None: the largest m up to 512 (the paper's) whose "
@@ -603,14 +623,16 @@ class MFAC(CurvatureOptimizer):
         params, config: see :class:`~secondorder.CurvatureOptimizer`.
 
     With ``ngrads=None`` a warning says when the budget made the window smaller than 512.
-    ``base="adam"`` (the default) is Adam-MFAC, ``base="sgd"`` SGD-MFAC. The defaults
-    (Adam-MFAC, lr 1e-2, damping 0.1) are chosen for robustness over the learning rate;
-    the paper's SGD-MFAC is ``base="sgd", lr=1e-3, damping=1e-5`` (see :class:`MFACConfig`).
+    ``base="sgd"`` (the default) is SGD-MFAC, ``base="adam"`` Adam-MFAC. The defaults
+    (SGD-MFAC grafted on Adam per weight row, lr 1e-2, damping 0.1) are chosen for
+    robustness over the learning rate; the paper's SGD-MFAC is ``graft=None, lr=1e-3,
+    damping=1e-5`` (see :class:`MFACConfig`).
 
     Example::
 
-        opt = MFAC(model)  # Adam-MFAC, lr 1e-2, damping 0.1
-        opt = MFAC(model, base="sgd", lr=1e-3, damping=1e-5, ngrads=512)  # the paper's
+        opt = MFAC(model)  # SGD-MFAC grafted on Adam, lr 1e-2, damping 0.1
+        opt = MFAC(model, base="adam")  # Adam-MFAC
+        opt = MFAC(model, graft=None, lr=1e-3, damping=1e-5, ngrads=512)  # the paper's
     """
 
     requires_model = False

@@ -100,6 +100,7 @@ def test_resuming_refreshes_from_the_factors_before_using_them() -> None:
         lr=0.05,
         curvature_every=1,
         inverse_every=100,
+        inverse_warmup=False,  # the fixed schedule: refreshes only where this test says
         use_curvature=[(0, 2), (4, None)],
         graft=None,
     )

@@ -46,6 +46,7 @@ def test_preset_then_set_then_grid(tmp_path: Path) -> None:
         {
             "lr": 1e-3,
             "base": "sgd",
+            "graft": None,
             "momentum": 0.0,
             "ngrads": n,
             "damping": 0.05,

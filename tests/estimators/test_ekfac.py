@@ -32,10 +32,10 @@ F64 = dict(factor_dtype=torch.float64, inverse_dtype=torch.float64)
 
 
 def _ekfac(model, **kwargs):
-    """EKFAC with plain steps (no momentum, no clipping) in float64."""
-    return EKFAC(
-        model, **{"lr": 1.0, "momentum": 0.0, "kl_clip": None, **F64, **kwargs}, graft=None
-    )
+    """EKFAC with plain steps (no momentum, no clipping) in float64, refreshed on the fixed
+    schedule (no warm-up refreshes: the tests count the refreshes and the scalings' resets)."""
+    base = {"lr": 1.0, "momentum": 0.0, "kl_clip": None, "inverse_warmup": False, **F64}
+    return EKFAC(model, **{**base, **kwargs}, graft=None)
 
 
 def _make_layer(kind, in_dim, out_dim, batch, seq, bias, groups=1):

@@ -86,7 +86,7 @@ def test_direction_equals_dense_solve_over_the_current_window(m, d, pushes, damp
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd",
+        base="sgd", graft=None,
         ngrads=m,
         damping=damping,
         block_size=block,
@@ -136,7 +136,7 @@ def test_woodbury_cancellation_stays_within_its_bound(damping):
     torch.manual_seed(0)
     d, m = 200, 4
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(params, lr=1.0, base="sgd", ngrads=m, damping=damping, window_dtype=torch.float64)
+    opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=torch.float64)
     history = [torch.randn(d, dtype=torch.float64) for _ in range(m)]
     for g in history:
         params[0].grad = g.clone()
@@ -156,7 +156,7 @@ def test_float32_and_bfloat16_windows_match_the_dense_solve_they_represent():
     grads = [torch.randn(d) / d**0.5 for _ in range(20)]
     for dtype in (torch.float32, torch.bfloat16):
         params = [nn.Parameter(torch.zeros(d))]
-        opt = MFAC(params, lr=1.0, base="sgd", ngrads=m, damping=damping, window_dtype=dtype)
+        opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=dtype)
         for g in grads:
             params[0].grad = g.clone()
             got = _direction(opt, params).double()
@@ -179,7 +179,7 @@ def test_float32_dot_matrix_falls_back_to_float64_when_indefinite():
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd",
+        base="sgd", graft=None,
         ngrads=m,
         damping=damping,
         window_dtype=torch.float64,
@@ -200,7 +200,7 @@ def test_damping_too_small_even_for_float64_is_a_clear_error():
     d, m = 50, 4
     g = torch.randn(d, dtype=torch.float64)
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(params, lr=1.0, base="sgd", ngrads=m, damping=1e-30, window_dtype=torch.float64)
+    opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=1e-30, window_dtype=torch.float64)
     with pytest.raises(FloatingPointError, match="use damping >="):
         for _ in range(m):
             params[0].grad = g.clone()
@@ -215,7 +215,7 @@ def test_weight_decay_is_preconditioned_with_the_gradient():
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd",
+        base="sgd", graft=None,
         ngrads=4,
         damping=1e-2,
         weight_decay=wd,
@@ -236,7 +236,7 @@ def test_huge_damping_reproduces_sgd_scaled_by_one_over_damping():
     model_a = mlp([6, 8, 3])
     model_b = copy.deepcopy(model_a)
     lam = 1e6
-    opt_a = MFAC(model_a, lr=0.1 * lam, base="sgd", ngrads=8, damping=lam, momentum=0.9)
+    opt_a = MFAC(model_a, lr=0.1 * lam, base="sgd", graft=None, ngrads=8, damping=lam, momentum=0.9)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     square = 0.0
@@ -310,7 +310,7 @@ def test_sparse_direction_is_the_dense_solve_on_the_kept_coordinates():
     p = nn.Parameter(torch.randn(20, dtype=torch.float64))
     mask = torch.rand(20) > 0.4
     opt = MFAC(
-        [p], lr=1.0, base="sgd", ngrads=3, damping=1e-2, masks={p: mask}, window_dtype=torch.float64
+        [p], lr=1.0, base="sgd", graft=None, ngrads=3, damping=1e-2, masks={p: mask}, window_dtype=torch.float64
     )
     pushed = []
     for _ in range(4):
@@ -328,7 +328,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory():
     torch.manual_seed(0)
     model = mlp([6, 8, 3])
     reference = copy.deepcopy(model)
-    kwargs = dict(lr=0.05, base="sgd", ngrads=3, damping=1e-3, momentum=0.9, block_size=20)
+    kwargs = dict(lr=0.05, base="sgd", graft=None, ngrads=3, damping=1e-3, momentum=0.9, block_size=20)
     gen = torch.Generator().manual_seed(2)
     batches = [
         (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
@@ -352,7 +352,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory():
     for a, b in zip(reference.parameters(), fresh_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="different model or ngrads"):
-        MFAC(mlp([6, 9, 3]), base="sgd", ngrads=3).load_state_dict(saved)
+        MFAC(mlp([6, 9, 3]), base="sgd", graft=None, ngrads=3).load_state_dict(saved)
 
 
 def test_step_allocates_nothing_of_window_size():
@@ -363,7 +363,7 @@ def test_step_allocates_nothing_of_window_size():
     m, d = 64, 20000
     for dtype in (torch.float32, torch.bfloat16):
         p = nn.Parameter(torch.randn(d))
-        opt = MFAC([p], lr=1e-3, base="sgd", ngrads=m, window_dtype=dtype)
+        opt = MFAC([p], lr=1e-3, base="sgd", graft=None, ngrads=m, window_dtype=dtype)
         for _ in range(m + 2):  # fill the window and wrap
             p.grad = torch.randn(d)
             opt.step()
@@ -411,7 +411,7 @@ def test_mfac_trains_digits_below_sgd():
         if name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         else:
-            opt = MFAC(model, lr=0.05, base="sgd", ngrads=int(name[4:]), damping=0.05, momentum=0.9)
+            opt = MFAC(model, lr=0.05, base="sgd", graft=None, ngrads=int(name[4:]), damping=0.05, momentum=0.9)
         gen = torch.Generator().manual_seed(0)
         for _ in range(3):
             perm = torch.randperm(len(x_train), generator=gen)
@@ -426,18 +426,36 @@ def test_mfac_trains_digits_below_sgd():
     assert results["mfac32"] < results["sgd"] and results["mfac128"] < results["sgd"]
 
 
-def test_the_defaults_are_adam_mfac_with_lr_1e_2_and_damping_0_1():
-    """``MFAC(model)`` is Adam-MFAC with lr 1e-2, damping 0.1 and the paper's window of 512
-    (issue 18: chosen for robustness over the learning rate); the paper's SGD-MFAC needs its
+def test_the_defaults_are_sgd_mfac_grafted_on_adam_with_lr_1e_2_and_damping_0_1():
+    """``MFAC(model)`` is SGD-MFAC grafted on Adam (norms per weight row, β₁ 0.8, Adam's
+    moment preconditioned) with lr 1e-2, damping 0.1 and the paper's window of 512 (issue
+    18: chosen for robustness over the learning rate); the paper's SGD-MFAC needs its
     settings spelled out (``configs/optimizers/mfac.yaml``). Same code path: bit for bit."""
     torch.manual_seed(0)
     model = mlp([6, 8, 3])
     twin = copy.deepcopy(model)
     opt = MFAC(model)
     cfg = opt.config
-    assert (cfg.base, cfg.lr, cfg.damping, cfg.graft) == ("adam", 1e-2, 0.1, None)
+    assert (cfg.base, cfg.lr, cfg.damping, cfg.graft) == ("sgd", 1e-2, 0.1, "adam")
+    assert (cfg.graft_norm, cfg.graft_betas, cfg.graft_moment, cfg.momentum) == (
+        "row",
+        (0.8, 0.999),
+        True,
+        0.0,
+    )
     assert opt.estimator.config.ngrads == 512
-    explicit = MFAC(twin, base="adam", lr=1e-2, damping=0.1, ngrads=512, betas=(0.9, 0.999))
+    assert MFAC(mlp([6, 8, 3]), base="adam").config.graft is None  # Adam-MFAC: no graft
+    explicit = MFAC(
+        twin,
+        base="sgd",
+        graft="adam",
+        graft_norm="row",
+        graft_betas=(0.8, 0.999),
+        lr=1e-2,
+        damping=0.1,
+        ngrads=512,
+        momentum=0.0,
+    )
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
         x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
