@@ -61,6 +61,7 @@ DIGITS_PAPERS: dict[str, Any] = {
     "inverse_every": 10,
     "kl_clip": 1e-2,
     "graft": None,
+    "inverse_warmup": False,
 }
 
 

@@ -354,7 +354,8 @@ def test_a_curvature_base_grafts_its_own_step(cls, unit):
     if cls is so.AdaFisher:
         kwargs.update(damping=3e-3, curvature_every=1)
     model, opt, record = _curvature_base_steps(cls, _batches(4), **kwargs)
-    beta1, beta2 = (0.9, 0.999)
+    # the base's own moments (AdaHessian's default β₁ is 0.8); Adam's graft keeps 0.9
+    beta1, beta2 = opt.config.betas if cls is so.AdaHessian else (0.9, 0.999)
     for p in model.parameters():
         grads = [r[1][p] for r in record]
         m = v = torch.zeros_like(p, dtype=torch.float64)

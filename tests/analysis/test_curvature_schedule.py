@@ -138,6 +138,7 @@ def test_adam_base_and_mfac_off_are_adam_and_sgd() -> None:
         model,
         lr=0.1,
         base="sgd",
+        graft=None,
         momentum=0.9,
         weight_decay=1e-2,
         ngrads=4,

@@ -338,6 +338,7 @@ def test_eigenbasis_layers_and_kfac_path_layers_together():
             damping=1e-2,
             curvature_every=1,
             inverse_every=10,
+            inverse_warmup=False,  # as _ekfac's
             kl_clip=None,
             **F64,
             graft=None,
