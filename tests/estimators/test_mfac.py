@@ -86,7 +86,8 @@ def test_direction_equals_dense_solve_over_the_current_window(m, d, pushes, damp
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd", graft=None,
+        base="sgd",
+        graft=None,
         ngrads=m,
         damping=damping,
         block_size=block,
@@ -136,7 +137,15 @@ def test_woodbury_cancellation_stays_within_its_bound(damping):
     torch.manual_seed(0)
     d, m = 200, 4
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=torch.float64)
+    opt = MFAC(
+        params,
+        lr=1.0,
+        base="sgd",
+        graft=None,
+        ngrads=m,
+        damping=damping,
+        window_dtype=torch.float64,
+    )
     history = [torch.randn(d, dtype=torch.float64) for _ in range(m)]
     for g in history:
         params[0].grad = g.clone()
@@ -156,7 +165,9 @@ def test_float32_and_bfloat16_windows_match_the_dense_solve_they_represent():
     grads = [torch.randn(d) / d**0.5 for _ in range(20)]
     for dtype in (torch.float32, torch.bfloat16):
         params = [nn.Parameter(torch.zeros(d))]
-        opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=dtype)
+        opt = MFAC(
+            params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=dtype
+        )
         for g in grads:
             params[0].grad = g.clone()
             got = _direction(opt, params).double()
@@ -179,7 +190,8 @@ def test_float32_dot_matrix_falls_back_to_float64_when_indefinite():
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd", graft=None,
+        base="sgd",
+        graft=None,
         ngrads=m,
         damping=damping,
         window_dtype=torch.float64,
@@ -200,7 +212,9 @@ def test_damping_too_small_even_for_float64_is_a_clear_error():
     d, m = 50, 4
     g = torch.randn(d, dtype=torch.float64)
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=1e-30, window_dtype=torch.float64)
+    opt = MFAC(
+        params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=1e-30, window_dtype=torch.float64
+    )
     with pytest.raises(FloatingPointError, match="use damping >="):
         for _ in range(m):
             params[0].grad = g.clone()
@@ -215,7 +229,8 @@ def test_weight_decay_is_preconditioned_with_the_gradient():
     opt = MFAC(
         params,
         lr=1.0,
-        base="sgd", graft=None,
+        base="sgd",
+        graft=None,
         ngrads=4,
         damping=1e-2,
         weight_decay=wd,
@@ -310,7 +325,14 @@ def test_sparse_direction_is_the_dense_solve_on_the_kept_coordinates():
     p = nn.Parameter(torch.randn(20, dtype=torch.float64))
     mask = torch.rand(20) > 0.4
     opt = MFAC(
-        [p], lr=1.0, base="sgd", graft=None, ngrads=3, damping=1e-2, masks={p: mask}, window_dtype=torch.float64
+        [p],
+        lr=1.0,
+        base="sgd",
+        graft=None,
+        ngrads=3,
+        damping=1e-2,
+        masks={p: mask},
+        window_dtype=torch.float64,
     )
     pushed = []
     for _ in range(4):
@@ -328,7 +350,9 @@ def test_state_dict_round_trip_resumes_the_same_trajectory():
     torch.manual_seed(0)
     model = mlp([6, 8, 3])
     reference = copy.deepcopy(model)
-    kwargs = dict(lr=0.05, base="sgd", graft=None, ngrads=3, damping=1e-3, momentum=0.9, block_size=20)
+    kwargs = dict(
+        lr=0.05, base="sgd", graft=None, ngrads=3, damping=1e-3, momentum=0.9, block_size=20
+    )
     gen = torch.Generator().manual_seed(2)
     batches = [
         (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
@@ -411,7 +435,15 @@ def test_mfac_trains_digits_below_sgd():
         if name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         else:
-            opt = MFAC(model, lr=0.05, base="sgd", graft=None, ngrads=int(name[4:]), damping=0.05, momentum=0.9)
+            opt = MFAC(
+                model,
+                lr=0.05,
+                base="sgd",
+                graft=None,
+                ngrads=int(name[4:]),
+                damping=0.05,
+                momentum=0.9,
+            )
         gen = torch.Generator().manual_seed(0)
         for _ in range(3):
             perm = torch.randperm(len(x_train), generator=gen)
