@@ -177,6 +177,32 @@ def test_right_after_a_refresh_scalings_are_the_kfac_products_and_the_step_is_kf
     assert_close(delta[0], expected, n=n, cond=cond, scale=_read_back(layer, expected))
 
 
+def test_a_warmup_refresh_resets_the_scalings_as_a_scheduled_one():
+    """With ``inverse_warmup`` the refreshes at steps 1, 2 and 4 (``curvature_every=1``)
+    reset the scalings to the K-FAC products and skip that step's scaling statistics, as
+    the refresh at a multiple of ``inverse_every`` does; step 3 updates them in the basis."""
+    torch.manual_seed(0)
+    layer, data = _make_layer("linear", 4, 3, 5, None, True)
+    opt = _ekfac(layer, damping=0.1, curvature_every=1, inverse_every=100, inverse_warmup=True)
+    est = opt.estimator
+    projections, project = [], est._projected_squares
+
+    def counting(*args):
+        projections.append(opt._step)
+        return project(*args)
+
+    est._projected_squares = counting
+    updates = []
+    for _ in range(5):  # steps 0 .. 4
+        _take_step(opt, layer, data(), lr=0.0)
+        updates.append(est.state_dict()["scalings"][""]["updates"])
+    assert updates == [1, 1, 1, 2, 1]  # each refresh resets (one update), step 3 adds one
+    assert projections == [3]  # scaling statistics only where no refresh follows
+    a, g = est.factors("")
+    products = torch.outer(torch.linalg.eigvalsh(g[0]), torch.linalg.eigvalsh(a[0]))[None]
+    assert_close(est.scalings(""), products, n=a.shape[-1] + g.shape[-1])
+
+
 @given(
     in_dim=st.integers(1, 6),
     out_dim=st.integers(1, 5),
