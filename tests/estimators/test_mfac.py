@@ -42,6 +42,11 @@ def _cond(window: list[torch.Tensor], damping: float) -> float:
     return float(torch.linalg.eigvalsh(_fisher(window, damping)).max()) / damping
 
 
+def _plain_mfac(params, **kwargs) -> MFAC:
+    """The paper's SGD-MFAC at lr 1 with no momentum and no graft: a step is ``-F⁻¹g``."""
+    return MFAC(params, lr=1.0, base="sgd", graft=None, **kwargs)
+
+
 def _params(d: int, n: int = 2) -> list[nn.Parameter]:
     sizes = [d // n + (1 if i < d % n else 0) for i in range(n)]
     return [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in sizes if s]
@@ -83,11 +88,8 @@ def test_direction_equals_dense_solve_over_the_current_window(m, d, pushes, damp
     about eps·|g|²/λ relative (the next test shows that bound)."""
     torch.manual_seed(seed)
     params = _params(d)
-    opt = MFAC(
+    opt = _plain_mfac(
         params,
-        lr=1.0,
-        base="sgd",
-        graft=None,
         ngrads=m,
         damping=damping,
         block_size=block,
@@ -137,11 +139,8 @@ def test_woodbury_cancellation_stays_within_its_bound(damping):
     torch.manual_seed(0)
     d, m = 200, 4
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(
+    opt = _plain_mfac(
         params,
-        lr=1.0,
-        base="sgd",
-        graft=None,
         ngrads=m,
         damping=damping,
         window_dtype=torch.float64,
@@ -165,9 +164,7 @@ def test_float32_and_bfloat16_windows_match_the_dense_solve_they_represent():
     grads = [torch.randn(d) / d**0.5 for _ in range(20)]
     for dtype in (torch.float32, torch.bfloat16):
         params = [nn.Parameter(torch.zeros(d))]
-        opt = MFAC(
-            params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=damping, window_dtype=dtype
-        )
+        opt = _plain_mfac(params, ngrads=m, damping=damping, window_dtype=dtype)
         for g in grads:
             params[0].grad = g.clone()
             got = _direction(opt, params).double()
@@ -187,11 +184,8 @@ def test_float32_dot_matrix_falls_back_to_float64_when_indefinite():
     base = torch.randn(d, dtype=torch.float64)
     history = [base + 1e-4 * torch.randn(d, dtype=torch.float64) for _ in range(m)]
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(
+    opt = _plain_mfac(
         params,
-        lr=1.0,
-        base="sgd",
-        graft=None,
         ngrads=m,
         damping=damping,
         window_dtype=torch.float64,
@@ -212,9 +206,7 @@ def test_damping_too_small_even_for_float64_is_a_clear_error():
     d, m = 50, 4
     g = torch.randn(d, dtype=torch.float64)
     params = [nn.Parameter(torch.zeros(d, dtype=torch.float64))]
-    opt = MFAC(
-        params, lr=1.0, base="sgd", graft=None, ngrads=m, damping=1e-30, window_dtype=torch.float64
-    )
+    opt = _plain_mfac(params, ngrads=m, damping=1e-30, window_dtype=torch.float64)
     with pytest.raises(FloatingPointError, match="use damping >="):
         for _ in range(m):
             params[0].grad = g.clone()
@@ -226,11 +218,8 @@ def test_weight_decay_is_preconditioned_with_the_gradient():
     torch.manual_seed(0)
     d, wd = 30, 0.1
     params = [nn.Parameter(torch.randn(d, dtype=torch.float64))]
-    opt = MFAC(
+    opt = _plain_mfac(
         params,
-        lr=1.0,
-        base="sgd",
-        graft=None,
         ngrads=4,
         damping=1e-2,
         weight_decay=wd,
