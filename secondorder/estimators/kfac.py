@@ -128,8 +128,9 @@ class KFACConfig(OptimizerConfig):
     """Hyperparameters of K-FAC (:class:`KFAC` and :class:`KFACEstimator`), checked on
     construction; the shared ones are :class:`~secondorder.config.OptimizerConfig`'s, with
     K-FAC's defaults: factors every 10 steps, inverses every 100 (KFAC-Pytorch's and
-    KAISA's), and Adam grafting (``graft="auto"``, per weight row, Adam's first moment
-    preconditioned) with Adam's learning rate scale, chosen by measurement
+    KAISA's) with warm-up refreshes at steps 10, 20, 40 and 80, and Adam grafting
+    (``graft="auto"``, per weight row, Adam's first moment with β₁ 0.8 preconditioned) with
+    Adam's learning rate scale, chosen by measurement
     (``benchmarks/lr_sensitivity.py``: at the papers' settings — SGD momentum 0.9, KL
     clipping, no graft — K-FAC reached the targets at almost no learning rate; see
     ``secondorder/docs/kfac.md``). ``graft=None`` is the papers' update, with SGD momentum
