@@ -50,8 +50,8 @@ def main() -> None:
     torch.set_num_threads(1)
     adaptive = {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True}
     runs = {
-        "KFAC adaptive, damping 1e-3 (default)": lambda m: KFAC(m, **adaptive),
-        "KFAC adaptive, damping 0.1": lambda m: KFAC(m, damping=0.1, **adaptive),
+        "KFAC adaptive, defaults (λ starts at 0.1)": lambda m: KFAC(m, **adaptive),
+        "KFAC adaptive, damping 1e-3": lambda m: KFAC(m, damping=1e-3, **adaptive),
         "KFAC adaptive, damping 1": lambda m: KFAC(m, damping=1.0, **adaptive),
     }
     for lr in (0.3, 0.1, 0.03):

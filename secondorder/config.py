@@ -100,6 +100,9 @@ class OptimizerConfig:
 
     #: the SGD momentum ``momentum=None`` stands for with ``base="sgd"``
     default_momentum: ClassVar[float] = 0.0
+    #: the damping ``damping=None`` stands for, without and with ``adaptive_damping``
+    default_damping: ClassVar[float] = 1e-3
+    default_adaptive_damping: ClassVar[float] = 0.1
     #: the field that sets how often curvature statistics are gathered (for tools that
     #: vary it, such as ``benchmarks/step_breakdown.py``)
     statistics_interval: ClassVar[str] = "curvature_every"
@@ -125,8 +128,11 @@ class OptimizerConfig:
     decoupled_weight_decay: bool = hyperparameter(
         False, "``w <- w (1 - lr wd)`` (SGDW/AdamW) instead of adding ``wd w`` to the direction"
     )
-    damping: Schedule = hyperparameter(
-        1e-3, "Tikhonov damping λ > 0, or a function of the step returning it"
+    damping: Schedule | None = hyperparameter(
+        None,
+        "Tikhonov damping λ > 0, or a function of the step returning it; None: 1e-3, or 0.1 "
+        "with ``adaptive_damping`` (where it is only λ's start: from 1e-3 the adaptation "
+        "took too long to raise it, and one digits run in three never reached the target)",
     )
     curvature_every: Interval = hyperparameter(
         1, "update the curvature statistics at steps that are multiples of this"
@@ -347,6 +353,14 @@ class OptimizerConfig:
                     f"max_damping ({self.max_damping!r}) must be >= min_damping "
                     f"({self.min_damping!r})"
                 )
+        if self.damping is None:  # the default: adaptive damping starts higher
+            if self.adaptive_damping:
+                start = max(self.default_adaptive_damping, self.min_damping)
+                if self.max_damping is not None:
+                    start = min(start, self.max_damping)
+                self.damping = start
+            else:
+                self.damping = self.default_damping
         if self.adaptive_damping:
             if callable(self.damping):
                 raise ValueError(

@@ -170,6 +170,7 @@ def test_adaptive_damping_leaves_steps_between_adaptations_unchanged():
         opt = KFAC(
             model,
             curvature_every=1,
+            damping=1e-3,  # the same start for both (adaptive_damping's default is 0.1)
             adaptive_damping=adaptive,
             damping_adaptation_interval=3,
             **F64,
@@ -370,15 +371,24 @@ def _train(make_opt, steps: int) -> float:
         return F.cross_entropy(model(x_train), y_train).item()
 
 
-def test_adaptive_kfac_on_digits_needs_no_lr():
+@pytest.mark.parametrize("damping", [None, 1.0])
+def test_adaptive_kfac_on_digits_needs_no_lr(damping):
+    """No lr, and no damping either: with adaptive_damping the default λ starts at 0.1 (the
+    Hessian model needs a first λ of the curvature's order: M&G start at 150, kfac-jax's
+    examples at 1; from the plain default 1e-3 the first steps overshoot)."""
     steps = 40
     sgd = _train(lambda m: torch.optim.SGD(m.parameters(), lr=0.01), steps)
-    # the Hessian model needs a first λ of the curvature's order (M&G start at 150,
-    # kfac-jax's examples at 1); the default 1e-3 overshoots in the first steps
-    kfac = _train(
-        lambda m: KFAC(
-            m, damping=1.0, adaptive_damping=True, adaptive_lr=True, adaptive_momentum=True
-        ),
-        steps,
-    )
+    adaptive = {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True}
+    given = {} if damping is None else {"damping": damping}
+    kfac = _train(lambda m: KFAC(m, **given, **adaptive), steps)
     assert math.isfinite(kfac) and kfac < 0.5 * sgd
+
+
+def test_the_default_damping_starts_adaptive_damping_at_0_1_inside_its_bounds():
+    model = mlp([4, 3])
+    assert KFAC(model).config.damping == 1e-3
+    assert KFAC(model, adaptive_damping=True).config.damping == 0.1
+    assert KFAC(model, adaptive_damping=True, damping=1e-3).config.damping == 1e-3
+    assert KFAC(model, adaptive_damping=True, max_damping=0.05).config.damping == 0.05
+    assert KFAC(model, adaptive_damping=True, min_damping=0.5).config.damping == 0.5
+    assert KFAC(model, damping=None).config.damping == 1e-3  # None: the default
