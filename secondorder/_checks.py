@@ -129,12 +129,16 @@ def resolve_schedule(name: str, value: Schedule, step: int, *, low_open: bool = 
     )
 
 
+def interval_at(name: str, interval: Interval, step: int) -> int:
+    """The interval's value at ``step`` (a function's value checked as an interval)."""
+    if callable(interval):
+        return check_interval(f"{name}({step})", interval(step))
+    return interval
+
+
 def is_due(name: str, interval: Interval, step: int) -> bool:
     """Whether ``step`` is a multiple of the interval (evaluated at ``step``)."""
-    every = interval(step) if callable(interval) else interval
-    if callable(interval):
-        check_interval(f"{name}({step})", every)
-    return step % every == 0
+    return step % interval_at(name, interval, step) == 0
 
 
 def caller_stacklevel() -> int:

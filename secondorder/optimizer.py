@@ -34,6 +34,7 @@ from ._checks import (
     check_number,
     check_schedule,
     check_use_curvature,
+    interval_at,
     is_due,
     resolve_schedule,
 )
@@ -575,17 +576,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
 
     def _warmup_refresh_due(self, step: int) -> bool:
-        """With ``inverse_warmup``: whether ``step`` (one that just updated the curvature) is
-        ``c``, ``2c``, ``4c``, ``8c``, ... for ``c = curvature_every`` and comes before
-        ``inverse_every``, so that the inverses follow the young factors (refreshes at steps
-        0, 10, 20, 40, 80, then 100, 200, ... with factors every 10 and inverses every 100).
-        It depends on the step alone, so a resumed run refreshes where the uninterrupted one
-        does."""
+        """With ``inverse_warmup``: whether ``step`` is ``c``, ``2c``, ``4c``, ``8c``, ... for
+        ``c = curvature_every`` and comes before ``inverse_every``, so that the inverses follow
+        the young factors (refreshes at steps 0, 10, 20, 40, 80, then 100, 200, ... with
+        factors every 10 and inverses every 100). It depends on the step alone, so a resumed
+        run refreshes where the uninterrupted one does."""
         if not self.inverse_warmup or step == 0:
             return False
-        every = self.inverse_every(step) if callable(self.inverse_every) else self.inverse_every
-        c = self.curvature_every(step) if callable(self.curvature_every) else self.curvature_every
-        if step >= every or step % c:
+        c = interval_at("curvature_every", self.curvature_every, step)
+        if step >= interval_at("inverse_every", self.inverse_every, step) or step % c:
             return False
         multiple = step // c
         return multiple & (multiple - 1) == 0

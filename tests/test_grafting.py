@@ -55,7 +55,7 @@ def test_adam_graft_with_the_curvature_off_is_adam_bit_for_bit(cls, kwargs, refe
     twin = copy.deepcopy(model)
     base = {"base": "sgd"} if cls is so.MFAC else {}  # graft needs it; M-FAC's default is adam
     opt = cls(model, lr=3e-3, graft="adam", precondition=False, **base, **kwargs)
-    # the method's own default betas (the K-FAC family's β₁ is 0.8, M-FAC's Adam's 0.9)
+    # the method's own default betas (β₁ 0.8 in the K-FAC family and M-FAC)
     ref = reference(twin.parameters(), opt.config.graft_betas)
     for batch in _batches(6):
         train_steps(model, opt, [batch])
